@@ -1,0 +1,62 @@
+"""The ASGI app: `create_app(settings)` for tests and the CLI, `app` for `uvicorn app.main:app`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.api import router
+from app.errors import install_error_handlers
+from app.ml.loading import load_reward_model
+from app.ml.reward_model import RewardModel
+from app.settings import Settings, get_settings
+from app.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+def load_model(settings: Settings) -> RewardModel:
+    return load_reward_model(
+        settings.model_path,
+        dtype=settings.dtype,
+        device=settings.device,
+        max_length=settings.max_length,
+        head_index=settings.head_index,
+        trust_remote_code=settings.trust_remote_code,
+    )
+
+
+def create_app(settings: Settings | None = None, model: RewardModel | None = None) -> FastAPI:
+    """`model` lets tests share one loaded checkpoint across apps; the server loads `settings.model_path`."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Loading errors propagate: uvicorn exits non-zero with the CheckpointError naming the file.
+        loaded = model or await asyncio.to_thread(load_model, settings)
+        worker = Worker(loaded, settings)
+        await asyncio.to_thread(worker.start)
+        app.state.worker = worker
+        log.info("ready: %s (fingerprint %s)", settings.model_path, loaded.info["fingerprint"])
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(worker.stop)
+
+    app = FastAPI(
+        title="reward-server",
+        summary="Batched reward-model scoring for RLHF trainers",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(router)
+    return app
+
+
+app = create_app()

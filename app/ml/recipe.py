@@ -1,0 +1,169 @@
+"""The scoring recipe: the one place that turns a (prompt, response) into the token ids a checkpoint reads.
+
+Training, evaluation and serving all call `RecipeEncoder.encode_batch`, so a sequence is read identically everywhere.
+The rules, fixed here and stored with every checkpoint:
+- `template`: `concat` (prompt + separator + response), `text_pair` (encoders: the tokenizer's pair template) or
+  `chat` (the tokenizer's chat template over the conversation, the response as the final assistant turn).
+- special tokens: the tokenizer's own (BOS for Llama, CLS/SEP for BERT), never a doubled BOS; EOS appended when
+  `append_eos` and not already last.
+- truncation to `max_length` keeps the end: prompt tokens are dropped from the left first, then response tokens
+  from the left; tokens the tokenizer added (BOS, CLS, SEP, the appended EOS) are never dropped. Reported per item.
+- the value head reads the last token whose attention mask is 1 (see `collate.py`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal, TypedDict
+
+from pydantic import BaseModel, ConfigDict, Field
+from tokenizers import Encoding as RustEncoding
+from tokenizers import Tokenizer
+from transformers import PreTrainedTokenizerBase
+
+Template = Literal["concat", "text_pair", "chat"]
+
+
+class Message(TypedDict):
+    role: str
+    content: str
+
+
+Prompt = str | list[Message]
+
+
+@dataclass(frozen=True, slots=True)
+class ScoringInput:
+    """One thing to score: a prompt (text or the conversation so far) and the reply to it."""
+
+    prompt: Prompt
+    response: str
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    input_ids: list[int]
+    token_type_ids: list[int] | None
+    truncated: bool
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class ScoringRecipe(BaseModel):
+    """Stored in the checkpoint manifest; shown by `/info`; part of the fingerprint."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    template: Template
+    max_length: int = Field(ge=8)
+    separator: str = Field("", description="concat only: put between prompt and response")
+    add_special_tokens: bool = Field(True, description="let the tokenizer add its BOS/CLS/SEP (never doubled)")
+    append_eos: bool = Field(False, description="end every sequence with EOS, as training did")
+    system_prompt: str | None = Field(None, description="chat only: prepended when a conversation has none")
+    parse_transcripts: bool = Field(
+        True, description="read `Human: ... Assistant: ...` prompts as conversations (HH-RLHF style)"
+    )
+    truncation: Literal["left"] = Field("left", description="drop the prompt's start first, keep the response end")
+    read_token: Literal["last_real"] = Field("last_real", description="the head reads the last unpadded token")
+
+
+_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant|System): ")
+_ROLE_OF = {"Human": "user", "Assistant": "assistant", "System": "system"}
+_NAME_OF = {v: k for k, v in _ROLE_OF.items()}
+
+
+def parse_transcript(text: str) -> list[Message] | None:
+    """`Human: a\\n\\nAssistant: b\\n\\nHuman: c` -> messages; None when the text is not such a transcript."""
+    if not text.startswith(("Human: ", "System: ")):
+        return None
+    parts = _TURN.split(text)
+    # parts = ['', 'Human', 'a', 'Assistant', 'b', ...]
+    return [Message(role=_ROLE_OF[parts[i]], content=parts[i + 1].strip()) for i in range(1, len(parts) - 1, 2)]
+
+
+def render_transcript(messages: list[Message]) -> str:
+    """The inverse of `parse_transcript`, for recipes without a chat template."""
+    return "\n\n".join(f"{_NAME_OF.get(m['role'], m['role'].capitalize())}: {m['content']}" for m in messages)
+
+
+class RecipeEncoder:
+    """A recipe bound to a tokenizer. Thread-safe: encoding uses a private Rust tokenizer with no side state."""
+
+    def __init__(self, recipe: ScoringRecipe, tokenizer: PreTrainedTokenizerBase) -> None:
+        if recipe.template == "chat" and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the recipe uses the chat template but the tokenizer has none")
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise ValueError(f"{type(tokenizer).__name__} has no fast (Rust) tokenizer; convert it to tokenizer.json")
+        self.recipe = recipe
+        self.tokenizer = tokenizer
+        self._rust = Tokenizer.from_str(backend.to_str())
+        self._rust.no_truncation()
+        self._rust.no_padding()
+        self.bos_id: int | None = tokenizer.bos_token_id
+        self.eos_id: int | None = tokenizer.eos_token_id
+        if recipe.append_eos and self.eos_id is None:
+            raise ValueError("the recipe appends EOS but the tokenizer has no eos_token")
+
+    # ---- text -------------------------------------------------------------------------------------
+    def _conversation(self, item: ScoringInput) -> list[Message]:
+        prompt = item.prompt
+        if isinstance(prompt, str):
+            parsed = parse_transcript(prompt) if self.recipe.parse_transcripts else None
+            turns = parsed if parsed is not None else [Message(role="user", content=prompt)]
+        else:
+            turns = list(prompt)
+        if self.recipe.system_prompt is not None and not any(m["role"] == "system" for m in turns):
+            turns.insert(0, Message(role="system", content=self.recipe.system_prompt))
+        return [*turns, Message(role="assistant", content=item.response)]
+
+    def _prompt_text(self, prompt: Prompt) -> str:
+        return prompt if isinstance(prompt, str) else render_transcript(prompt)
+
+    def render(self, item: ScoringInput) -> str | tuple[str, str]:
+        """The text (or text pair) handed to the tokenizer; `encode_batch` tokenizes exactly this."""
+        recipe = self.recipe
+        if recipe.template == "chat":
+            text = self.tokenizer.apply_chat_template(self._conversation(item), tokenize=False)
+            return text.rstrip() if recipe.append_eos else text
+        if recipe.template == "text_pair":
+            return (self._prompt_text(item.prompt), item.response)
+        return self._prompt_text(item.prompt) + recipe.separator + item.response
+
+    # ---- tokens -----------------------------------------------------------------------------------
+    def encode_batch(self, items: list[ScoringInput]) -> list[Encoded]:
+        add_special = self.recipe.add_special_tokens and self.recipe.template != "chat"
+        encodings = self._rust.encode_batch([self.render(item) for item in items], add_special_tokens=add_special)
+        return [self._finish(enc) for enc in encodings]
+
+    def encode(self, item: ScoringInput) -> Encoded:
+        return self.encode_batch([item])[0]
+
+    def _finish(self, enc: RustEncoding) -> Encoded:
+        ids = list(enc.ids)
+        seq = list(enc.sequence_ids)
+        types = list(enc.type_ids)
+        if self.bos_id is not None and len(ids) >= 2 and ids[0] == ids[1] == self.bos_id:
+            del ids[1], seq[1], types[1]  # text began with BOS and the tokenizer added another
+        if self.recipe.append_eos and (not ids or ids[-1] != self.eos_id):
+            ids.append(self.eos_id)  # type: ignore[arg-type]  # checked in __init__
+            seq.append(None)
+            types.append(types[-1] if types else 0)
+        excess = len(ids) - self.recipe.max_length
+        truncated = excess > 0
+        if truncated:
+            drop: set[int] = set()
+            for side in (0, 1):  # prompt side first, then the response, each from the left
+                for i, s in enumerate(seq):
+                    if excess == 0:
+                        break
+                    if s == side:
+                        drop.add(i)
+                        excess -= 1
+            keep = [i for i in range(len(ids)) if i not in drop]
+            ids = [ids[i] for i in keep]
+            types = [types[i] for i in keep]
+        token_types = types if self.recipe.template == "text_pair" else None
+        return Encoded(input_ids=ids, token_type_ids=token_types, truncated=truncated)

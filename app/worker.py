@@ -1,0 +1,215 @@
+"""The model worker: admits requests, queues their items, and runs batches on the one thread that owns the model.
+
+Request path (event loop): tokenize in a thread pool -> admission (413/429 at once) -> one queue entry per item ->
+await the request's future. Model path (inference thread): next batch from `TokenBudgetQueue` -> one forward pass ->
+results handed back with `call_soon_threadsafe`. A failing batch fails only the requests in it; the thread goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from app.batching import BatchPolicy, TokenBudgetQueue, padded
+from app.errors import ErrorType, ServiceError
+from app.ml.recipe import Encoded, ScoringInput
+from app.ml.reward_model import RewardModel
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ItemResult:
+    reward: float
+    num_tokens: int
+    truncated: bool
+
+
+class _Pending:
+    """One request's items in flight; touched by the inference thread only, resolved on the event loop."""
+
+    __slots__ = ("failed", "future", "loop", "remaining", "rewards")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, size: int) -> None:
+        self.loop = loop
+        self.future: asyncio.Future[list[float]] = loop.create_future()
+        self.rewards: list[float] = [math.nan] * size
+        self.remaining = size
+        self.failed = False
+
+    def record(self, index: int, reward: float) -> None:
+        self.rewards[index] = reward
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.loop.call_soon_threadsafe(_settle, self.future, self.rewards, None)
+
+    def fail(self, error: ServiceError) -> None:
+        if not self.failed:
+            self.failed = True
+            self.loop.call_soon_threadsafe(_settle, self.future, None, error)
+
+
+def _settle(future: asyncio.Future[list[float]], rewards: list[float] | None, error: Exception | None) -> None:
+    if future.done():  # cancelled: the caller went away
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(rewards)  # type: ignore[arg-type]
+
+
+@dataclass(slots=True)
+class _Entry:
+    encoded: Encoded
+    pending: _Pending
+    index: int
+
+    @property
+    def length(self) -> int:
+        return len(self.encoded.input_ids)
+
+    @property
+    def abandoned(self) -> bool:
+        return self.pending.failed or self.pending.future.done()
+
+
+@dataclass
+class WorkerStats:
+    batches: int = 0
+    items: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    batch_sizes: list[int] = field(default_factory=list)  # the last 1,000, for benchmarks and /info
+
+    @property
+    def padding_efficiency(self) -> float:
+        return self.real_tokens / self.padded_tokens if self.padded_tokens else 1.0
+
+
+class Worker:
+    def __init__(self, model: RewardModel, settings: Settings) -> None:
+        multiple = settings.pad_to_multiple_of
+        if padded(model.max_length, multiple) > settings.max_batch_tokens:
+            raise ValueError(
+                f"max_batch_tokens ({settings.max_batch_tokens}) is smaller than one full-length item "
+                f"({model.max_length} tokens padded to {padded(model.max_length, multiple)}); raise it or lower "
+                "max_length"
+            )
+        self.model = model
+        self.settings = settings
+        self.stats = WorkerStats()
+        self._queue: TokenBudgetQueue[_Entry] = TokenBudgetQueue(
+            BatchPolicy(
+                max_batch_tokens=settings.max_batch_tokens,
+                max_batch_size=settings.max_batch_size,
+                pad_to_multiple_of=multiple,
+                min_padding_efficiency=settings.min_padding_efficiency,
+                lookahead=settings.lookahead,
+            )
+        )
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._tokenizers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
+        self.ready = False
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Blocking: warm up (the first forward pays one-off costs), then serve from a daemon thread."""
+        if self.settings.num_threads:
+            torch.set_num_threads(self.settings.num_threads)
+        warm = self.model.encoder.encode_batch([ScoringInput("Hello, who are you?", "I am a helpful assistant.")])
+        self.model.score(warm, self.settings.pad_to_multiple_of)
+        self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
+        self._thread.start()
+        self.ready = True
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop admitting, finish every queued item, then end the thread."""
+        self.ready = False
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._tokenizers.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def queued_items(self) -> int:
+        return len(self._queue)
+
+    # ---- request path (event loop) ----------------------------------------------------------------
+    def _admit(self, count: int) -> None:
+        if not self.ready:
+            raise ServiceError(
+                ErrorType.not_ready, "the model is not ready (starting or shutting down)", headers=self._retry
+            )
+        if count > self.settings.max_items_per_request:
+            raise ServiceError(
+                ErrorType.payload_too_large,
+                f"{count} items in one request; the limit is {self.settings.max_items_per_request}: split it",
+            )
+        if len(self._queue) + count > self.settings.max_queue_items:
+            raise ServiceError(
+                ErrorType.overloaded,
+                f"the queue is full ({len(self._queue)} items waiting); retry later",
+                headers=self._retry,
+            )
+
+    @property
+    def _retry(self) -> dict[str, str]:
+        return {"Retry-After": str(self.settings.retry_after_seconds)}
+
+    async def score(self, inputs: list[ScoringInput]) -> list[ItemResult]:
+        self._admit(len(inputs))  # before tokenizing: reject cheaply
+        loop = asyncio.get_running_loop()
+        encoded = await loop.run_in_executor(self._tokenizers, self.model.encoder.encode_batch, inputs)
+        pending = _Pending(loop, len(encoded))
+        with self._cond:
+            self._admit(len(encoded))
+            self._queue.extend(_Entry(enc, pending, i) for i, enc in enumerate(encoded))
+            self._cond.notify()
+        rewards = await pending.future
+        return [ItemResult(r, len(e.input_ids), e.truncated) for r, e in zip(rewards, encoded, strict=True)]
+
+    # ---- model path (inference thread) ------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if not self._queue:
+                    return  # stopping, and everything admitted is done
+                batch = self._queue.next_batch()
+            if batch:
+                self._run_batch(batch)
+
+    def _run_batch(self, batch: list[_Entry]) -> None:
+        items = [e.encoded for e in batch]
+        try:
+            rewards = self.model.score(items, self.settings.pad_to_multiple_of)
+        except Exception as exc:  # any backend failure fails this batch only
+            log.exception("forward pass failed for a batch of %d items", len(batch))
+            error = ServiceError(ErrorType.backend_error, f"the model failed on this batch: {type(exc).__name__}")
+            for entry in batch:
+                entry.pending.fail(error)
+            return
+        stats = self.stats
+        stats.batches += 1
+        stats.items += len(batch)
+        stats.real_tokens += sum(len(i) for i in items)
+        stats.padded_tokens += len(items) * padded(max(len(i) for i in items), self.settings.pad_to_multiple_of)
+        stats.batch_sizes = [*stats.batch_sizes[-999:], len(batch)]
+        for entry, reward in zip(batch, rewards, strict=True):
+            if math.isfinite(reward):
+                entry.pending.record(entry.index, reward)
+            else:  # never let NaN/inf out as a number (it is not valid JSON) nor hide it
+                message = f"the model produced a non-finite reward ({reward}) for item {entry.index}"
+                entry.pending.fail(ServiceError(ErrorType.backend_error, message, param=f"items[{entry.index}]"))
