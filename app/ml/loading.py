@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import (
     AutoModel,
@@ -31,12 +31,14 @@ from transformers import (
     PretrainedConfig,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from app.ml import backbones
 from app.ml.recipe import RecipeEncoder, ScoringRecipe
 from app.ml.reward_model import RewardHeadModel, RewardModel
 
 log = logging.getLogger(__name__)
+hf_logging.disable_progress_bar()
 
 MANIFEST = "reward_manifest.json"
 HEAD_FILE = "value_head.safetensors"
@@ -216,11 +218,24 @@ def _seq_cls_module(model: nn.Module, head_index: int | None, where: Path) -> tu
     return RewardHeadModel(model, None, "classifier", index), index
 
 
+def _check_weight_files(where: Path) -> None:
+    """Name the broken file before transformers reports a bare deserialization error."""
+    files = _safetensors_files(where)
+    if not files and not list(where.glob("*.bin")):
+        raise CheckpointError(f"{where}: no weights (*.safetensors or *.bin)")
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as fh:
+                fh.keys()
+        except Exception as exc:  # safetensors raises several types for a corrupt file
+            raise CheckpointError(f"{file}: unreadable safetensors ({exc})") from exc
+
+
 def _from_pretrained(cls: Any, where: Path, **kwargs: Any) -> Any:
+    if cls is not AutoTokenizer:
+        _check_weight_files(where)
     try:
         return cls.from_pretrained(where, **kwargs)
-    except CheckpointError:
-        raise
     except Exception as exc:  # transformers raises OSError/ValueError/KeyError/RuntimeError
         raise CheckpointError(f"{where}: cannot load {getattr(cls, '__name__', cls)}: {exc}") from exc
 
@@ -365,3 +380,44 @@ def load_reward_model(
     return RewardModel(
         module=module, encoder=encoder, pad_id=int(pad_id), device=torch_device, dtype=torch_dtype, info=info
     )
+
+
+def save_value_head_checkpoint(
+    path: Path,
+    *,
+    backbone: nn.Module,
+    head: nn.Linear,
+    tokenizer: PreTrainedTokenizerBase,
+    recipe: ScoringRecipe,
+    base_model: str | None = None,
+    trained_prefixes: list[str] | None = None,
+    normalization: Normalization | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Manifest:
+    """The inverse of the `value_head` loader. With `base_model`, only parameters under `trained_prefixes` are
+    written (a small delta over a base the loader rebuilds); without it, the whole backbone is saved here."""
+    path.mkdir(parents=True, exist_ok=True)
+    delta_name: str | None = None
+    if base_model is None:
+        backbone.save_pretrained(path)
+    elif trained_prefixes:
+        delta = {
+            k: v.detach().to("cpu").contiguous()
+            for k, v in backbone.state_dict().items()
+            if any(k.startswith(prefix) for prefix in trained_prefixes)
+        }
+        if not delta:
+            raise ValueError(f"no backbone parameter starts with {trained_prefixes}")
+        delta_name = "backbone_delta.safetensors"
+        save_file(delta, str(path / delta_name))
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()}, str(path / HEAD_FILE))
+    tokenizer.save_pretrained(path)
+    manifest = Manifest(
+        base_model=base_model,
+        backbone_delta=delta_name,
+        recipe=recipe,
+        normalization=normalization,
+        extra=extra or {},
+    )
+    (path / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
+    return manifest

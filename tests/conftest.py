@@ -1,0 +1,128 @@
+"""Shared fixtures: tiny checkpoints (built once per session), loaded models, in-process and live-server clients."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+
+from app.main import create_app
+from app.ml.loading import load_reward_model
+from app.ml.reward_model import RewardModel
+from app.settings import Settings
+from tests import tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("checkpoints")
+    paths = {
+        "llama": tiny.build_llama_seq_cls(root / "llama"),
+        "gpt2": tiny.build_gpt2_seq_cls(root / "gpt2"),
+        "bert": tiny.build_bert_seq_cls(root / "bert"),
+        "value_head": tiny.build_value_head(root / "value_head"),
+        "openrlhf": tiny.build_openrlhf(root / "openrlhf"),
+        "llama_3labels": tiny.build_llama_seq_cls(root / "llama_3labels", num_labels=3),
+    }
+    paths["peft"] = tiny.build_peft(root / "peft", paths["llama"])
+    return paths
+
+
+@pytest.fixture(scope="session")
+def load(checkpoints: dict[str, Path]) -> Callable[..., RewardModel]:
+    """Load a tiny checkpoint in float32 on the CPU, cached per (name, options)."""
+    cache: dict[tuple[str, tuple[tuple[str, object], ...]], RewardModel] = {}
+
+    def _load(name: str, **options: object) -> RewardModel:
+        key = (name, tuple(sorted(options.items())))
+        if key not in cache:
+            cache[key] = load_reward_model(checkpoints[name], dtype="float32", device="cpu", **options)  # type: ignore[arg-type]
+        return cache[key]
+
+    return _load
+
+
+def test_settings(model_path: Path, **overrides: object) -> Settings:
+    values: dict[str, object] = {"model_path": model_path, "dtype": "float32", "device": "cpu"}
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+test_settings.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
+
+
+@pytest.fixture
+def make_client(
+    checkpoints: dict[str, Path], load: Callable[..., RewardModel]
+) -> Callable[..., AsyncIterator[httpx.AsyncClient]]:
+    """`async with make_client("llama", max_queue_items=4) as client:` an in-process app with its lifespan run."""
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def _client(name: str = "llama", **overrides: object) -> AsyncIterator[httpx.AsyncClient]:
+        settings = test_settings(checkpoints[name], **overrides)
+        app = create_app(settings, model=load(name))
+        async with LifespanManager(app) as manager:
+            transport = httpx.ASGITransport(app=manager.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                client.app = app  # type: ignore[attr-defined]  # tests look at the worker's stats
+                yield client
+
+    return _client  # type: ignore[return-value]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not ready after {timeout}s")
+
+
+def start_server(args: list[str], env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
+    full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+    with log.open("wb") as out:
+        return subprocess.Popen(args, env=full_env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+
+
+@pytest.fixture(scope="session")
+def live_server(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `uvicorn app.main:app` process on 127.0.0.1, configured through REWARD_* variables."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("live") / "server.log"
+    env = {"REWARD_MODEL_PATH": str(checkpoints["llama"]), "REWARD_DTYPE": "float32", "REWARD_DEVICE": "cpu"}
+    proc = start_server(
+        [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)], env, port, log
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)
+        yield url
+    except Exception:
+        print(log.read_text())
+        raise
+    finally:
+        proc.terminate()
+        proc.wait(30)
