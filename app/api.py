@@ -34,10 +34,14 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 router = APIRouter()
 
 
+def _retry_after(request: Request) -> dict[str, str]:
+    return {"Retry-After": str(request.app.state.settings.retry_after_seconds)}
+
+
 def get_worker(request: Request) -> Worker:
     worker: Worker | None = getattr(request.app.state, "worker", None)
     if worker is None or not worker.ready:
-        raise ServiceError(ErrorType.not_ready, "the model is not ready", headers={"Retry-After": "1"})
+        raise ServiceError(ErrorType.not_ready, "the model is not ready", headers=_retry_after(request))
     return worker
 
 
@@ -71,7 +75,7 @@ async def ready(request: Request) -> Any:
     state = Ready(ready=bool(worker and worker.ready), queued_items=worker.queued_items if worker else 0)
     if state.ready:
         return state
-    return JSONResponse(state.model_dump(), status_code=503, headers={"Retry-After": "1"})
+    return JSONResponse(state.model_dump(), status_code=503, headers=_retry_after(request))
 
 
 @router.get("/info", responses=ERRORS)
