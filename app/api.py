@@ -12,8 +12,12 @@ from app.schemas import (
     CompareRequest,
     CompareResponse,
     ErrorBody,
+    GetRewardRequest,
+    GetRewardResponse,
     Health,
     Info,
+    RankRequest,
+    RankResponse,
     Ready,
     ScoreRequest,
     ScoreResponse,
@@ -52,7 +56,7 @@ WorkerDep = Annotated[Worker, Depends(get_worker)]
 async def score(body: ScoreRequest, worker: WorkerDep) -> ScoreResponse:
     """Rewards for prompt/response items (or whole conversations), aligned with `items`."""
     results = await worker.score([item.to_input() for item in body.items])
-    return ScoreResponse.build(results, worker.model.info["fingerprint"])
+    return ScoreResponse.build(results, worker.model.info["fingerprint"], worker.normalization)
 
 
 @router.post("/compare", responses=ERRORS)
@@ -60,6 +64,20 @@ async def compare(body: CompareRequest, worker: WorkerDep) -> CompareResponse:
     """Bradley-Terry P(response_a preferred to response_b) per pair, with both rewards."""
     results = await worker.score([side for pair in body.pairs for side in pair.to_inputs()])
     return CompareResponse.build(results, worker.model.info["fingerprint"])
+
+
+@router.post("/rank", responses=ERRORS)
+async def rank(body: RankRequest, worker: WorkerDep) -> RankResponse:
+    """GRPO/RLOO groups: rewards, group mean/std, normalized advantages, leave-one-out baselines, ranks."""
+    results = await worker.score([x for group in body.groups for x in group.to_inputs()])
+    return RankResponse.build(body, results, worker.model.info["fingerprint"], worker.normalization)
+
+
+@router.post("/get_reward", responses=ERRORS)
+async def get_reward(body: GetRewardRequest, worker: WorkerDep) -> GetRewardResponse:
+    """OpenRLHF's remote reward model protocol (`--remote_rm_url http://host:port/get_reward`)."""
+    results = await worker.score(body.to_inputs(worker.model.encoder.special_tokens))
+    return GetRewardResponse.build(results, worker.normalization)
 
 
 @router.get("/health")

@@ -41,6 +41,14 @@ class Settings(BaseSettings):
     )
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: all cores.")
 
+    normalize: bool = Field(
+        False,
+        description="Report (reward - mean) / std on /score, /rank and /get_reward (/compare stays raw). mean/std "
+        "come from REWARD_REWARD_MEAN/STD, else from the checkpoint (OpenRLHF's config.json, our manifest).",
+    )
+    reward_mean: float | None = Field(None, description="Normalization mean (overrides the checkpoint's).")
+    reward_std: float | None = Field(None, gt=0, description="Normalization std (overrides the checkpoint's).")
+
     # --- batching ----------------------------------------------------------------------------------
     max_batch_tokens: int = Field(
         16384, ge=64, description="Padded tokens per forward (batch size x longest item). Bounds activation memory."

@@ -18,6 +18,7 @@ import torch
 
 from app.batching import BatchPolicy, TokenBudgetQueue, padded
 from app.errors import ErrorType, ServiceError
+from app.ml.loading import Normalization
 from app.ml.recipe import Encoded, ScoringInput
 from app.ml.reward_model import RewardModel
 from app.settings import Settings
@@ -93,6 +94,19 @@ class WorkerStats:
         return self.real_tokens / self.padded_tokens if self.padded_tokens else 1.0
 
 
+def _normalization(model: RewardModel, settings: Settings) -> Normalization | None:
+    if not settings.normalize:
+        return None
+    stored = model.info.get("normalization") or {}
+    mean = settings.reward_mean if settings.reward_mean is not None else stored.get("mean")
+    std = settings.reward_std if settings.reward_std is not None else stored.get("std")
+    if mean is None or std is None:
+        raise ValueError(
+            "REWARD_NORMALIZE is on but neither the settings (REWARD_REWARD_MEAN/STD) nor the checkpoint give mean/std"
+        )
+    return Normalization(mean=mean, std=std)
+
+
 class Worker:
     def __init__(self, model: RewardModel, settings: Settings) -> None:
         multiple = settings.pad_to_multiple_of
@@ -104,6 +118,7 @@ class Worker:
             )
         self.model = model
         self.settings = settings
+        self.normalization = _normalization(model, settings)
         self.stats = WorkerStats()
         self._queue: TokenBudgetQueue[_Entry] = TokenBudgetQueue(
             BatchPolicy(
@@ -168,7 +183,10 @@ class Worker:
         return {"Retry-After": str(self.settings.retry_after_seconds)}
 
     async def score(self, inputs: list[ScoringInput]) -> list[ItemResult]:
+        """Raw rewards (never normalized) for `inputs`, in order."""
         self._admit(len(inputs))  # before tokenizing: reject cheaply
+        if not inputs:
+            return []
         loop = asyncio.get_running_loop()
         encoded = await loop.run_in_executor(self._tokenizers, self.model.encoder.encode_batch, inputs)
         pending = _Pending(loop, len(encoded))

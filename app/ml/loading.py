@@ -51,9 +51,14 @@ class CheckpointError(RuntimeError):
 
 
 class Normalization(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Static reward normalization, (r - mean) / std, as OpenRLHF stores it with a checkpoint."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
     mean: float = 0.0
     std: float = Field(1.0, gt=0)
+
+    def apply(self, reward: float) -> float:
+        return (reward - self.mean) / self.std
 
 
 class Manifest(BaseModel):

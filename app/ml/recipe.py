@@ -35,10 +35,15 @@ Prompt = str | list[Message]
 
 @dataclass(frozen=True, slots=True)
 class ScoringInput:
-    """One thing to score: a prompt (text or the conversation so far) and the reply to it."""
+    """One thing to score: a prompt (text or the conversation so far) and the reply to it.
+
+    `raw`: `response` is already the whole formatted sequence (an OpenRLHF query with its template and special
+    tokens); it is tokenized as is, with the recipe's BOS/EOS and truncation rules but no template.
+    """
 
     prompt: Prompt
     response: str
+    raw: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +111,7 @@ class RecipeEncoder:
         self.eos_id: int | None = tokenizer.eos_token_id
         if recipe.append_eos and self.eos_id is None:
             raise ValueError("the recipe appends EOS but the tokenizer has no eos_token")
+        self.special_tokens: tuple[str, ...] = tuple(tokenizer.all_special_tokens)
 
     # ---- text -------------------------------------------------------------------------------------
     def _conversation(self, item: ScoringInput) -> list[Message]:
@@ -126,8 +132,14 @@ class RecipeEncoder:
         """The text (or text pair) handed to the tokenizer; `encode_batch` tokenizes exactly this."""
         recipe = self.recipe
         if recipe.template == "chat":
-            text = self.tokenizer.apply_chat_template(self._conversation(item), tokenize=False)
-            return text.rstrip() if recipe.append_eos else text
+            text = (
+                item.response
+                if item.raw
+                else self.tokenizer.apply_chat_template(self._conversation(item), tokenize=False)
+            )
+            return text.rstrip() if recipe.append_eos else text  # the EOS closing the reply is the last token
+        if item.raw:
+            return item.response
         if recipe.template == "text_pair":
             return (self._prompt_text(item.prompt), item.response)
         return self._prompt_text(item.prompt) + recipe.separator + item.response
