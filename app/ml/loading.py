@@ -403,7 +403,11 @@ def save_value_head_checkpoint(
     written (a small delta over a base the loader rebuilds); without it, the whole backbone is saved here."""
     path.mkdir(parents=True, exist_ok=True)
     delta_name: str | None = None
-    if base_model is None:
+    adapter: str | None = None
+    if hasattr(backbone, "peft_config"):  # a PEFT model: only the adapter is new
+        adapter = "adapter"
+        backbone.save_pretrained(path / adapter)
+    elif base_model is None:
         backbone.save_pretrained(path)
     elif trained_prefixes:
         delta = {
@@ -420,6 +424,7 @@ def save_value_head_checkpoint(
     manifest = Manifest(
         base_model=base_model,
         backbone_delta=delta_name,
+        adapter=adapter,
         recipe=recipe,
         normalization=normalization,
         extra=extra or {},

@@ -1,0 +1,336 @@
+"""`reward-server train`: Bradley-Terry training of a value-head reward model on preference pairs.
+
+Inputs go through the same `RecipeEncoder` and `RewardHeadModel` the server uses, so a trained checkpoint is read at
+serving time exactly as it was read in training. Only what training changed is written (top blocks, a LoRA adapter,
+the head) over a base the loader rebuilds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from torch.nn import functional as F
+from transformers import AutoModel, AutoTokenizer
+
+from app.ml.collate import collate
+from app.ml.data import PreferencePair, load_pairs
+from app.ml.loading import resolve_base, save_value_head_checkpoint
+from app.ml.recipe import Encoded, RecipeEncoder, ScoringRecipe
+from app.ml.reward_model import RewardHeadModel
+
+Mode = Literal["head", "top_k", "full", "lora"]
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    base_model: str = Field(description="registry key (e.g. smollm2-135m-instruct) or a local HF directory")
+    train_file: Path
+    dev_file: Path | None = None
+    output: Path
+    mode: Mode = "top_k"
+    top_k: int = Field(4, ge=1, description="top_k mode: how many top transformer blocks to train")
+    lora_r: int = Field(16, ge=1)
+    epochs: int = Field(2, ge=1)
+    batch_pairs: int = Field(8, ge=1, description="pairs per optimizer micro-step")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    head_lr: float = Field(1e-3, gt=0)
+    weight_decay: float = 0.0
+    warmup_ratio: float = Field(0.05, ge=0, le=1)
+    center_coef: float = Field(0.0, ge=0, description="adds coef * mean((r_c + r_r)^2): keeps rewards centred at 0")
+    max_length: int = Field(512, ge=8)
+    system_prompt: str | None = None
+    pad_to_multiple_of: int = Field(32, ge=1)
+    bf16: bool = Field(False, description="bf16 autocast (fast on CPUs with AMX and on GPUs)")
+    seed: int = 0
+    max_train_pairs: int | None = None
+    max_dev_pairs: int | None = None
+    calibrate: bool = Field(True, description="fit a temperature on dev and fold it into the head")
+    threads: int | None = None
+
+
+def pair_margins(
+    score: Callable[[list[Encoded]], list[float]], encoded: Sequence[tuple[Encoded, Encoded]], batch_pairs: int = 16
+) -> list[float]:
+    """r_chosen - r_rejected per pair, scoring length-sorted batches (little padding)."""
+    order = sorted(range(len(encoded)), key=lambda i: max(len(encoded[i][0]), len(encoded[i][1])))
+    out = [0.0] * len(encoded)
+    for start in range(0, len(order), batch_pairs):
+        idx = order[start : start + batch_pairs]
+        r = score([x for i in idx for x in encoded[i]])
+        for j, i in enumerate(idx):
+            out[i] = r[2 * j] - r[2 * j + 1]
+    return out
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    mean_margin: float
+    log_loss: float
+    ece: float
+    pairs: int
+
+
+def _blocks(backbone: nn.Module) -> tuple[str, nn.ModuleList]:
+    for name, module in backbone.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and name.rsplit(".", 1)[-1] in {"layers", "h", "layer"}:
+            return name, module
+    raise ValueError(f"cannot find the transformer blocks of {type(backbone).__name__}")
+
+
+def trainable_prefixes(backbone: nn.Module, mode: Mode, top_k: int) -> list[str]:
+    """State-dict prefixes training updates: top blocks plus everything after them (the final norm)."""
+    if mode in ("head", "lora"):
+        return []
+    if mode == "full":
+        return [""]
+    name, blocks = _blocks(backbone)
+    first = max(0, len(blocks) - top_k)
+    prefixes = [f"{name}.{i}." for i in range(first, len(blocks))]
+    top = name.split(".")[0]
+    children = [n for n, _ in backbone.named_children()]
+    prefixes += [f"{child}." for child in children[children.index(top) + 1 :]]
+    return prefixes
+
+
+def length_grouped_batches(lengths: Sequence[int], batch: int, rng: random.Random) -> list[list[int]]:
+    """Shuffle, sort within chunks of 50 batches by length, cut into batches, shuffle the batches: little padding,
+    still random."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    chunk = batch * 50
+    out: list[list[int]] = []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start : start + chunk], key=lengths.__getitem__)
+        out += [part[i : i + batch] for i in range(0, len(part), batch)]
+    rng.shuffle(out)
+    return out
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        torch.manual_seed(config.seed)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.base_dir, _ = resolve_base(config.base_model, Path.cwd(), None)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
+        backbone = AutoModel.from_pretrained(self.base_dir, dtype=torch.float32)
+        chat = bool(getattr(self.tokenizer, "chat_template", None))
+        self.recipe = ScoringRecipe(
+            template="chat" if chat else "concat",
+            max_length=config.max_length,
+            append_eos=self.tokenizer.eos_token_id is not None,
+            system_prompt=config.system_prompt,
+            separator="" if chat else "\n\n",
+        )
+        self.encoder = RecipeEncoder(self.recipe, self.tokenizer)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.prefixes = trainable_prefixes(backbone, config.mode, config.top_k)
+        for name, p in backbone.named_parameters():
+            p.requires_grad = any(name.startswith(prefix) for prefix in self.prefixes)
+        if config.mode == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            targets = ["q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "query", "key", "value"]
+            present = {n.rsplit(".", 1)[-1] for n, _ in backbone.named_modules()}
+            lora = LoraConfig(
+                r=config.lora_r, lora_alpha=2 * config.lora_r, target_modules=[t for t in targets if t in present]
+            )
+            backbone = get_peft_model(backbone, lora)
+        hidden = backbone.config.hidden_size
+        head = nn.Linear(hidden, 1)
+        nn.init.normal_(head.weight, std=1 / math.sqrt(hidden + 1))
+        nn.init.zeros_(head.bias)
+        self.module = RewardHeadModel(backbone, head, "last_token")
+
+    # ---- data ---------------------------------------------------------------------------------------
+    def encode(self, pairs: Sequence[PreferencePair]) -> list[tuple[Encoded, Encoded]]:
+        flat = self.encoder.encode_batch([x for pair in pairs for x in pair.inputs()])
+        return list(zip(flat[0::2], flat[1::2], strict=True))
+
+    def rewards(self, encoded: Sequence[Encoded]) -> torch.Tensor:
+        batch = collate(encoded, self.pad_id, self.config.pad_to_multiple_of)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16):
+            return self.module(batch.input_ids, batch.attention_mask, batch.position_ids, batch.token_type_ids)
+
+    @torch.no_grad()
+    def margins(self, encoded: Sequence[tuple[Encoded, Encoded]]) -> list[float]:
+        self.module.eval()
+        return pair_margins(lambda items: self.rewards(items).float().tolist(), encoded)
+
+    # ---- loop ---------------------------------------------------------------------------------------
+    def train(self) -> dict[str, object]:
+        from tqdm import tqdm
+
+        cfg = self.config
+        rng = random.Random(cfg.seed)
+        train_pairs = load_pairs(cfg.train_file, cfg.max_train_pairs)
+        dev_pairs = load_pairs(cfg.dev_file, cfg.max_dev_pairs) if cfg.dev_file else []
+        train_enc = self.encode(train_pairs)
+        dev_enc = self.encode(dev_pairs)
+        margins_wanted = torch.tensor([p.margin for p in train_pairs])
+        lengths = [max(len(c), len(r)) for c, r in train_enc]
+        params = [p for n, p in self.module.named_parameters() if p.requires_grad and not n.startswith("head.")]
+        optim = torch.optim.AdamW(
+            [{"params": params, "lr": cfg.lr}, {"params": list(self.module.head.parameters()), "lr": cfg.head_lr}],
+            weight_decay=cfg.weight_decay,
+        )
+        steps_per_epoch = math.ceil(len(train_enc) / cfg.batch_pairs / cfg.grad_accum)
+        total = steps_per_epoch * cfg.epochs
+        warmup = int(total * cfg.warmup_ratio)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            optim, lambda s: min(1.0, (s + 1) / max(1, warmup)) * max(0.0, (total - s) / max(1, total - warmup))
+        )
+        history: list[dict[str, float]] = []
+        best: tuple[float, int] | None = None
+        started = time.monotonic()
+        for epoch in range(1, cfg.epochs + 1):
+            self.module.train()
+            batches = length_grouped_batches(lengths, cfg.batch_pairs, rng)
+            bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", dynamic_ncols=True, file=sys.stderr)
+            loss_avg = acc_avg = 0.0
+            for step, idx in enumerate(bar, start=1):
+                r = self.rewards([x for i in idx for x in train_enc[i]]).float()
+                chosen, rejected = r[0::2], r[1::2]
+                diff = chosen - rejected - margins_wanted[idx]
+                loss = -F.logsigmoid(diff).mean() + cfg.center_coef * ((chosen + rejected) ** 2).mean()
+                (loss / cfg.grad_accum).backward()
+                if step % cfg.grad_accum == 0 or step == len(batches):
+                    torch.nn.utils.clip_grad_norm_([p for g in optim.param_groups for p in g["params"]], 1.0)
+                    optim.step()
+                    sched.step()
+                    optim.zero_grad(set_to_none=True)
+                loss_value = float(loss.detach())
+                loss_avg = 0.98 * loss_avg + 0.02 * loss_value if step > 1 else loss_value
+                acc_avg = 0.98 * acc_avg + 0.02 * float((chosen > rejected).float().mean()) if step > 1 else 0.5
+                bar.set_postfix(loss=f"{loss_avg:.3f}", acc=f"{acc_avg:.3f}")
+            record: dict[str, float] = {"epoch": epoch, "train_loss": loss_avg, "elapsed_s": time.monotonic() - started}
+            if dev_enc:
+                result = evaluate_margins(self.margins(dev_enc))
+                record.update(dev_accuracy=result.accuracy, dev_log_loss=result.log_loss)
+                print(
+                    f"epoch {epoch}: dev accuracy {result.accuracy:.4f}, log-loss {result.log_loss:.4f}",
+                    file=sys.stderr,
+                )
+            history.append(record)
+            score = record.get("dev_accuracy", -record["train_loss"])
+            if best is None or score > best[0]:
+                best = (score, epoch)
+                self.save(history, temperature=None)
+        assert best is not None
+        if best[1] != cfg.epochs:  # reload the best epoch's weights for calibration
+            print(f"keeping epoch {best[1]} (best on dev)", file=sys.stderr)
+        temperature = None
+        if cfg.calibrate and dev_enc:
+            from app.ml.loading import load_reward_model
+
+            best_model = load_reward_model(cfg.output, dtype="float32", device="cpu")  # the saved best epoch
+            temperature = fit_temperature(pair_margins(lambda items: best_model.score(items, 32), dev_enc))
+            fold_temperature(cfg.output, temperature)
+        summary = {
+            "best_epoch": best[1],
+            "history": history,
+            "temperature": temperature,
+            "train_seconds": time.monotonic() - started,
+        }
+        (cfg.output / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    def base_reference(self) -> str | None:
+        """Registry keys stay keys; a local base is stored as an absolute path; full fine-tuning of a local base
+        saves the whole backbone (None)."""
+        from app.ml.backbones import REGISTRY
+
+        if self.config.base_model in REGISTRY:
+            return self.config.base_model
+        return None if self.config.mode == "full" else str(self.base_dir)
+
+    def save(self, history: list[dict[str, float]], temperature: float | None) -> None:
+        cfg = self.config
+        backbone = self.module.backbone
+        extra = {
+            "train_config": json.loads(cfg.model_dump_json()),
+            "history": history,
+            "temperature": temperature,
+            "command": " ".join(shlex.quote(a) for a in sys.argv),
+        }
+        save_value_head_checkpoint(
+            cfg.output,
+            backbone=backbone,
+            head=self.module.head,
+            tokenizer=self.tokenizer,
+            recipe=self.recipe,
+            base_model=self.base_reference(),
+            trained_prefixes=self.prefixes or None,
+            extra=extra,
+        )
+
+
+def fold_temperature(checkpoint: Path, temperature: float) -> None:
+    """Divide the head by T so that sigmoid(r_a - r_b) is calibrated, and record T in the manifest."""
+    from safetensors.torch import load_file, save_file
+
+    from app.ml.loading import HEAD_FILE, MANIFEST
+
+    head = load_file(str(checkpoint / HEAD_FILE))
+    save_file({k: (v / temperature).contiguous() for k, v in head.items()}, str(checkpoint / HEAD_FILE))
+    manifest = json.loads((checkpoint / MANIFEST).read_text())
+    manifest["extra"]["temperature"] = temperature
+    (checkpoint / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def evaluate_margins(margins: Sequence[float], bins: int = 10) -> EvalResult:
+    """Accuracy (chosen strictly higher), mean margin, log-loss and ECE of P(chosen) = sigmoid(margin)."""
+    n = len(margins)
+    probs = [1 / (1 + math.exp(-m)) if m >= 0 else math.exp(m) / (1 + math.exp(m)) for m in margins]
+    log_loss = -sum(math.log(max(p, 1e-12)) for p in probs) / n
+    # calibration on the symmetric form: each pair seen as (p, outcome 1) and (1 - p, outcome 0)
+    ece = 0.0
+    points = [(p, 1.0) for p in probs] + [(1 - p, 0.0) for p in probs]
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        inside = [(p, y) for p, y in points if lo <= p < hi or (b == bins - 1 and p == 1.0)]
+        if inside:
+            conf = sum(p for p, _ in inside) / len(inside)
+            freq = sum(y for _, y in inside) / len(inside)
+            ece += len(inside) / len(points) * abs(conf - freq)
+    return EvalResult(
+        accuracy=sum(m > 0 for m in margins) / n,
+        mean_margin=sum(margins) / n,
+        log_loss=log_loss,
+        ece=ece,
+        pairs=n,
+    )
+
+
+def fit_temperature(margins: Sequence[float]) -> float:
+    """The T minimizing the dev log-loss of sigmoid(margin / T) (golden-section search on log T)."""
+
+    def nll(log_t: float) -> float:
+        t = math.exp(log_t)
+        return sum(math.log1p(math.exp(-m / t)) if m / t > -30 else -m / t for m in margins)
+
+    lo, hi = math.log(0.05), math.log(20.0)
+    g = (math.sqrt(5) - 1) / 2
+    for _ in range(60):
+        a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+        if nll(a) < nll(b):
+            hi = b
+        else:
+            lo = a
+    return math.exp((lo + hi) / 2)

@@ -1,0 +1,142 @@
+"""Training on tiny models: it learns, it writes a checkpoint the server loads, and both read sequences the same."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaModel
+
+from app.cli import main
+from app.ml.data import DataError, load_pairs
+from app.ml.loading import load_reward_model
+from app.ml.train import TrainConfig, Trainer, evaluate_margins, fit_temperature, trainable_prefixes
+from tests import tiny
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("base")
+    torch.manual_seed(0)
+    tokenizer = tiny.byte_level_tokenizer(bos=True, chat=True)
+    LlamaModel(tiny.llama_config(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_pairs(path: Path, n: int) -> Path:
+    rows = [
+        {
+            "prompt": f"Human: What is the capital of France? ({i})",
+            "chosen": "The capital of France is Paris.",
+            "rejected": "I'm sorry, I can't help with that request.",
+            "dataset": "toy",
+        }
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_load_pairs_reports_the_line(tmp_path: Path) -> None:
+    good = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps({"prompt": "p", "chosen": "a"}) + "\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: missing 'rejected'"):
+        load_pairs(path)
+    path.write_text(json.dumps(good) + "\n\n{oops\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl:3: invalid JSON"):
+        load_pairs(path)
+    conv = {
+        "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+        "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}],
+        "margin": 1,
+    }
+    path.write_text(json.dumps(conv) + "\n")
+    pair = load_pairs(path)[0]
+    assert pair.prompt == [{"role": "user", "content": "q"}] and (pair.chosen, pair.rejected, pair.margin) == (
+        "a",
+        "b",
+        1.0,
+    )
+
+
+def test_top_k_prefixes_cover_top_blocks_and_final_norm(base: Path) -> None:
+    model = LlamaModel.from_pretrained(base)
+    assert trainable_prefixes(model, "top_k", 1) == ["layers.1.", "norm.", "rotary_emb."]
+    assert trainable_prefixes(model, "head", 1) == []
+
+
+@pytest.mark.parametrize("mode", ["top_k", "lora"])
+def test_training_learns_and_the_server_reads_the_checkpoint_identically(base: Path, tmp_path: Path, mode: str) -> None:
+    train = write_pairs(tmp_path / "train.jsonl", 32)
+    dev = write_pairs(tmp_path / "dev.jsonl", 8)
+    config = TrainConfig(
+        base_model=str(base),
+        train_file=train,
+        dev_file=dev,
+        output=tmp_path / "out",
+        mode=mode,
+        top_k=1,
+        epochs=3,
+        batch_pairs=8,
+        lr=1e-2,
+        head_lr=1e-2,
+        max_length=64,
+        seed=0,
+    )
+    trainer = Trainer(config)
+    summary = trainer.train()
+    assert summary["history"][-1]["dev_accuracy"] == 1.0
+    served = load_reward_model(config.output, dtype="float32", device="cpu")
+    manifest = json.loads((config.output / "reward_manifest.json").read_text())
+    assert manifest["recipe"] == trainer.recipe.model_dump()
+    assert (manifest["adapter"] == "adapter") == (mode == "lora")
+    pairs = load_pairs(dev)
+    encoded = trainer.encode(pairs)
+    assert [e.input_ids for e in served.encoder.encode_batch(list(pairs[0].inputs()))] == [
+        encoded[0][0].input_ids,
+        encoded[0][1].input_ids,
+    ]
+    served_margins = [a - b for a, b in [served.score([c, r]) for c, r in encoded]]
+    assert all(m > 0 for m in served_margins)
+    assert summary["temperature"] is not None and manifest["extra"]["temperature"] == summary["temperature"]
+
+
+def test_train_cli_writes_a_checkpoint(base: Path, tmp_path: Path) -> None:
+    train = write_pairs(tmp_path / "train.jsonl", 8)
+    out = tmp_path / "cli"
+    assert (
+        main(
+            [
+                "train",
+                "--base-model",
+                str(base),
+                "--train-file",
+                str(train),
+                "--output",
+                str(out),
+                "--epochs",
+                "1",
+                "--mode",
+                "head",
+                "--max-length",
+                "64",
+            ]
+        )
+        == 0
+    )
+    assert load_reward_model(out, dtype="float32", device="cpu").info["format"] == "value_head"
+    with pytest.raises(SystemExit, match="epochs"):
+        main(["train", "--base-model", str(base), "--train-file", str(train), "--output", str(out), "--epochs", "0"])
+
+
+def test_eval_metrics_and_temperature() -> None:
+    result = evaluate_margins([2.0, 1.0, -1.0, 0.5])
+    assert result.accuracy == 0.75 and result.mean_margin == pytest.approx(0.625)
+    overconfident = [8.0] * 70 + [-8.0] * 30  # 70% right, but claims ~100%
+    t = fit_temperature(overconfident)
+    assert t > 5
+    assert evaluate_margins([m / t for m in overconfident]).ece < evaluate_margins(overconfident).ece
