@@ -431,7 +431,10 @@ def test_sync_client_round_trip_over_tcp(live_server: str) -> None:
     for got in (ranked, split_ranked):
         assert [g.rewards for g in got.groups] == [pytest.approx(g["rewards"], abs=1e-5) for g in direct_rank["groups"]]
         assert got.groups[0].ranks == direct_rank["groups"][0]["ranks"]
-    assert ranked.groups[0].probabilities == pytest.approx(direct_rank["groups"][0]["probabilities"], abs=1e-6)
+    matrix = ranked.groups[0].probabilities
+    assert matrix is not None
+    want = direct_rank["groups"][0]["probabilities"]
+    assert [p for row in matrix for p in row] == pytest.approx([p for row in want for p in row], abs=1e-6)
     assert ranked.groups[0].advantages == pytest.approx(direct_rank["groups"][0]["advantages"], abs=1e-5)
     assert isinstance(scored, ScoreResult)
     assert scored.rewards == pytest.approx(direct["rewards"], abs=1e-5)
