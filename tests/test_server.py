@@ -96,3 +96,25 @@ def test_compose_service_command_and_healthcheck(checkpoints: dict[str, Path], t
         proc.wait(30)
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "USER app" in dockerfile and "/ready" in dockerfile and 'VOLUME ["/models"]' in dockerfile
+
+
+async def test_live_server_trainer_endpoints(live_server: str) -> None:
+    """OpenRLHF's one-request-per-sample pattern and a GRPO group over real TCP."""
+    prompt = "What is the capital of France?"
+    replies = ["Paris.", "Madrid.", "It is Paris, of course."]
+    async with httpx.AsyncClient(base_url=live_server, timeout=60) as client:
+        singles = await asyncio.gather(
+            *(
+                client.post("/get_reward", json={"query": [prompt + " " + r], "prompts": [prompt], "labels": [""]})
+                for r in replies
+            )
+        )
+        rank = await client.post(
+            "/rank", json={"groups": [{"prompt": prompt, "responses": [" " + r for r in replies]}]}
+        )
+        score = await client.post("/score", json={"items": [{"prompt": prompt, "response": " " + r} for r in replies]})
+    want = score.json()["rewards"]
+    assert [r.json()["rewards"][0] for r in singles] == pytest.approx(want, abs=1e-5)
+    group = rank.json()["groups"][0]
+    assert group["rewards"] == pytest.approx(want, abs=1e-5)
+    assert sorted(group["ranks"]) == [1, 2, 3]
