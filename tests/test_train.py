@@ -105,6 +105,34 @@ def test_training_learns_and_the_server_reads_the_checkpoint_identically(base: P
     assert summary["temperature"] is not None and manifest["extra"]["temperature"] == summary["temperature"]
 
 
+def test_feature_cached_training_reads_exactly_what_the_server_reads(base: Path, tmp_path: Path) -> None:
+    """Top-k training on cached bottom-block states (shared prompt run once) gives the rewards a full forward of the
+    saved checkpoint gives."""
+    train = write_pairs(tmp_path / "train.jsonl", 16)
+    config = TrainConfig(
+        base_model=str(base),
+        train_file=train,
+        output=tmp_path / "cached",
+        mode="top_k",
+        top_k=1,
+        epochs=1,
+        batch_pairs=4,
+        lr=1e-2,
+        head_lr=1e-2,
+        max_length=64,
+        calibrate=False,
+    )
+    trainer = Trainer(config)
+    assert trainer.split is not None
+    trainer.train()
+    pairs = load_pairs(train)[:6]
+    cached = trainer.margins(trainer.examples(pairs, "check"))
+    served = load_reward_model(config.output, dtype="float32", device="cpu")
+    full = [a - b for a, b in [served.score([c, r]) for c, r in trainer.encode(pairs)]]
+    assert cached == pytest.approx(full, abs=1e-4)
+    assert all(ex.prefix.shape[0] > 5 for ex in trainer.examples(pairs, "check"))  # the prompt is shared
+
+
 def test_train_cli_writes_a_checkpoint(base: Path, tmp_path: Path) -> None:
     train = write_pairs(tmp_path / "train.jsonl", 8)
     out = tmp_path / "cli"

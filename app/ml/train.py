@@ -13,7 +13,7 @@ import random
 import shlex
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -26,6 +26,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from app.ml.collate import collate
 from app.ml.data import PreferencePair, load_pairs
+from app.ml.features import DecoderSplit, PairFeatures, can_split, pair_features, top_rewards
 from app.ml.loading import resolve_base, save_value_head_checkpoint
 from app.ml.recipe import Encoded, RecipeEncoder, ScoringRecipe
 from app.ml.reward_model import RewardHeadModel
@@ -59,21 +60,19 @@ class TrainConfig(BaseModel):
     max_train_pairs: int | None = None
     max_dev_pairs: int | None = None
     calibrate: bool = Field(True, description="fit a temperature on dev and fold it into the head")
+    cache_features: bool = Field(
+        True, description="top_k on Llama-style decoders: run the frozen blocks once, not every epoch"
+    )
     threads: int | None = None
 
 
-def pair_margins(
-    score: Callable[[list[Encoded]], list[float]], encoded: Sequence[tuple[Encoded, Encoded]], batch_pairs: int = 16
-) -> list[float]:
-    """r_chosen - r_rejected per pair, scoring length-sorted batches (little padding)."""
-    order = sorted(range(len(encoded)), key=lambda i: max(len(encoded[i][0]), len(encoded[i][1])))
-    out = [0.0] * len(encoded)
-    for start in range(0, len(order), batch_pairs):
-        idx = order[start : start + batch_pairs]
-        r = score([x for i in idx for x in encoded[i]])
-        for j, i in enumerate(idx):
-            out[i] = r[2 * j] - r[2 * j + 1]
-    return out
+Example = tuple[Encoded, Encoded] | PairFeatures
+
+
+def example_length(example: Example) -> int:
+    if isinstance(example, PairFeatures):
+        return example.length
+    return max(len(example[0]), len(example[1]))
 
 
 @dataclass
@@ -157,34 +156,61 @@ class Trainer:
         nn.init.normal_(head.weight, std=1 / math.sqrt(hidden + 1))
         nn.init.zeros_(head.bias)
         self.module = RewardHeadModel(backbone, head, "last_token")
+        use_cache = config.mode == "top_k" and config.cache_features and can_split(backbone)
+        self.split = DecoderSplit.of(backbone, config.top_k) if use_cache else None
 
     # ---- data ---------------------------------------------------------------------------------------
     def encode(self, pairs: Sequence[PreferencePair]) -> list[tuple[Encoded, Encoded]]:
         flat = self.encoder.encode_batch([x for pair in pairs for x in pair.inputs()])
         return list(zip(flat[0::2], flat[1::2], strict=True))
 
-    def rewards(self, encoded: Sequence[Encoded]) -> torch.Tensor:
-        batch = collate(encoded, self.pad_id, self.config.pad_to_multiple_of)
+    def examples(self, pairs: Sequence[PreferencePair], desc: str) -> list[Example]:
+        """Token pairs, or (feature caching) the frozen blocks' hidden states, computed once here."""
+        encoded = self.encode(pairs)
+        if self.split is None:
+            return list(encoded)
+        from tqdm import tqdm
+
+        bottom = self.split.bottom.eval()
+        bar = tqdm(encoded, desc=f"caching {desc} features", unit="pair", dynamic_ncols=True, file=sys.stderr)
+        return [pair_features(bottom, c, r) for c, r in bar]
+
+    def pair_rewards(self, batch: Sequence[Example]) -> torch.Tensor:
+        """Rewards chosen0, rejected0, chosen1, ... for a batch of examples."""
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16):
-            return self.module(batch.input_ids, batch.attention_mask, batch.position_ids, batch.token_type_ids)
+            if self.split is not None:
+                sequences = [side for ex in batch for side in ex.sides()]  # type: ignore[union-attr]
+                head = self.module.head
+                return top_rewards(self.split.top, head, sequences, self.config.pad_to_multiple_of).float()
+            encoded = [x for ex in batch for x in ex]  # type: ignore[union-attr]
+            b = collate(encoded, self.pad_id, self.config.pad_to_multiple_of)
+            return self.module(b.input_ids, b.attention_mask, b.position_ids, b.token_type_ids).float()
 
     @torch.no_grad()
-    def margins(self, encoded: Sequence[tuple[Encoded, Encoded]]) -> list[float]:
+    def margins(self, examples: Sequence[Example], batch_pairs: int = 16) -> list[float]:
         self.module.eval()
-        return pair_margins(lambda items: self.rewards(items).float().tolist(), encoded)
+        order = sorted(range(len(examples)), key=lambda i: example_length(examples[i]))
+        out = [0.0] * len(examples)
+        for start in range(0, len(order), batch_pairs):
+            idx = order[start : start + batch_pairs]
+            r = self.pair_rewards([examples[i] for i in idx]).tolist()
+            for j, i in enumerate(idx):
+                out[i] = r[2 * j] - r[2 * j + 1]
+        return out
 
     # ---- loop ---------------------------------------------------------------------------------------
     def train(self) -> dict[str, object]:
         from tqdm import tqdm
 
         cfg = self.config
+        started = time.monotonic()  # the measured training time includes encoding and feature caching
         rng = random.Random(cfg.seed)
         train_pairs = load_pairs(cfg.train_file, cfg.max_train_pairs)
         dev_pairs = load_pairs(cfg.dev_file, cfg.max_dev_pairs) if cfg.dev_file else []
-        train_enc = self.encode(train_pairs)
-        dev_enc = self.encode(dev_pairs)
+        train_enc = self.examples(train_pairs, "train")
+        dev_enc = self.examples(dev_pairs, "dev") if dev_pairs else []
         margins_wanted = torch.tensor([p.margin for p in train_pairs])
-        lengths = [max(len(c), len(r)) for c, r in train_enc]
+        lengths = [example_length(ex) for ex in train_enc]
         params = [p for n, p in self.module.named_parameters() if p.requires_grad and not n.startswith("head.")]
         optim = torch.optim.AdamW(
             [{"params": params, "lr": cfg.lr}, {"params": list(self.module.head.parameters()), "lr": cfg.head_lr}],
@@ -198,14 +224,14 @@ class Trainer:
         )
         history: list[dict[str, float]] = []
         best: tuple[float, int] | None = None
-        started = time.monotonic()
+        best_margins: list[float] = []
         for epoch in range(1, cfg.epochs + 1):
             self.module.train()
             batches = length_grouped_batches(lengths, cfg.batch_pairs, rng)
             bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", dynamic_ncols=True, file=sys.stderr)
             loss_avg = acc_avg = 0.0
             for step, idx in enumerate(bar, start=1):
-                r = self.rewards([x for i in idx for x in train_enc[i]]).float()
+                r = self.pair_rewards([train_enc[i] for i in idx])
                 chosen, rejected = r[0::2], r[1::2]
                 diff = chosen - rejected - margins_wanted[idx]
                 loss = -F.logsigmoid(diff).mean() + cfg.center_coef * ((chosen + rejected) ** 2).mean()
@@ -220,9 +246,11 @@ class Trainer:
                 acc_avg = 0.98 * acc_avg + 0.02 * float((chosen > rejected).float().mean()) if step > 1 else 0.5
                 bar.set_postfix(loss=f"{loss_avg:.3f}", acc=f"{acc_avg:.3f}")
             record: dict[str, float] = {"epoch": epoch, "train_loss": loss_avg, "elapsed_s": time.monotonic() - started}
+            dev_margins: list[float] = []
             if dev_enc:
-                result = evaluate_margins(self.margins(dev_enc))
-                record.update(dev_accuracy=result.accuracy, dev_log_loss=result.log_loss)
+                dev_margins = self.margins(dev_enc)
+                result = evaluate_margins(dev_margins)
+                record.update(dev_accuracy=result.accuracy, dev_log_loss=result.log_loss, dev_ece=result.ece)
                 print(
                     f"epoch {epoch}: dev accuracy {result.accuracy:.4f}, log-loss {result.log_loss:.4f}",
                     file=sys.stderr,
@@ -231,16 +259,12 @@ class Trainer:
             score = record.get("dev_accuracy", -record["train_loss"])
             if best is None or score > best[0]:
                 best = (score, epoch)
+                best_margins = dev_margins
                 self.save(history, temperature=None)
         assert best is not None
-        if best[1] != cfg.epochs:  # reload the best epoch's weights for calibration
-            print(f"keeping epoch {best[1]} (best on dev)", file=sys.stderr)
         temperature = None
-        if cfg.calibrate and dev_enc:
-            from app.ml.loading import load_reward_model
-
-            best_model = load_reward_model(cfg.output, dtype="float32", device="cpu")  # the saved best epoch
-            temperature = fit_temperature(pair_margins(lambda items: best_model.score(items, 32), dev_enc))
+        if cfg.calibrate and best_margins:
+            temperature = fit_temperature(best_margins)  # the kept epoch's dev margins
             fold_temperature(cfg.output, temperature)
         summary = {
             "best_epoch": best[1],
