@@ -57,7 +57,7 @@ class TrainConfig(BaseModel):
     pad_to_multiple_of: int = Field(32, ge=1)
     bf16: bool = Field(False, description="bf16 autocast (fast on CPUs with AMX and on GPUs)")
     seed: int = 0
-    max_train_pairs: int | None = None
+    max_train_pairs: int | None = Field(None, ge=1, description="train on a seeded random subset of this many pairs")
     max_dev_pairs: int | None = None
     calibrate: bool = Field(True, description="fit a temperature on dev and fold it into the head")
     cache_features: bool = Field(
@@ -205,7 +205,9 @@ class Trainer:
         cfg = self.config
         started = time.monotonic()  # the measured training time includes encoding and feature caching
         rng = random.Random(cfg.seed)
-        train_pairs = load_pairs(cfg.train_file, cfg.max_train_pairs)
+        train_pairs = load_pairs(cfg.train_file)
+        if cfg.max_train_pairs is not None and cfg.max_train_pairs < len(train_pairs):
+            train_pairs = random.Random(cfg.seed).sample(train_pairs, cfg.max_train_pairs)
         dev_pairs = load_pairs(cfg.dev_file, cfg.max_dev_pairs) if cfg.dev_file else []
         train_enc = self.examples(train_pairs, "train")
         dev_enc = self.examples(dev_pairs, "dev") if dev_pairs else []
