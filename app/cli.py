@@ -6,8 +6,12 @@ import argparse
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    from app.ml.recipe import ScoringInput
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -42,6 +46,44 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from app.ml.data import DataError, load_pairs
+    from app.ml.evaluate import evaluate, write_report
+
+    if (args.model is None) == (args.url is None):
+        raise SystemExit("reward-server eval: give exactly one of --model PATH or --url URL")
+    try:
+        pairs = load_pairs(args.data)
+    except DataError as exc:
+        raise SystemExit(f"reward-server eval: {exc}") from exc
+    if args.limit:
+        pairs = pairs[: args.limit]
+    if args.model is not None:
+        from app.ml.loading import load_reward_model
+
+        model = load_reward_model(args.model, dtype=args.dtype, device=args.device)
+        report = evaluate(pairs, model.score_inputs)
+        report["fingerprint"] = model.info["fingerprint"]
+        title = f"{args.model} on {args.data.name}"
+    else:
+        from app.client import RewardClient
+
+        with RewardClient(args.url, api_key=args.api_key, timeout=600) as client:
+            report = evaluate(pairs, lambda inputs: client.score([_wire(x) for x in inputs]).rewards)
+            report["fingerprint"] = client.info()["fingerprint"]
+        title = f"{args.url} on {args.data.name}"
+    report["data"] = str(args.data)
+    write_report(report, args.out, title)
+    print((args.out / "summary.md").read_text())
+    return 0
+
+
+def _wire(item: ScoringInput) -> dict[str, object]:
+    if isinstance(item.prompt, str):
+        return {"prompt": item.prompt, "response": item.response}
+    return {"messages": [*item.prompt, {"role": "assistant", "content": item.response}]}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reward-server", description="Serve, train and evaluate reward models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
         default = "" if field.is_required() else f" (default {field.default})"
         train.add_argument(f"--{name.replace('_', '-')}", dest=name, help=f"{field.description or name}{default}")
     train.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="accuracy, calibration and length bias on preference pairs; report + plots")
+    ev.add_argument("--model", type=Path, help="checkpoint directory, scored in-process")
+    ev.add_argument("--url", help="a running server, scored over HTTP (same numbers)")
+    ev.add_argument("--api-key")
+    ev.add_argument("--data", type=Path, required=True, help="JSONL preference pairs")
+    ev.add_argument("--out", type=Path, required=True, help="directory for report.json, summary.md, *.png")
+    ev.add_argument("--limit", type=int, help="only the first N pairs")
+    ev.add_argument("--dtype", default="float32", help="in-process dtype (default float32)")
+    ev.add_argument("--device", default="auto")
+    ev.set_defaults(func=_eval)
     return parser
 
 

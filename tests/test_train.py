@@ -11,8 +11,9 @@ from transformers import LlamaModel
 
 from app.cli import main
 from app.ml.data import DataError, load_pairs
+from app.ml.evaluate import evaluate_margins, fit_temperature
 from app.ml.loading import load_reward_model
-from app.ml.train import TrainConfig, Trainer, evaluate_margins, fit_temperature, trainable_prefixes
+from app.ml.train import TrainConfig, Trainer, trainable_prefixes
 from tests import tiny
 
 

@@ -10,8 +10,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from app.batching import padded
 from app.ml.collate import Batch, collate, last_real_index
-from app.ml.recipe import Encoded, RecipeEncoder
+from app.ml.recipe import Encoded, RecipeEncoder, ScoringInput
 
 Pooling = Literal["last_token", "classifier"]
 
@@ -99,4 +100,26 @@ class RewardModel:
         rewards = self.forward_batch(collate(items, self.pad_id, pad_to_multiple_of)).tolist()
         if len(rewards) != len(items):
             raise RuntimeError(f"model returned {len(rewards)} rewards for {len(items)} items")
+        return rewards
+
+    def score_inputs(
+        self, inputs: Sequence[ScoringInput], max_batch_tokens: int = 8192, pad_to_multiple_of: int = 16
+    ) -> list[float]:
+        """Offline scoring (evaluation, benchmarks): length-sorted batches under a padded-token budget."""
+        encoded = self.encoder.encode_batch(list(inputs))
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        rewards = [0.0] * len(encoded)
+        batch: list[int] = []
+
+        def flush() -> None:
+            for i, r in zip(batch, self.score([encoded[i] for i in batch], pad_to_multiple_of), strict=True):
+                rewards[i] = r
+            batch.clear()
+
+        for i in order:  # ascending: the newest item is the batch's longest
+            if batch and (len(batch) + 1) * padded(len(encoded[i]), pad_to_multiple_of) > max_batch_tokens:
+                flush()
+            batch.append(i)
+        if batch:
+            flush()
         return rewards

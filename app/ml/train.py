@@ -14,7 +14,6 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -26,6 +25,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from app.ml.collate import collate
 from app.ml.data import PreferencePair, load_pairs
+from app.ml.evaluate import evaluate_margins, fit_temperature
 from app.ml.features import DecoderSplit, PairFeatures, can_split, pair_features, top_rewards
 from app.ml.loading import resolve_base, save_value_head_checkpoint
 from app.ml.recipe import Encoded, RecipeEncoder, ScoringRecipe
@@ -73,15 +73,6 @@ def example_length(example: Example) -> int:
     if isinstance(example, PairFeatures):
         return example.length
     return max(len(example[0]), len(example[1]))
-
-
-@dataclass
-class EvalResult:
-    accuracy: float
-    mean_margin: float
-    log_loss: float
-    ece: float
-    pairs: int
 
 
 def _blocks(backbone: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -318,45 +309,3 @@ def fold_temperature(checkpoint: Path, temperature: float) -> None:
     manifest = json.loads((checkpoint / MANIFEST).read_text())
     manifest["extra"]["temperature"] = temperature
     (checkpoint / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-
-
-def evaluate_margins(margins: Sequence[float], bins: int = 10) -> EvalResult:
-    """Accuracy (chosen strictly higher), mean margin, log-loss and ECE of P(chosen) = sigmoid(margin)."""
-    n = len(margins)
-    probs = [1 / (1 + math.exp(-m)) if m >= 0 else math.exp(m) / (1 + math.exp(m)) for m in margins]
-    log_loss = -sum(math.log(max(p, 1e-12)) for p in probs) / n
-    # calibration on the symmetric form: each pair seen as (p, outcome 1) and (1 - p, outcome 0)
-    ece = 0.0
-    points = [(p, 1.0) for p in probs] + [(1 - p, 0.0) for p in probs]
-    for b in range(bins):
-        lo, hi = b / bins, (b + 1) / bins
-        inside = [(p, y) for p, y in points if lo <= p < hi or (b == bins - 1 and p == 1.0)]
-        if inside:
-            conf = sum(p for p, _ in inside) / len(inside)
-            freq = sum(y for _, y in inside) / len(inside)
-            ece += len(inside) / len(points) * abs(conf - freq)
-    return EvalResult(
-        accuracy=sum(m > 0 for m in margins) / n,
-        mean_margin=sum(margins) / n,
-        log_loss=log_loss,
-        ece=ece,
-        pairs=n,
-    )
-
-
-def fit_temperature(margins: Sequence[float]) -> float:
-    """The T minimizing the dev log-loss of sigmoid(margin / T) (golden-section search on log T)."""
-
-    def nll(log_t: float) -> float:
-        t = math.exp(log_t)
-        return sum(math.log1p(math.exp(-m / t)) if m / t > -30 else -m / t for m in margins)
-
-    lo, hi = math.log(0.05), math.log(20.0)
-    g = (math.sqrt(5) - 1) / 2
-    for _ in range(60):
-        a, b = hi - g * (hi - lo), lo + g * (hi - lo)
-        if nll(a) < nll(b):
-            hi = b
-        else:
-            lo = a
-    return math.exp((lo + hi) / 2)
