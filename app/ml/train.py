@@ -143,9 +143,8 @@ class Trainer:
             )
             backbone = get_peft_model(backbone, lora)
         hidden = backbone.config.hidden_size
-        head = nn.Linear(hidden, 1)
+        head = nn.Linear(hidden, 1, bias=False)  # as TRL and OpenRLHF: exports exactly to a seq-cls `score` head
         nn.init.normal_(head.weight, std=1 / math.sqrt(hidden + 1))
-        nn.init.zeros_(head.bias)
         self.module = RewardHeadModel(backbone, head, "last_token")
         use_cache = config.mode == "top_k" and config.cache_features and can_split(backbone)
         self.split = DecoderSplit.of(backbone, config.top_k) if use_cache else None
