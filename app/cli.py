@@ -78,6 +78,20 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from app.ml.export import ExportError, export_seq_cls
+    from app.ml.loading import CheckpointError
+
+    try:
+        out = export_seq_cls(args.model, args.out)
+    except (ExportError, CheckpointError) as exc:
+        raise SystemExit(f"reward-server export: {exc}") from exc
+    print(
+        f"wrote {out}: AutoModelForSequenceClassification (num_labels=1) + tokenizer + {out / 'reward_manifest.json'}"
+    )
+    return 0
+
+
 def _wire(item: ScoringInput) -> dict[str, object]:
     if isinstance(item.prompt, str):
         return {"prompt": item.prompt, "response": item.response}
@@ -111,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", default="float32", help="in-process dtype (default float32)")
     ev.add_argument("--device", default="auto")
     ev.set_defaults(func=_eval)
+
+    ex = sub.add_parser("export", help="write any loadable checkpoint as a merged AutoModelForSequenceClassification")
+    ex.add_argument("--model", type=Path, required=True, help="checkpoint directory (any supported format)")
+    ex.add_argument("--out", type=Path, required=True, help="output directory")
+    ex.set_defaults(func=_export)
     return parser
 
 

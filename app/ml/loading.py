@@ -140,7 +140,7 @@ def resolve_base(ref: str, checkpoint: Path, cache_dir: Path | None) -> tuple[Pa
 
 
 def detect_format(path: Path, manifest: Manifest | None) -> Format:
-    if manifest is not None and (manifest.format != "seq_cls" or not (path / "config.json").exists()):
+    if manifest is not None:
         return manifest.format
     if (path / "adapter_config.json").exists():
         return "peft"
