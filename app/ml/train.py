@@ -265,7 +265,52 @@ class Trainer:
             "train_seconds": time.monotonic() - started,
         }
         (cfg.output / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (cfg.output / "README.md").write_text(self.model_card(summary, len(train_pairs), len(dev_pairs)))
         return summary
+
+    def model_card(self, summary: dict[str, object], n_train: int, n_dev: int) -> str:
+        """README.md of the checkpoint: what it is, how it was made (the exact command), what it measured."""
+        cfg = self.config
+        history = summary["history"]
+        assert isinstance(history, list)
+        rows = "\n".join(
+            f"| {h['epoch']} | {h['train_loss']:.4f} | {h.get('dev_accuracy', float('nan')):.4f} | "
+            f"{h.get('dev_log_loss', float('nan')):.4f} | {h['elapsed_s'] / 60:.1f} |"
+            for h in history
+        )
+        settings = "\n".join(f"| `{k}` | `{v}` |" for k, v in json.loads(cfg.model_dump_json()).items())
+        minutes = float(summary["train_seconds"]) / 60  # type: ignore[arg-type]
+        trained = f"top {cfg.top_k} blocks + final norm + head" if cfg.mode == "top_k" else cfg.mode
+        return f"""# Reward model: {cfg.base_model}, {cfg.mode}
+
+A value-head reward model trained by `reward-server train` with the Bradley-Terry loss
+-log sigmoid(r_chosen - r_rejected - margin) on human preference pairs. Serve it with
+`reward-server serve --model <this directory>`.
+
+- Base model: `{cfg.base_model}`; trained: {trained}.
+- Data: `{cfg.train_file}` ({n_train} pairs), selected on `{cfg.dev_file}` ({n_dev} pairs).
+- Best epoch: {summary["best_epoch"]}; calibration temperature folded into the head: {summary["temperature"]}.
+- Training time, measured: {minutes:.1f} min (encoding and feature caching included), {torch.get_num_threads()} threads.
+- Scoring recipe (`reward_manifest.json`): `{self.recipe.model_dump_json()}`
+
+| epoch | train loss | dev accuracy (before calibration) | dev log-loss | elapsed (min) |
+|---:|---:|---:|---:|---:|
+{rows}
+
+## Command
+
+```bash
+{" ".join(shlex.quote(a) for a in ["reward-server", *sys.argv[1:]])}
+```
+
+## Hyperparameters
+
+| setting | value |
+|---|---|
+{settings}
+
+Evaluation on the dev set, if run, is in `eval/` (`reward-server eval --model . --data <dev.jsonl> --out eval`).
+"""
 
     def base_reference(self) -> str | None:
         """Registry keys stay keys; a local base is stored as an absolute path; full fine-tuning of a local base
