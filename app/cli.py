@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,7 +41,7 @@ def _train(args: argparse.Namespace) -> int:
     values = {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields and v is not None}
     try:
         config = TrainConfig(**values)
-        summary = Trainer(config).train()
+        summary = Trainer(config).train(command=shlex.join(["reward-server", *args.argv]))
     except (ValidationError, DataError) as exc:
         raise SystemExit(f"reward-server train: {exc}") from exc
     print(f"wrote {config.output} (best epoch {summary['best_epoch']}, {summary['train_seconds']:.0f} s)")
@@ -134,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     return int(args.func(args))
 
 

@@ -189,7 +189,9 @@ class Trainer:
         return out
 
     # ---- loop ---------------------------------------------------------------------------------------
-    def train(self) -> dict[str, object]:
+    def train(self, command: str | None = None) -> dict[str, object]:
+        """Runs every epoch, keeps the best on dev, calibrates; `command` is recorded in the model card."""
+        self.command = command or shlex.join(sys.argv)
         from tqdm import tqdm
 
         cfg = self.config
@@ -265,52 +267,9 @@ class Trainer:
             "train_seconds": time.monotonic() - started,
         }
         (cfg.output / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (cfg.output / "README.md").write_text(self.model_card(summary, len(train_pairs), len(dev_pairs)))
+        card = model_card(cfg, self.recipe, summary, len(train_pairs), len(dev_pairs), self.command)
+        (cfg.output / "README.md").write_text(card)
         return summary
-
-    def model_card(self, summary: dict[str, object], n_train: int, n_dev: int) -> str:
-        """README.md of the checkpoint: what it is, how it was made (the exact command), what it measured."""
-        cfg = self.config
-        history = summary["history"]
-        assert isinstance(history, list)
-        rows = "\n".join(
-            f"| {h['epoch']} | {h['train_loss']:.4f} | {h.get('dev_accuracy', float('nan')):.4f} | "
-            f"{h.get('dev_log_loss', float('nan')):.4f} | {h['elapsed_s'] / 60:.1f} |"
-            for h in history
-        )
-        settings = "\n".join(f"| `{k}` | `{v}` |" for k, v in json.loads(cfg.model_dump_json()).items())
-        minutes = float(summary["train_seconds"]) / 60  # type: ignore[arg-type]
-        trained = f"top {cfg.top_k} blocks + final norm + head" if cfg.mode == "top_k" else cfg.mode
-        return f"""# Reward model: {cfg.base_model}, {cfg.mode}
-
-A value-head reward model trained by `reward-server train` with the Bradley-Terry loss
--log sigmoid(r_chosen - r_rejected - margin) on human preference pairs. Serve it with
-`reward-server serve --model <this directory>`.
-
-- Base model: `{cfg.base_model}`; trained: {trained}.
-- Data: `{cfg.train_file}` ({n_train} pairs), selected on `{cfg.dev_file}` ({n_dev} pairs).
-- Best epoch: {summary["best_epoch"]}; calibration temperature folded into the head: {summary["temperature"]}.
-- Training time, measured: {minutes:.1f} min (encoding and feature caching included), {torch.get_num_threads()} threads.
-- Scoring recipe (`reward_manifest.json`): `{self.recipe.model_dump_json()}`
-
-| epoch | train loss | dev accuracy (before calibration) | dev log-loss | elapsed (min) |
-|---:|---:|---:|---:|---:|
-{rows}
-
-## Command
-
-```bash
-{" ".join(shlex.quote(a) for a in ["reward-server", *sys.argv[1:]])}
-```
-
-## Hyperparameters
-
-| setting | value |
-|---|---|
-{settings}
-
-Evaluation on the dev set, if run, is in `eval/` (`reward-server eval --model . --data <dev.jsonl> --out eval`).
-"""
 
     def base_reference(self) -> str | None:
         """Registry keys stay keys; a local base is stored as an absolute path; full fine-tuning of a local base
@@ -328,7 +287,7 @@ Evaluation on the dev set, if run, is in `eval/` (`reward-server eval --model . 
             "train_config": json.loads(cfg.model_dump_json()),
             "history": history,
             "temperature": temperature,
-            "command": " ".join(shlex.quote(a) for a in sys.argv),
+            "command": self.command,
         }
         save_value_head_checkpoint(
             cfg.output,
@@ -340,6 +299,52 @@ Evaluation on the dev set, if run, is in `eval/` (`reward-server eval --model . 
             trained_prefixes=self.prefixes or None,
             extra=extra,
         )
+
+
+def model_card(
+    cfg: TrainConfig, recipe: ScoringRecipe, summary: dict[str, object], n_train: int, n_dev: int, command: str
+) -> str:
+    """README.md of the checkpoint: what it is, how it was made (the exact command), what it measured."""
+    history = summary["history"]
+    assert isinstance(history, list)
+    rows = "\n".join(
+        f"| {h['epoch']} | {h['train_loss']:.4f} | {h.get('dev_accuracy', float('nan')):.4f} | "
+        f"{h.get('dev_log_loss', float('nan')):.4f} | {h['elapsed_s'] / 60:.1f} |"
+        for h in history
+    )
+    settings = "\n".join(f"| `{k}` | `{v}` |" for k, v in json.loads(cfg.model_dump_json()).items())
+    minutes = float(summary["train_seconds"]) / 60  # type: ignore[arg-type]
+    trained = f"top {cfg.top_k} blocks + final norm + head" if cfg.mode == "top_k" else cfg.mode
+    return f"""# Reward model: {cfg.base_model}, {cfg.mode}
+
+A value-head reward model trained by `reward-server train` with the Bradley-Terry loss
+-log sigmoid(r_chosen - r_rejected - margin) on human preference pairs. Serve it with
+`reward-server serve --model <this directory>`.
+
+- Base model: `{cfg.base_model}`; trained: {trained}.
+- Data: `{cfg.train_file}` ({n_train} pairs), selected on `{cfg.dev_file}` ({n_dev} pairs).
+- Best epoch: {summary["best_epoch"]}; calibration temperature folded into the head: {summary["temperature"]}.
+- Training time, measured: {minutes:.1f} min (encoding and feature caching included), {torch.get_num_threads()} threads.
+- Scoring recipe (`reward_manifest.json`): `{recipe.model_dump_json()}`
+
+| epoch | train loss | dev accuracy (before calibration) | dev log-loss | elapsed (min) |
+|---:|---:|---:|---:|---:|
+{rows}
+
+## Command
+
+```bash
+{command}
+```
+
+## Hyperparameters
+
+| setting | value |
+|---|---|
+{settings}
+
+Evaluation on the dev set, if run, is in `eval/` (`reward-server eval --model . --data <dev.jsonl> --out eval`).
+"""
 
 
 def fold_temperature(checkpoint: Path, temperature: float) -> None:
