@@ -23,6 +23,7 @@ class ErrorType(StrEnum):
     method_not_allowed = "method_not_allowed"
     unauthorized = "unauthorized"
     timeout = "timeout"
+    client_closed = "client_closed"
     backend_error = "backend_error"
     internal_error = "internal_error"
 
@@ -36,6 +37,7 @@ STATUS: dict[ErrorType, int] = {
     ErrorType.method_not_allowed: 405,
     ErrorType.unauthorized: 401,
     ErrorType.timeout: 504,
+    ErrorType.client_closed: 499,
     ErrorType.backend_error: 500,
     ErrorType.internal_error: 500,
 }
@@ -77,7 +79,10 @@ def _loc_to_param(loc: tuple[int | str, ...]) -> str | None:
     return out or None
 
 
-def render(error: ServiceError) -> JSONResponse:
+def render(error: ServiceError, request: Request | None = None) -> JSONResponse:
+    metrics = getattr(request.app.state, "metrics", None) if request is not None else None
+    if metrics is not None:
+        metrics.errors.labels(error.type.value).inc()
     return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers)
 
 
@@ -85,26 +90,26 @@ def install_error_handlers(app: FastAPI) -> None:
     """Routes hold no try/except: everything that escapes them lands here."""
 
     @app.exception_handler(ServiceError)
-    async def _service(_: Request, exc: ServiceError) -> JSONResponse:
-        return render(exc)
+    async def _service(request: Request, exc: ServiceError) -> JSONResponse:
+        return render(exc, request)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
         param = _loc_to_param(tuple(first.get("loc", ())))
         message = str(first.get("msg", "invalid request"))
         if len(errors) > 1:
             message += f" (and {len(errors) - 1} more error(s))"
-        return render(ServiceError(ErrorType.validation_error, message, param))
+        return render(ServiceError(ErrorType.validation_error, message, param), request)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         by_status = {v: k for k, v in STATUS.items() if k is not ErrorType.internal_error}
         kind = by_status.get(exc.status_code, ErrorType.validation_error)
-        return render(ServiceError(kind, str(exc.detail), headers=dict(exc.headers or {})))
+        return render(ServiceError(kind, str(exc.detail), headers=dict(exc.headers or {})), request)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return render(ServiceError(ErrorType.internal_error, f"internal error: {type(exc).__name__}"))
+        return render(ServiceError(ErrorType.internal_error, f"internal error: {type(exc).__name__}"), request)

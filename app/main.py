@@ -9,8 +9,10 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app.api import router
+from app.api import open_router, router
 from app.errors import install_error_handlers
+from app.metrics import Metrics
+from app.middleware import RequestContext
 from app.ml.loading import load_reward_model
 from app.ml.reward_model import RewardModel
 from app.settings import Settings, get_settings
@@ -39,7 +41,7 @@ def create_app(settings: Settings | None = None, model: RewardModel | None = Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Loading errors propagate: uvicorn exits non-zero with the CheckpointError naming the file.
         loaded = model or await asyncio.to_thread(load_model, settings)
-        worker = Worker(loaded, settings)
+        worker = Worker(loaded, settings, app.state.metrics)
         await asyncio.to_thread(worker.start)
         app.state.worker = worker
         log.info("ready: %s (fingerprint %s)", settings.model_path, loaded.info["fingerprint"])
@@ -55,8 +57,11 @@ def create_app(settings: Settings | None = None, model: RewardModel | None = Non
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.metrics = Metrics()
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(open_router)
+    app.add_middleware(RequestContext, metrics=app.state.metrics, max_body_bytes=settings.max_body_bytes)
     return app
 
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 
+from app.errors import ErrorType, ServiceError
 from app.ml.loading import Normalization
 from app.ml.recipe import Message as RecipeMessage
 from app.ml.recipe import ScoringInput
@@ -87,6 +88,33 @@ class ComparePair(_Strict):
 
 class CompareRequest(_Strict):
     pairs: Annotated[list[ComparePair], Field(min_length=1)]
+
+
+def check_limits(body: BaseModel, max_chars: int, max_messages: int) -> None:
+    """Per-field limits that depend on settings (so they cannot live in the field types); 422 naming the field."""
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, str):
+            if len(value) > max_chars:
+                raise ServiceError(
+                    ErrorType.validation_error,
+                    f"{len(value)} characters; the limit is {max_chars} (REWARD_MAX_TEXT_CHARS)",
+                    param=where,
+                )
+        elif isinstance(value, BaseModel):
+            for name, child in value:
+                walk(child, f"{where}.{name}" if where else name)
+        elif isinstance(value, list):
+            if value and isinstance(value[0], Message) and len(value) > max_messages:
+                raise ServiceError(
+                    ErrorType.validation_error,
+                    f"{len(value)} messages; the limit is {max_messages} (REWARD_MAX_MESSAGES)",
+                    param=where,
+                )
+            for i, child in enumerate(value):
+                walk(child, f"{where}[{i}]")
+
+    walk(body, "")
 
 
 class ItemScore(BaseModel):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -73,11 +73,38 @@ class Settings(BaseSettings):
         8192, ge=1, description="Items waiting for the model; past it new requests get 429 at once (backpressure)."
     )
     retry_after_seconds: int = Field(1, ge=0, description="`Retry-After` sent with 429 and 503.")
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Larger request bodies get 413 unread.")
+    max_text_chars: int = Field(
+        200_000, ge=1, description="Per prompt, response or message; longer gets 422 (truncation handles tokens)."
+    )
+    max_messages: int = Field(256, ge=1, description="Messages per conversation; more gets 422.")
+    request_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="Deadline per request (504 after it); a request may ask for another with the "
+        "`X-Request-Timeout` header (seconds), up to max_request_timeout_s.",
+    )
+    max_request_timeout_s: float = Field(900.0, gt=0, description="Upper bound for `X-Request-Timeout`.")
+
+    # --- security ----------------------------------------------------------------------------------
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated Bearer keys; when set, every route but /health and /ready needs one (401).",
+    )
+    protect_metrics: bool = Field(True, description="With api_keys, /metrics needs a key too.")
 
     # --- server ------------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Bind address; the container sets 0.0.0.0.")
-    port: int = Field(8000, ge=0, le=65535)
-    log_level: str = Field("info")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
+    log_level: str = Field("info", description="Python log level name.")
+    log_format: Literal["json", "text"] = Field("json", description="json: one object per line, with request ids.")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
 
     @model_validator(mode="after")
     def _budget_fits_one_item(self) -> Settings:

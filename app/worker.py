@@ -1,8 +1,9 @@
 """The model worker: admits requests, queues their items, and runs batches on the one thread that owns the model.
 
-Request path (event loop): tokenize in a thread pool -> admission (413/429 at once) -> one queue entry per item ->
-await the request's future. Model path (inference thread): next batch from `TokenBudgetQueue` -> one forward pass ->
-results handed back with `call_soon_threadsafe`. A failing batch fails only the requests in it; the thread goes on.
+Request path (event loop): admission (413/429 at once) -> tokenize in a thread pool -> one queue entry per item ->
+await the request's future, within its deadline. Model path (inference thread): next batch from `TokenBudgetQueue` ->
+one forward pass -> results handed back with `call_soon_threadsafe`. A failing batch is split and retried; an item
+that still fails fails only its own request. Items of requests that timed out or were abandoned are never computed.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import logging
 import math
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -18,6 +20,7 @@ import torch
 
 from app.batching import BatchPolicy, TokenBudgetQueue, padded
 from app.errors import ErrorType, ServiceError
+from app.metrics import Metrics
 from app.ml.loading import Normalization
 from app.ml.recipe import Encoded, ScoringInput
 from app.ml.reward_model import RewardModel
@@ -33,10 +36,23 @@ class ItemResult:
     truncated: bool
 
 
+@dataclass(frozen=True, slots=True)
+class Timing:
+    tokenize_s: float
+    queue_s: float  # from admission to the first forward pass that held one of the request's items
+    inference_s: float  # forward passes that held the request's items
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    results: list[ItemResult]
+    timing: Timing
+
+
 class _Pending:
     """One request's items in flight; touched by the inference thread only, resolved on the event loop."""
 
-    __slots__ = ("failed", "future", "loop", "remaining", "rewards")
+    __slots__ = ("enqueued", "failed", "future", "inference_s", "loop", "remaining", "rewards", "started")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, size: int) -> None:
         self.loop = loop
@@ -44,6 +60,9 @@ class _Pending:
         self.rewards: list[float] = [math.nan] * size
         self.remaining = size
         self.failed = False
+        self.enqueued = time.perf_counter()
+        self.started: float | None = None
+        self.inference_s = 0.0
 
     def record(self, index: int, reward: float) -> None:
         self.rewards[index] = reward
@@ -58,7 +77,7 @@ class _Pending:
 
 
 def _settle(future: asyncio.Future[list[float]], rewards: list[float] | None, error: Exception | None) -> None:
-    if future.done():  # cancelled: the caller went away
+    if future.done():  # cancelled: the caller went away or its deadline passed
         return
     if error is not None:
         future.set_exception(error)
@@ -83,11 +102,13 @@ class _Entry:
 
 @dataclass
 class WorkerStats:
+    """In-process counters (benchmarks, tests); Prometheus gets the same events through `Metrics`."""
+
     batches: int = 0
     items: int = 0
     real_tokens: int = 0
     padded_tokens: int = 0
-    batch_sizes: list[int] = field(default_factory=list)  # the last 1,000, for benchmarks and /info
+    batch_sizes: list[int] = field(default_factory=list)  # the last 1,000
 
     @property
     def padding_efficiency(self) -> float:
@@ -108,7 +129,7 @@ def _normalization(model: RewardModel, settings: Settings) -> Normalization | No
 
 
 class Worker:
-    def __init__(self, model: RewardModel, settings: Settings) -> None:
+    def __init__(self, model: RewardModel, settings: Settings, metrics: Metrics | None = None) -> None:
         multiple = settings.pad_to_multiple_of
         if padded(model.max_length, multiple) > settings.max_batch_tokens:
             raise ValueError(
@@ -119,6 +140,7 @@ class Worker:
         self.model = model
         self.settings = settings
         self.normalization = _normalization(model, settings)
+        self.metrics = metrics or Metrics()
         self.stats = WorkerStats()
         self._queue: TokenBudgetQueue[_Entry] = TokenBudgetQueue(
             BatchPolicy(
@@ -129,6 +151,7 @@ class Worker:
                 lookahead=settings.lookahead,
             )
         )
+        self.metrics.track_queue(lambda: len(self._queue))
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -161,6 +184,10 @@ class Worker:
         return len(self._queue)
 
     # ---- request path (event loop) ----------------------------------------------------------------
+    @property
+    def _retry(self) -> dict[str, str]:
+        return {"Retry-After": str(self.settings.retry_after_seconds)}
+
     def _admit(self, count: int) -> None:
         if not self.ready:
             raise ServiceError(
@@ -169,7 +196,7 @@ class Worker:
         if count > self.settings.max_items_per_request:
             raise ServiceError(
                 ErrorType.payload_too_large,
-                f"{count} items in one request; the limit is {self.settings.max_items_per_request}: split it",
+                f"{count} items to score in one request; the limit is {self.settings.max_items_per_request}: split it",
             )
         if len(self._queue) + count > self.settings.max_queue_items:
             raise ServiceError(
@@ -178,24 +205,32 @@ class Worker:
                 headers=self._retry,
             )
 
-    @property
-    def _retry(self) -> dict[str, str]:
-        return {"Retry-After": str(self.settings.retry_after_seconds)}
-
-    async def score(self, inputs: list[ScoringInput]) -> list[ItemResult]:
-        """Raw rewards (never normalized) for `inputs`, in order."""
+    async def score(self, inputs: list[ScoringInput], timeout: float | None = None) -> Scored:
+        """Raw rewards (never normalized) for `inputs`, in order; `timeout` bounds the wait (504 after it)."""
         self._admit(len(inputs))  # before tokenizing: reject cheaply
         if not inputs:
-            return []
+            return Scored([], Timing(0.0, 0.0, 0.0))
         loop = asyncio.get_running_loop()
+        began = time.perf_counter()
         encoded = await loop.run_in_executor(self._tokenizers, self.model.encoder.encode_batch, inputs)
+        tokenize_s = time.perf_counter() - began
+        self.metrics.tokenize_seconds.observe(tokenize_s)
         pending = _Pending(loop, len(encoded))
         with self._cond:
             self._admit(len(encoded))
             self._queue.extend(_Entry(enc, pending, i) for i, enc in enumerate(encoded))
             self._cond.notify()
-        rewards = await pending.future
-        return [ItemResult(r, len(e.input_ids), e.truncated) for r, e in zip(rewards, encoded, strict=True)]
+        try:
+            rewards = await asyncio.wait_for(pending.future, timeout)
+        except TimeoutError:
+            raise ServiceError(
+                ErrorType.timeout, f"not scored within the request's deadline of {timeout:g} s; its items were dropped"
+            ) from None
+        started = pending.started if pending.started is not None else time.perf_counter()
+        timing = Timing(tokenize_s, started - pending.enqueued, pending.inference_s)
+        self.metrics.queue_seconds.observe(timing.queue_s)
+        results = [ItemResult(r, len(e.input_ids), e.truncated) for r, e in zip(rewards, encoded, strict=True)]
+        return Scored(results, timing)
 
     # ---- model path (inference thread) ------------------------------------------------------------
     def _run(self) -> None:
@@ -205,29 +240,51 @@ class Worker:
                     self._cond.wait()
                 if not self._queue:
                     return  # stopping, and everything admitted is done
+                dropped = self._queue.dropped
                 batch = self._queue.next_batch()
+                self.metrics.dropped.inc(self._queue.dropped - dropped)
             if batch:
                 self._run_batch(batch)
 
     def _run_batch(self, batch: list[_Entry]) -> None:
+        """Forward `batch`; on failure (e.g. out of memory) retry its halves, down to single items."""
         items = [e.encoded for e in batch]
+        began = time.perf_counter()
+        for pending in {id(e.pending): e.pending for e in batch}.values():
+            if pending.started is None:
+                pending.started = began
         try:
             rewards = self.model.score(items, self.settings.pad_to_multiple_of)
-        except Exception as exc:  # any backend failure fails this batch only
-            log.exception("forward pass failed for a batch of %d items", len(batch))
-            error = ServiceError(ErrorType.backend_error, f"the model failed on this batch: {type(exc).__name__}")
-            for entry in batch:
-                entry.pending.fail(error)
+        except Exception as exc:  # any backend failure: split, retry, then fail only the culprit
+            if len(batch) > 1:
+                log.warning("forward failed for a batch of %d (%s); retrying its halves", len(batch), exc)
+                half = len(batch) // 2
+                self._run_batch(batch[:half])
+                self._run_batch(batch[half:])
+                return
+            log.exception("forward failed for a single item")
+            error = ServiceError(ErrorType.backend_error, f"the model failed on this item: {type(exc).__name__}")
+            batch[0].pending.fail(error)
+            self.metrics.errors.labels(ErrorType.backend_error.value).inc()
             return
-        stats = self.stats
-        stats.batches += 1
-        stats.items += len(batch)
-        stats.real_tokens += sum(len(i) for i in items)
-        stats.padded_tokens += len(items) * padded(max(len(i) for i in items), self.settings.pad_to_multiple_of)
-        stats.batch_sizes = [*stats.batch_sizes[-999:], len(batch)]
+        seconds = time.perf_counter() - began
+        self._record(items, seconds)
+        for pending in {id(e.pending): e.pending for e in batch}.values():
+            pending.inference_s += seconds
         for entry, reward in zip(batch, rewards, strict=True):
             if math.isfinite(reward):
                 entry.pending.record(entry.index, reward)
             else:  # never let NaN/inf out as a number (it is not valid JSON) nor hide it
                 message = f"the model produced a non-finite reward ({reward}) for item {entry.index}"
                 entry.pending.fail(ServiceError(ErrorType.backend_error, message, param=f"items[{entry.index}]"))
+
+    def _record(self, items: list[Encoded], seconds: float) -> None:
+        real = sum(len(i) for i in items)
+        padded_tokens = len(items) * padded(max(len(i) for i in items), self.settings.pad_to_multiple_of)
+        stats = self.stats
+        stats.batches += 1
+        stats.items += len(items)
+        stats.real_tokens += real
+        stats.padded_tokens += padded_tokens
+        stats.batch_sizes = [*stats.batch_sizes[-999:], len(items)]
+        self.metrics.observe_batch(len(items), real, padded_tokens, seconds)
