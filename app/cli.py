@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,7 +34,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     configure_logging(settings.log_level, settings.log_format)
     # uvicorn's own loggers propagate to our handler; its access log is replaced by ours (with request ids)
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
@@ -40,7 +42,23 @@ def _serve(args: argparse.Namespace) -> int:
         log_config=None,
         access_log=False,
     )
-    return 0
+
+    class GracefulServer(uvicorn.Server):
+        """SIGTERM/SIGINT drain gracefully, then exit 0: stock uvicorn re-raises the signal afterwards, so the
+        process would die 'by signal' and an orchestrator would count a clean shutdown as a crash."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    server = GracefulServer(config)
+    server.run()
+    return 0 if server.started else 3  # 3: start-up failed (e.g. a broken checkpoint), as `uvicorn.run` exits
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -215,6 +215,11 @@ class Worker:
         encoded = await loop.run_in_executor(self._tokenizers, self.model.encoder.encode_batch, inputs)
         tokenize_s = time.perf_counter() - began
         self.metrics.tokenize_seconds.observe(tokenize_s)
+        empty = next((i for i, e in enumerate(encoded) if not e.input_ids), None)
+        if empty is not None:  # e.g. an empty raw query with a tokenizer that adds no special tokens
+            raise ServiceError(
+                ErrorType.validation_error, f"item {empty} has no tokens to score (empty text)", param=f"items[{empty}]"
+            )
         pending = _Pending(loop, len(encoded))
         with self._cond:
             self._admit(len(encoded))

@@ -134,3 +134,10 @@ async def test_normalization_without_statistics_refuses_to_start(make_client: An
     with pytest.raises(ValueError, match="neither the settings"):
         async with make_client("llama", normalize=True):
             pass
+
+
+async def test_empty_text_is_422_not_a_model_error(make_client: Any) -> None:
+    """Found by schemathesis: an empty raw query has no tokens at all with a template-only chat recipe."""
+    async with make_client("llama") as client:
+        r = await client.post("/get_reward", json={"query": ["fine", ""]})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "items[1]"

@@ -121,8 +121,15 @@ def evaluate(pairs: Sequence[PreferencePair], scorer: Scorer, batch: int = 256) 
         by_dataset[name or "unlabelled"] = _group_metrics(
             [pairs[i] for i in idx], [chosen[i] for i in idx], [rejected[i] for i in idx]
         )
+    margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
+    confident = sorted(range(len(pairs)), key=lambda i: -abs(margins[i]))
     return {
         "overall": _group_metrics(pairs, chosen, rejected),
+        # line indices (0-based) into the data file of the most confident right and wrong orderings, for spot checks
+        "examples": {
+            "right": [i for i in confident if margins[i] > 0][:10],
+            "wrong": [i for i in confident if margins[i] < 0][:10],
+        },
         "by_dataset": by_dataset,
         "reliability": reliability([c - r for c, r in zip(chosen, rejected, strict=True)]),
         "rewards": {"chosen": chosen, "rejected": rejected},

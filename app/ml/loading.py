@@ -400,7 +400,8 @@ def save_value_head_checkpoint(
     extra: dict[str, Any] | None = None,
 ) -> Manifest:
     """The inverse of the `value_head` loader. With `base_model`, only parameters under `trained_prefixes` are
-    written (a small delta over a base the loader rebuilds); without it, the whole backbone is saved here."""
+    written (a small delta over a base the loader rebuilds); without it, the whole backbone is saved here. Only what
+    training changed is written: a registered base's tokenizer is rebuilt from its package."""
     path.mkdir(parents=True, exist_ok=True)
     delta_name: str | None = None
     adapter: str | None = None
@@ -420,7 +421,8 @@ def save_value_head_checkpoint(
         delta_name = "backbone_delta.safetensors"
         save_file(delta, str(path / delta_name))
     save_file({k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()}, str(path / HEAD_FILE))
-    tokenizer.save_pretrained(path)
+    if base_model not in backbones.REGISTRY:  # a packaged base brings its tokenizer (and its fingerprint identity)
+        tokenizer.save_pretrained(path)
     manifest = Manifest(
         base_model=base_model,
         backbone_delta=delta_name,

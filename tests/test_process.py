@@ -1,0 +1,148 @@
+"""Real server processes under load: soak, overload, SIGTERM mid-load. Loopback only, bounded in time."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.ml.recipe import ScoringInput
+from app.ml.reward_model import RewardModel
+from tests.conftest import free_port, start_server, wait_ready
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@pytest.fixture
+def server(checkpoints: dict[str, Path], tmp_path: Path) -> Iterator[Callable[..., tuple[str, object]]]:
+    procs = []
+
+    def _start(name: str = "gpt2", **env: str) -> tuple[str, object]:
+        port = free_port()
+        settings = {
+            "REWARD_MODEL_PATH": str(checkpoints[name]),
+            "REWARD_DTYPE": "float32",
+            "REWARD_DEVICE": "cpu",
+            "REWARD_PORT": str(port),
+            "REWARD_LOG_LEVEL": "warning",
+            **env,
+        }
+        proc = start_server([sys.executable, "-m", "app.cli", "serve"], settings, port, tmp_path / f"{port}.log")
+        procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, proc)
+        return url, proc
+
+    yield _start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def items_for(i: int, n: int) -> list[dict[str, str]]:
+    return [{"prompt": f"request {i} question {j}", "response": "answer " * (1 + (i + j) % 13)} for j in range(n)]
+
+
+async def _fire(url: str, bodies: list[dict[str, object]], concurrency: int, path: str = "/score") -> list[object]:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    gate = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+
+        async def one(body: dict[str, object]) -> object:
+            async with gate:
+                return await client.post(path, json=body)
+
+        return await asyncio.gather(*(one(b) for b in bodies))
+
+
+def test_soak_no_errors_exact_rewards_bounded_memory(server, load: Callable[..., RewardModel]) -> None:  # type: ignore[no-untyped-def]
+    """2,000 requests / 20,000 items at concurrency 64."""
+    url, proc = server("gpt2")
+    requests, per = 2000, 10
+    quarters: list[int] = []
+
+    async def run() -> list[object]:
+        results: list[object] = []
+        for q in range(4):
+            bodies = [{"items": items_for(i, per)} for i in range(q * requests // 4, (q + 1) * requests // 4)]
+            results += await _fire(url, bodies, 64)
+            quarters.append(rss_kib(proc.pid))  # type: ignore[attr-defined]
+        return results
+
+    began = time.monotonic()
+    responses = asyncio.run(run())
+    elapsed = time.monotonic() - began
+    assert [r.status_code for r in responses if r.status_code != 200] == []  # type: ignore[attr-defined]
+    model = load("gpt2")
+    for i in range(0, requests, 97):  # a sample against a direct forward pass, one item at a time
+        inputs = [ScoringInput(x["prompt"], x["response"]) for x in items_for(i, per)]
+        want = [model.score([e])[0] for e in model.encoder.encode_batch(inputs)]
+        assert responses[i].json()["rewards"] == pytest.approx(want, abs=1e-5)  # type: ignore[attr-defined]
+    growth = quarters[-1] / quarters[0] - 1
+    print(
+        f"soak: {requests} requests / {requests * per} items in {elapsed:.1f} s "
+        f"({requests * per / elapsed:.0f} items/s); RSS by quarter (MiB) {[q // 1024 for q in quarters]}, "
+        f"growth {growth:+.1%}"
+    )
+    assert growth < 0.10
+
+
+def test_overload_gets_429_at_once_and_recovers(server) -> None:  # type: ignore[no-untyped-def]
+    url, _ = server("gpt2", REWARD_MAX_QUEUE_ITEMS="64", REWARD_RETRY_AFTER_SECONDS="2")
+    bodies = [{"items": items_for(i, 32)} for i in range(300)]
+    began = time.monotonic()
+    responses = asyncio.run(_fire(url, bodies, 128))
+    statuses = [r.status_code for r in responses]  # type: ignore[attr-defined]
+    assert set(statuses) <= {200, 429}
+    assert statuses.count(429) > 0 and statuses.count(200) > 0
+    rejected = next(r for r in responses if r.status_code == 429)  # type: ignore[attr-defined]
+    assert rejected.headers["retry-after"] == "2" and rejected.json()["error"]["type"] == "overloaded"  # type: ignore[attr-defined]
+    assert time.monotonic() - began < 120  # never a hang
+    after = httpx.post(f"{url}/score", json={"items": items_for(0, 32)}, timeout=60)
+    assert after.status_code == 200  # recovered once the load dropped
+    print(f"overload: {statuses.count(200)} served, {statuses.count(429)} refused with 429")
+
+
+def test_sigterm_mid_load_finishes_admitted_requests_and_exits_0(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Every request that reached the app is answered 200 and delivered; the rest were refused at the connection."""
+    url, proc = server("gpt2", REWARD_LOG_LEVEL="info")
+
+    async def run() -> list[object]:
+        limits = httpx.Limits(max_connections=32, max_keepalive_connections=0)  # a connection per request
+        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+
+            async def one(i: int) -> object:
+                try:
+                    return await client.post("/score", json={"items": items_for(i, 16)})
+                except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as exc:
+                    return type(exc).__name__  # no response: the server never read it (checked below)
+
+            tasks = [asyncio.create_task(one(i)) for i in range(400)]
+            await asyncio.sleep(0.5)
+            os.kill(proc.pid, signal.SIGTERM)  # type: ignore[attr-defined]
+            return await asyncio.gather(*tasks)
+
+    results = asyncio.run(run())
+    assert proc.wait(60) == 0  # type: ignore[attr-defined]
+    served = [r for r in results if not isinstance(r, str)]
+    assert served, "SIGTERM came before any request was served"
+    assert all(r.status_code == 200 for r in served)  # type: ignore[attr-defined]
+    log = (tmp_path / f"{url.rsplit(':', 1)[1]}.log").read_text().splitlines()
+    handled = [json.loads(line) for line in log if line.startswith("{") and '"path": "/score"' in line]
+    assert [h["status"] for h in handled if h["status"] != 200] == []  # nothing admitted was dropped or failed
+    assert len(handled) == len(served)  # every request the app handled reached its client
+    print(f"sigterm: {len(served)} admitted and served, {len(results) - len(served)} refused before admission")
