@@ -1,0 +1,30 @@
+"""The shipped default model: it loads from models/default (rebuilding its backbone from the installed package) and
+prefers the chosen reply on dev pairs that its committed eval report says it orders right."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from app.ml.data import load_pairs
+from app.ml.loading import load_reward_model
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = ROOT / "models" / "default"
+DEV = ROOT.parent / "shared" / "data" / "preferences" / "dev.jsonl"
+
+
+def test_default_model_prefers_the_chosen_reply() -> None:
+    report = json.loads((DEFAULT / "eval" / "report.json").read_text())
+    model = load_reward_model(DEFAULT, dtype="float32", device="cpu")
+    assert model.info["fingerprint"] == report["fingerprint"]  # the committed files are the evaluated ones
+    assert model.info["recipe"]["template"] == "chat" and model.info["base_model"].startswith("smollm2-135m-instruct")
+    pairs = load_pairs(DEV)
+    right = report["examples"]["right"][:5]
+    assert len(right) == 5
+    for i in right:
+        chosen, rejected = model.score(model.encoder.encode_batch(list(pairs[i].inputs())))
+        assert chosen > rejected, (i, chosen, rejected)
+    wrong = report["examples"]["wrong"][0]  # and the report is honest about what it gets wrong
+    chosen, rejected = model.score(model.encoder.encode_batch(list(pairs[wrong].inputs())))
+    assert chosen < rejected
