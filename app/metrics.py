@@ -40,7 +40,11 @@ class Metrics:
             "reward_forward_seconds", "Forward pass per batch", buckets=_SECONDS, registry=r
         )
         self.request_seconds = Histogram(
-            "reward_request_seconds", "Scoring request latency", ["route"], buckets=_SECONDS, registry=r
+            "reward_request_seconds",
+            "Request latency, body read to response end",
+            ["route"],
+            buckets=_SECONDS,
+            registry=r,
         )
 
     def track_queue(self, depth: Callable[[], int]) -> None:

@@ -71,6 +71,7 @@ class RequestContext:
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
             self.metrics.requests.labels(path, str(status["code"])).inc()
+            self.metrics.request_seconds.labels(path).observe(time.perf_counter() - began)
             log.info(
                 "request",
                 extra={

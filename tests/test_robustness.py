@@ -93,6 +93,7 @@ async def test_request_id_timing_headers_and_metrics(make_client: Any) -> None:
     assert "reward_items_scored_total 4.0" in text
     assert "reward_batch_size_bucket" in text and "reward_padding_efficiency_bucket" in text
     assert "reward_queue_depth 0.0" in text and "reward_forward_seconds_count" in text
+    assert 'reward_request_seconds_count{route="/score"} 3.0' in text
 
 
 async def test_deadline_gives_504_and_the_items_are_never_computed(make_client: Any) -> None:
