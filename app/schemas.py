@@ -9,18 +9,13 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 
 from app.errors import ErrorType, ServiceError
+from app.ml.evaluate import sigmoid
 from app.ml.loading import Normalization
 from app.ml.recipe import Message as RecipeMessage
 from app.ml.recipe import ScoringInput
 
 if TYPE_CHECKING:
     from app.worker import ItemResult
-
-
-def bradley_terry(reward_a: float, reward_b: float) -> float:
-    """P(a preferred to b) = sigmoid(r_a - r_b), computed without overflow for large margins."""
-    d = reward_a - reward_b
-    return 1.0 / (1.0 + math.exp(-d)) if d >= 0 else math.exp(d) / (1.0 + math.exp(d))
 
 
 class _Strict(BaseModel):
@@ -158,7 +153,7 @@ class CompareResponse(BaseModel):
         """`results` holds a0, b0, a1, b1, ... as `ComparePair.to_inputs` produced them; always raw rewards."""
         items = item_scores(results)
         pairs = [
-            PairResult(probability=bradley_terry(a.reward, b.reward), a=a, b=b)
+            PairResult(probability=sigmoid(a.reward - b.reward), a=a, b=b)
             for a, b in zip(items[0::2], items[1::2], strict=True)
         ]
         return cls(probabilities=[p.probability for p in pairs], pairs=pairs, fingerprint=fingerprint)
@@ -227,7 +222,7 @@ class RankResponse(BaseModel):
                     advantages=[(r - mean) / (std + request.eps) for r in rewards],
                     loo_baselines=[(total - r) / (n - 1) if n > 1 else None for r in rewards],
                     ranks=[1 + sum(other > r for other in rewards) for r in rewards],
-                    probabilities=[[bradley_terry(a, b) for b in raw] for a in raw] if request.probabilities else None,
+                    probabilities=[[sigmoid(a - b) for b in raw] for a in raw] if request.probabilities else None,
                     items=items,
                 )
             )

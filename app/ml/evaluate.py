@@ -20,6 +20,7 @@ Scorer = Callable[[list[ScoringInput]], list[float]]
 
 
 def sigmoid(x: float) -> float:
+    """Logistic function without overflow for large |x|; sigmoid(r_a - r_b) is the Bradley-Terry P(a > b)."""
     return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
 
 
