@@ -41,6 +41,7 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=settings.log_level,
         log_config=None,
         access_log=False,
+        timeout_keep_alive=settings.keep_alive_timeout_s,
     )
 
     class GracefulServer(uvicorn.Server):

@@ -96,6 +96,12 @@ class Settings(BaseSettings):
     # --- server ------------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Bind address; the container sets 0.0.0.0.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
+    keep_alive_timeout_s: float = Field(
+        75.0,
+        gt=0,
+        description="Idle keep-alive connections close after this; longer than clients' pool expiry "
+        "(httpx: 5 s) so a client never sends on a connection the server is closing.",
+    )
     log_level: str = Field("info", description="Python log level name.")
     log_format: Literal["json", "text"] = Field("json", description="json: one object per line, with request ids.")
 
