@@ -62,22 +62,30 @@ class ScoreRequest(_Strict):
     items: Annotated[list[ScoreItem], Field(min_length=1)]
 
 
-class ComparePair(_Strict):
-    """A prompt (text, or the conversation before the reply as `messages`) and two candidate replies."""
+class _Prompted(_Strict):
+    """A prompt given as text, or as the conversation before the reply (`messages`): exactly one of them."""
 
     prompt: StrictStr | None = None
     messages: Conversation | None = None
-    response_a: StrictStr
-    response_b: StrictStr
 
     @model_validator(mode="after")
-    def _one_prompt(self) -> ComparePair:
+    def _one_prompt(self) -> _Prompted:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt or messages")
         return self
 
+    def prompt_value(self) -> str | list[RecipeMessage]:
+        return self.prompt if self.prompt is not None else [m.plain() for m in self.messages or []]
+
+
+class ComparePair(_Prompted):
+    """A prompt and two candidate replies."""
+
+    response_a: StrictStr
+    response_b: StrictStr
+
     def to_inputs(self) -> tuple[ScoringInput, ScoringInput]:
-        prompt = self.prompt if self.prompt is not None else [m.plain() for m in self.messages or []]
+        prompt = self.prompt_value()
         return ScoringInput(prompt, self.response_a), ScoringInput(prompt, self.response_b)
 
 
@@ -159,21 +167,13 @@ class CompareResponse(BaseModel):
         return cls(probabilities=[p.probability for p in pairs], pairs=pairs, fingerprint=fingerprint)
 
 
-class RankGroup(_Strict):
+class RankGroup(_Prompted):
     """Several responses to one prompt (a GRPO/RLOO group)."""
 
-    prompt: StrictStr | None = None
-    messages: Conversation | None = None
     responses: Annotated[list[StrictStr], Field(min_length=1)]
 
-    @model_validator(mode="after")
-    def _one_prompt(self) -> RankGroup:
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of prompt or messages")
-        return self
-
     def to_inputs(self) -> list[ScoringInput]:
-        prompt = self.prompt if self.prompt is not None else [m.plain() for m in self.messages or []]
+        prompt = self.prompt_value()
         return [ScoringInput(prompt, response) for response in self.responses]
 
 

@@ -255,7 +255,8 @@ class Worker:
         """Forward `batch`; on failure (e.g. out of memory) retry its halves, down to single items."""
         items = [e.encoded for e in batch]
         began = time.perf_counter()
-        for pending in {id(e.pending): e.pending for e in batch}.values():
+        requests = {id(e.pending): e.pending for e in batch}.values()
+        for pending in requests:
             if pending.started is None:
                 pending.started = began
         try:
@@ -274,7 +275,7 @@ class Worker:
             return
         seconds = time.perf_counter() - began
         self._record(items, seconds)
-        for pending in {id(e.pending): e.pending for e in batch}.values():
+        for pending in requests:
             pending.inference_s += seconds
         for entry, reward in zip(batch, rewards, strict=True):
             if math.isfinite(reward):
