@@ -174,7 +174,7 @@ async def info(worker: WorkerDep) -> Info:
         "max_messages": s.max_messages,
         "request_timeout_s": s.request_timeout_s,
     }
-    return Info(**worker.model.info, limits=limits)
+    return Info(**worker.model.info, shares_prefixes=worker.shares_prefixes, limits=limits)
 
 
 @open_router.get("/health")

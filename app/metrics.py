@@ -18,7 +18,9 @@ class Metrics:
         self.requests = Counter("reward_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
         self.errors = Counter("reward_errors", "Error responses by type", ["type"], registry=r)
         self.items = Counter("reward_items_scored", "Items scored", registry=r)
-        self.tokens = Counter("reward_tokens_scored", "Real (unpadded) tokens scored", registry=r)
+        self.tokens = Counter(
+            "reward_tokens_scored", "Real (unpadded) tokens computed; a shared prompt counts once", registry=r
+        )
         self.padded_tokens = Counter("reward_padded_tokens", "Padded tokens computed", registry=r)
         self.dropped = Counter("reward_items_dropped", "Queued items dropped unscored (caller gone)", registry=r)
         self.queue_depth = Gauge("reward_queue_depth", "Items waiting for the model", registry=r)

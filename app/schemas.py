@@ -303,6 +303,7 @@ class Info(BaseModel):
     recipe: dict[str, Any]
     normalization: dict[str, float] | None
     fingerprint: str
+    shares_prefixes: bool = Field(description="items sharing a prompt compute it once (see REWARD_SHARE_PREFIXES)")
     limits: dict[str, int | float]
 
 

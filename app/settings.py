@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     lookahead: int = Field(
         256, ge=1, description="Queued items the batcher may reorder by length; the oldest item is always taken."
     )
+    share_prefixes: bool = Field(
+        True,
+        description="Decoder models: a prompt that several queued items share (a GRPO group, a /compare pair) runs "
+        "once and its key/value cache serves every reply. Same rewards; off only to compare.",
+    )
 
     # --- limits ------------------------------------------------------------------------------------
     max_items_per_request: int = Field(1024, ge=1, description="Larger requests get 413; clients split them.")

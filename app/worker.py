@@ -22,8 +22,8 @@ from app.batching import BatchPolicy, TokenBudgetQueue, padded
 from app.errors import ErrorType, ServiceError
 from app.metrics import Metrics
 from app.ml.loading import Normalization
-from app.ml.recipe import Encoded, ScoringInput
-from app.ml.reward_model import RewardModel
+from app.ml.recipe import ScoringInput
+from app.ml.reward_model import Queued, RewardModel
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -86,14 +86,8 @@ def _settle(future: asyncio.Future[list[float]], rewards: list[float] | None, er
 
 
 @dataclass(slots=True)
-class _Entry:
-    encoded: Encoded
+class _Entry(Queued):
     pending: _Pending
-    index: int
-
-    @property
-    def length(self) -> int:
-        return len(self.encoded.input_ids)
 
     @property
     def abandoned(self) -> bool:
@@ -149,6 +143,7 @@ class Worker:
                 pad_to_multiple_of=multiple,
                 min_padding_efficiency=settings.min_padding_efficiency,
                 lookahead=settings.lookahead,
+                share_prefixes=settings.share_prefixes,
             )
         )
         self.metrics.track_queue(lambda: len(self._queue))
@@ -165,6 +160,7 @@ class Worker:
             torch.set_num_threads(self.settings.num_threads)
         warm = self.model.encoder.encode_batch([ScoringInput("Hello, who are you?", "I am a helpful assistant.")])
         self.model.score(warm, self.settings.pad_to_multiple_of)
+        log.info("prompt sharing: %s", "on" if self.shares_prefixes else "off")  # checks the model once, here
         self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
         self._thread.start()
         self.ready = True
@@ -178,6 +174,10 @@ class Worker:
         if self._thread is not None:
             self._thread.join(timeout)
         self._tokenizers.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def shares_prefixes(self) -> bool:
+        return self.settings.share_prefixes and self.model.can_share_prefixes
 
     @property
     def queued_items(self) -> int:
@@ -223,7 +223,7 @@ class Worker:
         pending = _Pending(loop, len(encoded))
         with self._cond:
             self._admit(len(encoded))
-            self._queue.extend(_Entry(enc, pending, i) for i, enc in enumerate(encoded))
+            self._queue.extend(_Entry(enc, i, pending) for i, enc in enumerate(encoded))
             self._cond.notify()
         try:
             rewards = await asyncio.wait_for(pending.future, timeout)
@@ -260,7 +260,10 @@ class Worker:
             if pending.started is None:
                 pending.started = began
         try:
-            rewards = self.model.score(items, self.settings.pad_to_multiple_of)
+            planned = self.model.plan(items, self.settings.pad_to_multiple_of, self.settings.share_prefixes)
+            rewards = self.model.run(planned)
+            if len(rewards) != len(items):
+                raise RuntimeError(f"model returned {len(rewards)} rewards for {len(items)} items")
         except Exception as exc:  # any backend failure: split, retry, then fail only the culprit
             if len(batch) > 1:
                 log.warning("forward failed for a batch of %d (%s); retrying its halves", len(batch), exc)
@@ -274,7 +277,7 @@ class Worker:
             self.metrics.errors.labels(ErrorType.backend_error.value).inc()
             return
         seconds = time.perf_counter() - began
-        self._record(items, seconds)
+        self._record(len(items), planned.real_tokens, planned.padded_tokens, seconds)
         for pending in requests:
             pending.inference_s += seconds
         for entry, reward in zip(batch, rewards, strict=True):
@@ -284,13 +287,12 @@ class Worker:
                 message = f"the model produced a non-finite reward ({reward}) for item {entry.index}"
                 entry.pending.fail(ServiceError(ErrorType.backend_error, message, param=f"items[{entry.index}]"))
 
-    def _record(self, items: list[Encoded], seconds: float) -> None:
-        real = sum(len(i) for i in items)
-        padded_tokens = len(items) * padded(max(len(i) for i in items), self.settings.pad_to_multiple_of)
+    def _record(self, items: int, real: int, padded_tokens: int, seconds: float) -> None:
+        """`real`/`padded_tokens`: what the forward pass computed (a shared prompt counts once)."""
         stats = self.stats
         stats.batches += 1
-        stats.items += len(items)
+        stats.items += items
         stats.real_tokens += real
         stats.padded_tokens += padded_tokens
-        stats.batch_sizes = [*stats.batch_sizes[-999:], len(items)]
-        self.metrics.observe_batch(len(items), real, padded_tokens, seconds)
+        stats.batch_sizes = [*stats.batch_sizes[-999:], items]
+        self.metrics.observe_batch(items, real, padded_tokens, seconds)

@@ -178,15 +178,15 @@ async def test_full_queue_is_429_at_once_and_nothing_is_lost(make_client: Any) -
         worker = client.app.state.worker
         release = asyncio.Event()
         entered = threading.Event()
-        gate_model = worker.model.score
+        gate_model = worker.model.run
         loop = asyncio.get_running_loop()
 
-        def slow_score(items: Any, multiple: int = 1) -> list[float]:
+        def slow_run(batch: Any) -> list[float]:
             entered.set()
             asyncio.run_coroutine_threadsafe(release.wait(), loop).result(timeout=30)
-            return gate_model(items, multiple)
+            return gate_model(batch)
 
-        worker.model.score = slow_score  # type: ignore[method-assign]
+        worker.model.run = slow_run  # type: ignore[method-assign]
         try:
             body = {"items": [{"prompt": "a", "response": "b"}] * 4}
             first = asyncio.create_task(client.post("/score", json=body))  # taken by the worker, then blocks
@@ -205,27 +205,27 @@ async def test_full_queue_is_429_at_once_and_nothing_is_lost(make_client: Any) -
             assert after.status_code == 200
         finally:
             release.set()
-            worker.model.score = gate_model  # type: ignore[method-assign]
+            worker.model.run = gate_model  # type: ignore[method-assign]
 
 
 async def test_failing_batch_fails_its_requests_only_and_the_worker_survives(make_client: Any) -> None:
     async with make_client("gpt2") as client:
         worker = client.app.state.worker
-        real = worker.model.score
+        real = worker.model.run
         calls = {"n": 0}
 
-        def flaky(items: Any, multiple: int = 1) -> list[float]:
+        def flaky(batch: Any) -> list[float]:
             calls["n"] += 1
             if calls["n"] == 1:
                 raise RuntimeError("simulated out of memory")
-            return real(items, multiple)
+            return real(batch)
 
-        worker.model.score = flaky  # type: ignore[method-assign]
+        worker.model.run = flaky  # type: ignore[method-assign]
         try:
             failed = await client.post("/score", json={"items": [{"prompt": "a", "response": "b"}]})
             ok = await client.post("/score", json={"items": [{"prompt": "a", "response": "b"}]})
         finally:
-            worker.model.score = real  # type: ignore[method-assign]
+            worker.model.run = real  # type: ignore[method-assign]
     assert failed.status_code == 500 and failed.json()["error"]["type"] == "backend_error"
     assert ok.status_code == 200
 
@@ -233,12 +233,12 @@ async def test_failing_batch_fails_its_requests_only_and_the_worker_survives(mak
 async def test_non_finite_reward_is_a_typed_error_not_invalid_json(make_client: Any) -> None:
     async with make_client("gpt2") as client:
         worker = client.app.state.worker
-        real = worker.model.score
-        worker.model.score = lambda items, multiple=1: [math.nan] * len(items)  # type: ignore[method-assign]
+        real = worker.model.run
+        worker.model.run = lambda batch: [math.nan] * len(batch)  # type: ignore[method-assign]
         try:
             r = await client.post("/score", json={"items": [{"prompt": "a", "response": "b"}]})
         finally:
-            worker.model.score = real  # type: ignore[method-assign]
+            worker.model.run = real  # type: ignore[method-assign]
     assert r.status_code == 500
     assert r.json()["error"] == {
         "type": "backend_error",

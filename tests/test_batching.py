@@ -12,6 +12,8 @@ class Item:
     length: int
     name: str = ""
     abandoned: bool = False
+    prefix: int = 0
+    prefix_key: str | None = None
 
 
 def queue(**policy: object) -> TokenBudgetQueue[Item]:
@@ -105,3 +107,28 @@ def test_every_item_is_scheduled_exactly_once() -> None:
         assert len(b) <= 8 and len(b) * padded(max(i.length for i in b), 8) <= 512
         own = sum(padded(i.length, 8) for i in b)
         assert len(b) == 1 or own >= 0.7 * len(b) * padded(max(i.length for i in b), 8)
+
+
+def test_a_shared_prompt_is_counted_once_in_the_budget() -> None:
+    q = queue(max_batch_tokens=300)
+    q.extend(Item(100, str(i), prefix=80, prefix_key="a") for i in range(8))
+    assert [len(b) for b in drain(q)] == [8]  # 80 + 8 x 20 = 240 tokens; whole items would fit 3 per batch
+    q = queue(max_batch_tokens=300, share_prefixes=False)
+    q.extend(Item(100, str(i), prefix=80, prefix_key="a") for i in range(8))
+    assert [len(b) for b in drain(q)] == [3, 3, 2]
+
+
+def test_replies_of_very_different_length_split_a_group() -> None:
+    q = queue(min_padding_efficiency=0.8)
+    lengths = [60, 200, 60, 60]  # prompt 50, replies 10, 150, 10, 10
+    q.extend(Item(n, str(i), prefix=50, prefix_key="a") for i, n in enumerate(lengths))
+    batches = drain(q)
+    assert [sorted(i.name for i in b) for b in batches] == [["0", "2", "3"], ["1"]]
+
+
+def test_groups_of_similar_shape_join_and_singletons_run_whole() -> None:
+    q = queue(max_batch_tokens=1000)
+    q.extend(Item(40 + i, f"a{i}", prefix=30, prefix_key="a") for i in range(4))
+    q.extend(Item(40 + i, f"b{i}", prefix=30, prefix_key="b") for i in range(4))
+    q.extend([Item(12, "lone", prefix=10, prefix_key="c")])  # no sibling: a whole 12-token item
+    assert [sorted(i.name for i in b) for b in drain(q)] == [["a0", "a1", "a2", "a3", "b0", "b1", "b2", "b3", "lone"]]

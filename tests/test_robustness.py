@@ -16,14 +16,14 @@ ITEM = {"prompt": "What is the capital of France?", "response": "Paris."}
 def gate(worker: Any) -> tuple[threading.Event, threading.Event]:
     """Make the worker's forward pass wait for `release`; `entered` is set when a batch reached the model."""
     entered, release = threading.Event(), threading.Event()
-    real = worker.model.score
+    real = worker.model.run
 
-    def slow(items: Any, multiple: int = 1) -> list[float]:
+    def slow(batch: Any) -> list[float]:
         entered.set()
         release.wait(30)
-        return real(items, multiple)
+        return real(batch)
 
-    worker.model.score = slow
+    worker.model.run = slow
     return entered, release
 
 
@@ -120,16 +120,16 @@ async def test_deadline_gives_504_and_the_items_are_never_computed(make_client: 
 async def test_failing_batch_is_split_and_only_the_bad_item_fails(make_client: Any) -> None:
     async with make_client("gpt2") as client:
         worker = client.app.state.worker
-        real = worker.model.score
+        real = worker.model.run
 
-        def oom_on_big_batches(items: Any, multiple: int = 1) -> list[float]:
-            if len(items) > 2:
+        def oom_on_big_batches(batch: Any) -> list[float]:
+            if len(batch) > 2:
                 raise RuntimeError("CUDA out of memory (simulated)")
-            if any(len(i.input_ids) > 60 for i in items):
+            if batch.real_tokens > 60:  # only the poison item is this long
                 raise RuntimeError("this item always fails")
-            return real(items, multiple)
+            return real(batch)
 
-        worker.model.score = oom_on_big_batches
+        worker.model.run = oom_on_big_batches
         entered, release = gate(worker)  # hold the first batch so the rest queue up together
         try:
             first = asyncio.create_task(client.post("/score", json={"items": [ITEM]}))
@@ -144,7 +144,7 @@ async def test_failing_batch_is_split_and_only_the_bad_item_fails(make_client: A
             done = await asyncio.gather(first, *goods, poison)
         finally:
             release.set()
-            worker.model.score = real
+            worker.model.run = real
     assert [r.status_code for r in done[:4]] == [200] * 4
     assert done[4].status_code == 500 and done[4].json()["error"]["type"] == "backend_error"
 

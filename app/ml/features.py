@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from app.batching import padded
-from app.ml.collate import last_real_index
+from app.ml.collate import collate_shared, last_real_index
 from app.ml.recipe import Encoded
+from app.ml.reward_model import shared_hidden
 
 _PARTS = ("embed_tokens", "layers", "norm", "rotary_emb")
 
@@ -87,28 +88,12 @@ def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 def pair_features(bottom: nn.Module, chosen: Encoded, rejected: Encoded) -> PairFeatures:
     c, r = chosen.input_ids, rejected.input_ids
     p = shared_prefix(c, r)
-    hidden = bottom.config.hidden_size
-    if p == 0:
-        prefix = torch.zeros(0, hidden)
-        cache = None
-    else:
-        out = bottom(input_ids=torch.tensor([c[:p]]), use_cache=True)
-        prefix = out.last_hidden_state[0]
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(2)
-    suffixes = [c[p:], r[p:]]
-    width = max(len(s) for s in suffixes)
-    ids = torch.zeros(2, width, dtype=torch.long)
-    mask = torch.zeros(2, p + width, dtype=torch.long)
-    mask[:, :p] = 1
-    for row, s in enumerate(suffixes):
-        ids[row, : len(s)] = torch.tensor(s)
-        mask[row, p : p + len(s)] = 1
-    positions = (p + torch.arange(width)).expand(2, width)
-    kwargs = {"cache": cache} if cache is not None else {}
-    out = bottom(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **kwargs)
-    states = out.last_hidden_state
-    return PairFeatures(prefix, states[0, : len(suffixes[0])].clone(), states[1, : len(suffixes[1])].clone())
+    batch = collate_shared([Encoded(c, None, False, p), Encoded(r, None, False, p)], pad_id=0)
+    if batch is None:  # nothing in common, not even a BOS
+        c_states, r_states = (bottom(input_ids=torch.tensor([s]), use_cache=False).last_hidden_state[0] for s in (c, r))
+        return PairFeatures(torch.zeros(0, bottom.config.hidden_size), c_states, r_states)
+    prefix, suffix = shared_hidden(bottom, batch)
+    return PairFeatures(prefix[0, :p].clone(), suffix[0, : len(c) - p].clone(), suffix[1, : len(r) - p].clone())
 
 
 def top_rewards(top: nn.Module, head: nn.Linear, sequences: Sequence[torch.Tensor], multiple: int) -> torch.Tensor:

@@ -38,7 +38,8 @@ class ScoringInput:
     """One thing to score: a prompt (text or the conversation so far) and the reply to it.
 
     `raw`: `response` is already the whole formatted sequence (an OpenRLHF query with its template and special
-    tokens); it is tokenized as is, with the recipe's BOS/EOS and truncation rules but no template.
+    tokens); it is tokenized as is, with the recipe's BOS/EOS and truncation rules but no template. A text `prompt`
+    that the raw sequence starts with marks the part it may share with other items (see `Encoded.prefix`).
     """
 
     prompt: Prompt
@@ -48,9 +49,14 @@ class ScoringInput:
 
 @dataclass(frozen=True, slots=True)
 class Encoded:
+    """`prefix`: how many leading tokens are the prompt's own tokens, exactly as they appear in the whole sequence
+    (a token that merges prompt and response text is not counted). Items whose first `prefix` tokens are equal may
+    compute them once (`collate.collate_shared`); 0 when nothing can be shared. Always < len(input_ids)."""
+
     input_ids: list[int]
     token_type_ids: list[int] | None
     truncated: bool
+    prefix: int = 0
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -144,21 +150,41 @@ class RecipeEncoder:
             return (self._prompt_text(item.prompt), item.response)
         return self._prompt_text(item.prompt) + recipe.separator + item.response
 
+    def render_prompt(self, item: ScoringInput) -> str | None:
+        """The text that precedes the response in `render(item)`, when there is one a causal model could share."""
+        recipe = self.recipe
+        if item.raw:
+            prompt = item.prompt
+            return prompt if isinstance(prompt, str) and prompt and item.response.startswith(prompt) else None
+        if recipe.template == "chat":
+            return self.tokenizer.apply_chat_template(
+                self._conversation(item)[:-1], tokenize=False, add_generation_prompt=True
+            )
+        if recipe.template == "concat":
+            return self._prompt_text(item.prompt) + recipe.separator
+        return None  # text_pair: encoders read both ways, nothing is a prefix
+
     # ---- tokens -----------------------------------------------------------------------------------
     def encode_batch(self, items: list[ScoringInput]) -> list[Encoded]:
         add_special = self.recipe.add_special_tokens and self.recipe.template != "chat"
         encodings = self._rust.encode_batch([self.render(item) for item in items], add_special_tokens=add_special)
-        return [self._finish(enc) for enc in encodings]
+        prompts = [self.render_prompt(item) for item in items]
+        unique = list(dict.fromkeys(p for p in prompts if p))  # a GRPO group's prompt is tokenized once
+        prompt_ids = dict(zip(unique, self._rust.encode_batch(unique, add_special_tokens=add_special), strict=True))
+        return [self._finish(enc, prompt_ids[p].ids if p else None) for enc, p in zip(encodings, prompts, strict=True)]
 
     def encode(self, item: ScoringInput) -> Encoded:
         return self.encode_batch([item])[0]
 
-    def _finish(self, enc: RustEncoding) -> Encoded:
+    def _finish(self, enc: RustEncoding, prompt_ids: list[int] | None) -> Encoded:
         ids = list(enc.ids)
         seq = list(enc.sequence_ids)
         types = list(enc.type_ids)
         if self.bos_id is not None and len(ids) >= 2 and ids[0] == ids[1] == self.bos_id:
             del ids[1], seq[1], types[1]  # text began with BOS and the tokenizer added another
+            if prompt_ids is not None and prompt_ids[:2] == ids[:1] * 2:
+                prompt_ids = prompt_ids[1:]
+        prefix = _common_prefix(ids, prompt_ids) if prompt_ids else 0
         if self.recipe.append_eos and (not ids or ids[-1] != self.eos_id):
             ids.append(self.eos_id)  # type: ignore[arg-type]  # checked in __init__
             seq.append(None)
@@ -177,5 +203,17 @@ class RecipeEncoder:
             keep = [i for i in range(len(ids)) if i not in drop]
             ids = [ids[i] for i in keep]
             types = [types[i] for i in keep]
+            prefix -= sum(1 for i in drop if i < prefix)
         token_types = types if self.recipe.template == "text_pair" else None
-        return Encoded(input_ids=ids, token_type_ids=token_types, truncated=truncated)
+        return Encoded(
+            input_ids=ids, token_type_ids=token_types, truncated=truncated, prefix=max(0, min(prefix, len(ids) - 1))
+        )
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n

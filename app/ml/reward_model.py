@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from app.batching import padded
-from app.ml.collate import Batch, collate, last_real_index
+from app.batching import BatchPolicy, TokenBudgetQueue
+from app.ml.collate import Batch, SharedBatch, collate, collate_shared, last_real_index
 from app.ml.recipe import Encoded, RecipeEncoder, ScoringInput
+
+log = logging.getLogger(__name__)
 
 Pooling = Literal["last_token", "classifier"]
 
@@ -43,6 +47,12 @@ class RewardHeadModel(nn.Module):
         self._takes_positions = "position_ids" in accepted
         self._takes_types = "token_type_ids" in accepted
         self._takes_cache_flag = "use_cache" in accepted
+        self._takes_cache = "cache" in accepted or "past_key_values" in accepted
+
+    @property
+    def may_share_prefixes(self) -> bool:
+        """Whether `forward_shared` can run at all; `RewardModel` checks it also gives `forward`'s numbers."""
+        return self.pooling == "last_token" and self._takes_cache and self._takes_positions
 
     def forward(
         self,
@@ -63,11 +73,40 @@ class RewardHeadModel(nn.Module):
         if self._takes_cache_flag:
             kwargs["use_cache"] = False
         hidden = self.backbone(**kwargs).last_hidden_state
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        last = hidden[rows, last_real_index(attention_mask)]
+        return self._read(hidden, last_real_index(attention_mask))
+
+    def forward_shared(self, batch: SharedBatch) -> torch.Tensor:
+        """`forward` for a `SharedBatch`: each prefix runs once and its keys/values serve all of its items."""
+        return self._read(shared_hidden(self.backbone, batch)[1], batch.last_index)
+
+    def _read(self, hidden: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index]
         assert self.head is not None
         head_dtype = next(self.head.parameters()).dtype
         return self.head(last.to(head_dtype))[:, self.head_index].float()
+
+
+OFFLINE = BatchPolicy(
+    max_batch_tokens=8192, max_batch_size=64, pad_to_multiple_of=16, min_padding_efficiency=0.8, lookahead=4096
+)
+
+
+def shared_hidden(backbone: nn.Module, batch: SharedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states of a `SharedBatch` through a causal backbone: ([prefixes, Lp, H], [items, Ls, H])."""
+    p = batch.prefixes
+    out = backbone(input_ids=p.input_ids, attention_mask=p.attention_mask, position_ids=p.position_ids, use_cache=True)
+    cache = getattr(out, "cache", None) or out.past_key_values  # transformers 5 renamed it
+    cache.reorder_cache(batch.group)  # one copy of its prefix's keys/values per item
+    accepted = inspect.signature(backbone.forward).parameters
+    cache_arg = "cache" if "cache" in accepted else "past_key_values"
+    suffix = backbone(
+        input_ids=batch.suffix_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+        **{cache_arg: cache},
+    ).last_hidden_state
+    return out.last_hidden_state, suffix
 
 
 @dataclass
@@ -85,41 +124,82 @@ class RewardModel:
     def max_length(self) -> int:
         return self.encoder.recipe.max_length
 
-    def forward_batch(self, batch: Batch) -> torch.Tensor:
-        dev = self.device
-        with torch.inference_mode():
-            return self.module(
-                batch.input_ids.to(dev),
-                batch.attention_mask.to(dev),
-                batch.position_ids.to(dev),
-                None if batch.token_type_ids is None else batch.token_type_ids.to(dev),
-            ).cpu()
+    def plan(self, items: Sequence[Encoded], pad_to_multiple_of: int = 1, share: bool = True) -> Batch | SharedBatch:
+        """The padded layout `run` computes: prompts that items share run once when the model allows it."""
+        shared = collate_shared(items, self.pad_id, pad_to_multiple_of) if share and self.can_share_prefixes else None
+        return shared if shared is not None else collate(items, self.pad_id, pad_to_multiple_of)
 
-    def score(self, items: Sequence[Encoded], pad_to_multiple_of: int = 1) -> list[float]:
-        """One padded forward pass over `items`; their rewards in order."""
-        rewards = self.forward_batch(collate(items, self.pad_id, pad_to_multiple_of)).tolist()
+    def run(self, batch: Batch | SharedBatch) -> list[float]:
+        """One forward pass; the rewards of the batch's items, in order."""
+        on = batch.to(self.device)
+        with torch.inference_mode():
+            if isinstance(on, SharedBatch):
+                rewards = self.module.forward_shared(on)
+            else:
+                rewards = self.module(on.input_ids, on.attention_mask, on.position_ids, on.token_type_ids)
+        return rewards.cpu().tolist()
+
+    def score(self, items: Sequence[Encoded], pad_to_multiple_of: int = 1, share: bool = True) -> list[float]:
+        rewards = self.run(self.plan(items, pad_to_multiple_of, share))
         if len(rewards) != len(items):
             raise RuntimeError(f"model returned {len(rewards)} rewards for {len(items)} items")
         return rewards
 
-    def score_inputs(
-        self, inputs: Sequence[ScoringInput], max_batch_tokens: int = 8192, pad_to_multiple_of: int = 16
-    ) -> list[float]:
-        """Offline scoring (evaluation, benchmarks): length-sorted batches under a padded-token budget."""
+    @cached_property
+    def can_share_prefixes(self) -> bool:
+        """Checked once, on numbers: a backbone whose cached path differs from its plain forward (attention that is
+        not causal, a cache it does not honour) never shares prompts."""
+        if not self.module.may_share_prefixes:
+            return False
+        question = "Which planet of the solar system is the largest, and by how much?"
+        probe = self.encoder.encode_batch([ScoringInput(question, r) for r in ("Jupiter.", "Saturn, by far.")])
+        shared = collate_shared(probe, self.pad_id)
+        if shared is None:  # this recipe marks no prompt tokens (e.g. a text-pair encoder)
+            return False
+        try:
+            reference, reused = self.run(collate(probe, self.pad_id)), self.run(shared)
+        except Exception:  # a cache API this code does not know: serve the plain way
+            log.warning("prompt sharing disabled: the cached forward failed", exc_info=True)
+            return False
+        tolerance = 1e-3 if self.dtype == torch.float32 else 5e-2
+        if any(abs(a - b) > tolerance * max(1.0, abs(a)) for a, b in zip(reference, reused, strict=True)):
+            log.warning("prompt sharing disabled: it changes this model's rewards (%s vs %s)", reused, reference)
+            return False
+        return True
+
+    def score_inputs(self, inputs: Sequence[ScoringInput], policy: BatchPolicy = OFFLINE) -> list[float]:
+        """Offline scoring (evaluation, benchmarks): every item known in advance, batched by the serving policy."""
         encoded = self.encoder.encode_batch(list(inputs))
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        queue: TokenBudgetQueue[Queued] = TokenBudgetQueue(policy)
+        queue.extend(Queued(encoded[i], i) for i in sorted(range(len(encoded)), key=lambda i: len(encoded[i])))
         rewards = [0.0] * len(encoded)
-        batch: list[int] = []
-
-        def flush() -> None:
-            for i, r in zip(batch, self.score([encoded[i] for i in batch], pad_to_multiple_of), strict=True):
-                rewards[i] = r
-            batch.clear()
-
-        for i in order:  # ascending: the newest item is the batch's longest
-            if batch and (len(batch) + 1) * padded(len(encoded[i]), pad_to_multiple_of) > max_batch_tokens:
-                flush()
-            batch.append(i)
-        if batch:
-            flush()
+        while batch := queue.next_batch():
+            scored = self.score([q.encoded for q in batch], policy.pad_to_multiple_of, policy.share_prefixes)
+            for q, reward in zip(batch, scored, strict=True):
+                rewards[q.index] = reward
         return rewards
+
+
+@dataclass(slots=True)
+class Queued:
+    """An encoded item as the batching policy sees it; `index` is the caller's handle."""
+
+    encoded: Encoded
+    index: int
+    prefix_key: int | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        e = self.encoded  # a hash is enough: `collate_shared` groups by the tokens themselves
+        self.prefix_key = hash(tuple(e.input_ids[: e.prefix])) if e.prefix else None
+
+    @property
+    def abandoned(self) -> bool:
+        return False
+
+    @property
+    def length(self) -> int:
+        return len(self.encoded.input_ids)
+
+    @property
+    def prefix(self) -> int:
+        return self.encoded.prefix
