@@ -7,9 +7,9 @@ prompts this is the plain `items x longest item`.
 
 Choice. Queued items are read through a bounded look-ahead window. Items sharing a prompt form units of similar
 suffix lengths (a GRPO group whose replies differ widely in length becomes a few units, not one padded block); other
-items are units of one. The unit holding the oldest item always goes next (nothing starves), joined by units of
-similar suffix length, one neighbour at a time, while the batch stays under the token budget and the item cap and
-wastes little padding. Items whose request was abandoned are dropped here, before they are computed.
+items are units of one. The unit holding the oldest item always goes next (nothing starves), joined by units of the
+same kind (sharing a prompt or not: measured, mixing them is slower than either) and similar suffix length, one
+neighbour at a time, while the batch stays under the token budget and the item cap and wastes little padding. Items whose request was abandoned are dropped here, before they are computed.
 """
 
 from __future__ import annotations
@@ -124,8 +124,12 @@ class TokenBudgetQueue(Generic[T]):
         if not window:
             return []
 
-        units = sorted(self._units(window), key=lambda u: u.widest)
-        lo = hi = next(i for i, u in enumerate(units) if 0 in u.members)  # the oldest entry's unit anchors the batch
+        units = self._units(window)
+        anchor = next(u for u in units if 0 in u.members)  # the oldest entry's unit anchors the batch
+        # a batch either shares prompts or runs whole items: a whole item riding in a shared batch would attend over
+        # every prompt's padded cache and widen the suffix pass to its full length
+        units = sorted((u for u in units if (u.prefix > 0) == (anchor.prefix > 0)), key=lambda u: u.widest)
+        lo = hi = units.index(anchor)
         cost = _Cost().plus(units[lo])
         while True:
             options: list[tuple[int, int, _Cost]] = []  # (padding added, side, cost after)

@@ -160,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--model", type=Path, required=True, help="checkpoint directory (any supported format)")
     ex.add_argument("--out", type=Path, required=True, help="output directory")
     ex.set_defaults(func=_export)
+
+    from app import bench
+
+    be = sub.add_parser("bench", help="throughput and latency beside the engine limit, a naive server and LitServe")
+    bench.add_arguments(be).set_defaults(func=bench.run)
     return parser
 
 

@@ -1,0 +1,32 @@
+"""`reward-server bench`, short: every mode and workload runs over real processes and reports (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from app import bench
+from tests.conftest import free_port
+from tests.test_invariance import sentence
+
+
+def test_bench_runs_every_mode_and_workload(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    data = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": sentence(150), "chosen": sentence(30), "rejected": sentence(40)} for _ in range(6)]
+    rows += [{"prompt": sentence(20), "chosen": sentence(8), "rejected": sentence(5)} for _ in range(6)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "bench"
+    args = ["--model", str(checkpoints["value_head"]), "--data", str(data), "--dtype", "float32"]
+    args += ["--prompts", "2", "--group", "3", "--clients", "4", "--idle-items", "2", "--out", str(out)]
+    assert bench.main([*args, "--port", str(free_port())]) == 0
+    results = json.loads(out.with_suffix(".json").read_text())["results"]
+    assert {(r["mode"], r["workload"]) for r in results} == {(m, w) for m in bench.MODES for w in bench.WORKLOADS}
+    for r in results:
+        assert r["items"] == (2 if r["workload"] == "idle" else 6) and r["items/s"] > 0
+    server = {r["workload"]: r for r in results if r["mode"] == "server"}
+    plain = {r["workload"]: r for r in results if r["mode"] == "server-plain"}
+    assert server["shared"]["real_tokens"] < plain["shared"]["real_tokens"]  # the prompt ran once per group
+    assert server["storm"]["latencies"] and len(server["storm"]["latencies"]) == 6
+    table = out.with_suffix(".md").read_text()
+    assert "server / engine" in table and "server / litserve" in table
+
