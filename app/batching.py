@@ -9,7 +9,8 @@ Choice. Queued items are read through a bounded look-ahead window. Items sharing
 suffix lengths (a GRPO group whose replies differ widely in length becomes a few units, not one padded block); other
 items are units of one. The unit holding the oldest item always goes next (nothing starves), joined by units of the
 same kind (sharing a prompt or not: measured, mixing them is slower than either) and similar suffix length, one
-neighbour at a time, while the batch stays under the token budget and the item cap and wastes little padding. Items whose request was abandoned are dropped here, before they are computed.
+neighbour at a time, while the batch stays under the token budget and the item cap and wastes little padding.
+Items whose request was abandoned are dropped here, before they are computed.
 """
 
 from __future__ import annotations

@@ -5,7 +5,6 @@ No `from __future__ import annotations`: LitServe builds its request model from 
 Run as `python -m app.peers {naive,litserve} MODEL DTYPE PORT` (the benchmark starts them); not part of the service.
 """
 
-
 import sys
 from pathlib import Path
 from typing import Any

@@ -29,4 +29,3 @@ def test_bench_runs_every_mode_and_workload(checkpoints: dict[str, Path], tmp_pa
     assert server["storm"]["latencies"] and len(server["storm"]["latencies"]) == 6
     table = out.with_suffix(".md").read_text()
     assert "server / engine" in table and "server / litserve" in table
-
