@@ -17,7 +17,7 @@ from torch import nn
 
 from app.batching import padded
 from app.ml.collate import collate_shared, last_real_index
-from app.ml.recipe import Encoded
+from app.ml.recipe import Encoded, common_prefix
 from app.ml.reward_model import shared_hidden
 
 _PARTS = ("embed_tokens", "layers", "norm", "rotary_emb")
@@ -77,11 +77,7 @@ class PairFeatures:
 
 def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """Longest common prefix, leaving at least one token of each side to its suffix."""
-    limit = min(len(a), len(b)) - 1
-    n = 0
-    while n < limit and a[n] == b[n]:
-        n += 1
-    return n
+    return max(0, min(common_prefix(a, b), min(len(a), len(b)) - 1))
 
 
 @torch.inference_mode()

@@ -14,6 +14,7 @@ The rules, fixed here and stored with every checkpoint:
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, TypedDict
 
@@ -184,7 +185,7 @@ class RecipeEncoder:
             del ids[1], seq[1], types[1]  # text began with BOS and the tokenizer added another
             if prompt_ids is not None and prompt_ids[:2] == ids[:1] * 2:
                 prompt_ids = prompt_ids[1:]
-        prefix = _common_prefix(ids, prompt_ids) if prompt_ids else 0
+        prefix = common_prefix(ids, prompt_ids) if prompt_ids else 0
         if self.recipe.append_eos and (not ids or ids[-1] != self.eos_id):
             ids.append(self.eos_id)  # type: ignore[arg-type]  # checked in __init__
             seq.append(None)
@@ -210,7 +211,8 @@ class RecipeEncoder:
         )
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` have in common."""
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:
