@@ -30,12 +30,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from app.ml.collate import Batch, SharedBatch
 from app.ml.recipe import ScoringInput
 from app.ml.reward_model import OFFLINE, RewardModel
 
@@ -114,7 +115,7 @@ def build_workloads(
 
 
 def run_engine(model: RewardModel, workload: Workload) -> Result:
-    plain = OFFLINE.__class__(**{**asdict(OFFLINE), "share_prefixes": False})
+    plain = replace(OFFLINE, share_prefixes=False)
     items = workload.items
     encoded = model.encoder.encode_batch(items)
     tokens = sum(len(e) for e in encoded)
@@ -127,19 +128,13 @@ def run_engine(model: RewardModel, workload: Workload) -> Result:
         return Result(
             "engine", workload.name, len(items), sum(latencies), tokens, latencies, tokens, tokens, len(items)
         )
+    planned: list[Batch | SharedBatch] = []
     began = time.perf_counter()
-    model.score_inputs(items, plain)
+    model.score_inputs(items, plain, planned.append)
     seconds = time.perf_counter() - began
-    real = padded = batches = 0
-    from app.batching import TokenBudgetQueue
-    from app.ml.reward_model import Queued
-
-    queue: TokenBudgetQueue[Queued] = TokenBudgetQueue(plain)  # replay the plan for its padding numbers
-    queue.extend(Queued(encoded[i], i) for i in sorted(range(len(encoded)), key=lambda i: len(encoded[i])))
-    while batch := queue.next_batch():
-        planned = model.plan([q.encoded for q in batch], plain.pad_to_multiple_of, share=False)
-        real, padded, batches = real + planned.real_tokens, padded + planned.padded_tokens, batches + 1
-    return Result("engine", workload.name, len(items), seconds, tokens, [seconds], real, padded, batches)
+    real = sum(b.real_tokens for b in planned)
+    padded = sum(b.padded_tokens for b in planned)
+    return Result("engine", workload.name, len(items), seconds, tokens, [seconds], real, padded, len(planned))
 
 
 # ---- HTTP modes ------------------------------------------------------------------------------------

@@ -89,8 +89,7 @@ class SharedBatch:
         return self.suffix_ids.shape[0]
 
     def to(self, device: torch.device) -> SharedBatch:
-        fields = (t.to(device) if isinstance(t, torch.Tensor | Batch) else t for t in astuple_shallow(self))
-        return SharedBatch(*fields)
+        return SharedBatch(*(t.to(device) if isinstance(t, torch.Tensor | Batch) else t for t in astuple_shallow(self)))
 
 
 def astuple_shallow(obj: object) -> tuple[object, ...]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
@@ -47,7 +47,7 @@ class RewardHeadModel(nn.Module):
         self._takes_positions = "position_ids" in accepted
         self._takes_types = "token_type_ids" in accepted
         self._takes_cache_flag = "use_cache" in accepted
-        self._takes_cache = "cache" in accepted or "past_key_values" in accepted
+        self._takes_cache = cache_argument(backbone) is not None
 
     @property
     def may_share_prefixes(self) -> bool:
@@ -91,20 +91,24 @@ OFFLINE = BatchPolicy(
 )
 
 
+def cache_argument(backbone: nn.Module) -> str | None:
+    """The keyword a backbone takes its key/value cache by (transformers 5 renamed `past_key_values` to `cache`)."""
+    accepted = inspect.signature(backbone.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in accepted), None)
+
+
 def shared_hidden(backbone: nn.Module, batch: SharedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden states of a `SharedBatch` through a causal backbone: ([prefixes, Lp, H], [items, Ls, H])."""
     p = batch.prefixes
     out = backbone(input_ids=p.input_ids, attention_mask=p.attention_mask, position_ids=p.position_ids, use_cache=True)
     cache = getattr(out, "cache", None) or out.past_key_values  # transformers 5 renamed it
     cache.reorder_cache(batch.group)  # one copy of its prefix's keys/values per item
-    accepted = inspect.signature(backbone.forward).parameters
-    cache_arg = "cache" if "cache" in accepted else "past_key_values"
     suffix = backbone(
         input_ids=batch.suffix_ids,
         attention_mask=batch.attention_mask,
         position_ids=batch.position_ids,
         use_cache=False,
-        **{cache_arg: cache},
+        **{cache_argument(backbone) or "past_key_values": cache},
     ).last_hidden_state
     return out.last_hidden_state, suffix
 
@@ -137,13 +141,12 @@ class RewardModel:
                 rewards = self.module.forward_shared(on)
             else:
                 rewards = self.module(on.input_ids, on.attention_mask, on.position_ids, on.token_type_ids)
+        if rewards.shape[0] != len(batch):
+            raise RuntimeError(f"model returned {rewards.shape[0]} rewards for {len(batch)} items")
         return rewards.cpu().tolist()
 
     def score(self, items: Sequence[Encoded], pad_to_multiple_of: int = 1, share: bool = True) -> list[float]:
-        rewards = self.run(self.plan(items, pad_to_multiple_of, share))
-        if len(rewards) != len(items):
-            raise RuntimeError(f"model returned {len(rewards)} rewards for {len(items)} items")
-        return rewards
+        return self.run(self.plan(items, pad_to_multiple_of, share))
 
     @cached_property
     def can_share_prefixes(self) -> bool:
@@ -167,14 +170,23 @@ class RewardModel:
             return False
         return True
 
-    def score_inputs(self, inputs: Sequence[ScoringInput], policy: BatchPolicy = OFFLINE) -> list[float]:
-        """Offline scoring (evaluation, benchmarks): every item known in advance, batched by the serving policy."""
+    def score_inputs(
+        self,
+        inputs: Sequence[ScoringInput],
+        policy: BatchPolicy = OFFLINE,
+        on_batch: Callable[[Batch | SharedBatch], None] | None = None,
+    ) -> list[float]:
+        """Offline scoring (evaluation, benchmarks): every item known in advance, batched by the serving policy;
+        `on_batch` sees each planned batch (the benchmark counts its tokens)."""
         encoded = self.encoder.encode_batch(list(inputs))
         queue: TokenBudgetQueue[Queued] = TokenBudgetQueue(policy)
         queue.extend(Queued(encoded[i], i) for i in sorted(range(len(encoded)), key=lambda i: len(encoded[i])))
         rewards = [0.0] * len(encoded)
         while batch := queue.next_batch():
-            scored = self.score([q.encoded for q in batch], policy.pad_to_multiple_of, policy.share_prefixes)
+            planned = self.plan([q.encoded for q in batch], policy.pad_to_multiple_of, policy.share_prefixes)
+            if on_batch is not None:
+                on_batch(planned)
+            scored = self.run(planned)
             for q, reward in zip(batch, scored, strict=True):
                 rewards[q.index] = reward
         return rewards
