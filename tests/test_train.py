@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from transformers import LlamaModel
 from app.cli import main
 from app.ml.data import DataError, load_pairs
 from app.ml.evaluate import evaluate_margins, fit_temperature
+from app.ml.features import FeatureStore, PairFeatures, pair_features
 from app.ml.loading import load_reward_model
 from app.ml.train import TrainConfig, Trainer, trainable_prefixes
 from tests import tiny
@@ -132,6 +134,51 @@ def test_feature_cached_training_reads_exactly_what_the_server_reads(base: Path,
     full = [a - b for a, b in [served.score([c, r]) for c, r in trainer.encode(pairs)]]
     assert cached == pytest.approx(full, abs=1e-4)
     assert all(ex.prefix.shape[0] > 5 for ex in trainer.examples(pairs, "check"))  # the prompt is shared
+
+
+def test_feature_cache_on_disk_is_reused_across_runs_and_changes_nothing(base: Path, tmp_path: Path) -> None:
+    """A sweep's second run reads the first run's features back: same rewards, and the card still states the
+    from-scratch time (reused compute seconds added back)."""
+    train = write_pairs(tmp_path / "train.jsonl", 8)
+    store = tmp_path / "features"
+
+    def run(name: str, pairs: int) -> tuple[Trainer, dict[str, object]]:
+        config = TrainConfig(
+            base_model=str(base),
+            train_file=train,
+            output=tmp_path / name,
+            top_k=1,
+            epochs=1,
+            batch_pairs=4,
+            max_length=64,
+            calibrate=False,
+            max_train_pairs=pairs,
+            feature_cache=store,
+        )
+        trainer = Trainer(config)
+        return trainer, trainer.train()
+
+    first, _ = run("first", 6)
+    assert first.store is not None and first.store.reused_seconds == 0.0
+    assert len(list(store.rglob("*.safetensors"))) == 6 and not list(store.rglob("*.partial"))
+    second, second_summary = run("second", 8)  # a superset: 6 entries read back, 2 computed
+    assert second.store is not None and second.store.reused_seconds > 0.0
+    assert len(list(store.rglob("*.safetensors"))) == 8
+    assert second_summary["train_seconds"] == pytest.approx(
+        float(second_summary["wall_seconds"]) + second.store.reused_seconds  # type: ignore[arg-type]
+    )
+    assert "reused from `--feature-cache`" in (tmp_path / "second" / "README.md").read_text()
+    pairs = load_pairs(train)
+    fresh = [pair_features(first.split.bottom, c, r) for c, r in first.encode(pairs)]  # type: ignore[union-attr]
+    stored = second.examples(pairs, "check")
+    for a, b in zip(fresh, stored, strict=True):
+        assert isinstance(b, PairFeatures)
+        for part in ("prefix", "chosen", "rejected"):
+            assert torch.equal(getattr(a, part), getattr(b, part))
+    changed = copy.deepcopy(first.split.bottom)  # type: ignore[union-attr]
+    with torch.no_grad():
+        changed.layers[0].mlp.down_proj.weight[0, 0] += 1e-3
+    assert FeatureStore(store, changed).fingerprint != second.store.fingerprint  # other weights never read these
 
 
 def test_train_cli_writes_a_checkpoint(base: Path, tmp_path: Path) -> None:

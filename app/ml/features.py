@@ -9,10 +9,16 @@ served checkpoint recomputes everything and reads the same numbers (tested).
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from app.batching import padded
@@ -104,3 +110,42 @@ def top_rewards(top: nn.Module, head: nn.Linear, sequences: Sequence[torch.Tenso
     hidden = top(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
     last = hidden[torch.arange(len(sequences)), last_real_index(mask)]
     return head(last)[:, 0]
+
+
+class FeatureStore:
+    """Pair features on disk, so hyperparameter sweeps on a CPU pay for the frozen blocks once.
+
+    An entry is keyed by the frozen blocks' weights and the pair's token ids (which already carry the recipe), so any
+    run whose bottom computes the same numbers reuses it: another subset, seed, learning rate or epoch count. Each
+    entry keeps the seconds it took to compute, so a run that reuses entries can still state its from-scratch time.
+    """
+
+    def __init__(self, root: Path, bottom: nn.Module) -> None:
+        self.root = root
+        digest = hashlib.sha256(f"{type(bottom).__name__}:{bottom.config.num_hidden_layers}".encode())
+        for name, tensor in sorted(bottom.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())
+        self.fingerprint = digest.hexdigest()
+        self.reused_seconds = 0.0  # compute time of the entries read back, as measured when they were written
+
+    def _path(self, chosen: Encoded, rejected: Encoded) -> Path:
+        ids = json.dumps([self.fingerprint, chosen.input_ids, rejected.input_ids])
+        key = hashlib.sha256(ids.encode()).hexdigest()
+        return self.root / key[:2] / f"{key}.safetensors"
+
+    def features(self, bottom: nn.Module, chosen: Encoded, rejected: Encoded) -> PairFeatures:
+        path = self._path(chosen, rejected)
+        if path.exists():
+            with safe_open(str(path), framework="pt") as f:
+                self.reused_seconds += float(f.metadata()["seconds"])
+                return PairFeatures(*(f.get_tensor(name) for name in ("prefix", "chosen", "rejected")))
+        started = time.perf_counter()
+        out = pair_features(bottom, chosen, rejected)
+        seconds = time.perf_counter() - started
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")  # a run killed mid-write leaves no entry that looks complete
+        tensors = {"prefix": out.prefix, "chosen": out.chosen, "rejected": out.rejected}
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial), metadata={"seconds": repr(seconds)})
+        partial.replace(path)
+        return out

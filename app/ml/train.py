@@ -26,7 +26,7 @@ from transformers import AutoModel, AutoTokenizer
 from app.ml.collate import collate
 from app.ml.data import PreferencePair, load_pairs
 from app.ml.evaluate import evaluate_margins, fit_temperature
-from app.ml.features import DecoderSplit, PairFeatures, can_split, pair_features, top_rewards
+from app.ml.features import DecoderSplit, FeatureStore, PairFeatures, can_split, pair_features, top_rewards
 from app.ml.loading import resolve_base, save_value_head_checkpoint
 from app.ml.recipe import Encoded, RecipeEncoder, ScoringRecipe
 from app.ml.reward_model import RewardHeadModel
@@ -62,6 +62,9 @@ class TrainConfig(BaseModel):
     calibrate: bool = Field(True, description="fit a temperature on dev and fold it into the head")
     cache_features: bool = Field(
         True, description="top_k on Llama-style decoders: run the frozen blocks once, not every epoch"
+    )
+    feature_cache: Path | None = Field(
+        None, description="directory keeping cached features across runs (sweeps pay the frozen blocks once)"
     )
     threads: int | None = None
 
@@ -148,6 +151,9 @@ class Trainer:
         self.module = RewardHeadModel(backbone, head, "last_token")
         use_cache = config.mode == "top_k" and config.cache_features and can_split(backbone)
         self.split = DecoderSplit.of(backbone, config.top_k) if use_cache else None
+        self.store = None
+        if self.split is not None and config.feature_cache is not None:
+            self.store = FeatureStore(config.feature_cache, self.split.bottom)
 
     # ---- data ---------------------------------------------------------------------------------------
     def encode(self, pairs: Sequence[PreferencePair]) -> list[tuple[Encoded, Encoded]]:
@@ -162,8 +168,9 @@ class Trainer:
         from tqdm import tqdm
 
         bottom = self.split.bottom.eval()
+        features = self.store.features if self.store else pair_features
         bar = tqdm(encoded, desc=f"caching {desc} features", unit="pair", dynamic_ncols=True, file=sys.stderr)
-        return [pair_features(bottom, c, r) for c, r in bar]
+        return [features(bottom, c, r) for c, r in bar]
 
     def pair_rewards(self, batch: Sequence[Example]) -> torch.Tensor:
         """Rewards chosen0, rejected0, chosen1, ... for a batch of examples."""
@@ -203,6 +210,7 @@ class Trainer:
         dev_pairs = load_pairs(cfg.dev_file, cfg.max_dev_pairs) if cfg.dev_file else []
         train_enc = self.examples(train_pairs, "train")
         dev_enc = self.examples(dev_pairs, "dev") if dev_pairs else []
+        reused = self.store.reused_seconds if self.store else 0.0  # times below are from scratch: they add it
         margins_wanted = torch.tensor([p.margin for p in train_pairs])
         lengths = [example_length(ex) for ex in train_enc]
         params = [p for n, p in self.module.named_parameters() if p.requires_grad and not n.startswith("head.")]
@@ -239,7 +247,8 @@ class Trainer:
                 loss_avg = 0.98 * loss_avg + 0.02 * loss_value if step > 1 else loss_value
                 acc_avg = 0.98 * acc_avg + 0.02 * float((chosen > rejected).float().mean()) if step > 1 else 0.5
                 bar.set_postfix(loss=f"{loss_avg:.3f}", acc=f"{acc_avg:.3f}")
-            record: dict[str, float] = {"epoch": epoch, "train_loss": loss_avg, "elapsed_s": time.monotonic() - started}
+            elapsed = time.monotonic() - started + reused
+            record: dict[str, float] = {"epoch": epoch, "train_loss": loss_avg, "elapsed_s": elapsed}
             dev_margins: list[float] = []
             if dev_enc:
                 dev_margins = self.margins(dev_enc)
@@ -260,11 +269,14 @@ class Trainer:
         if cfg.calibrate and best_margins:
             temperature = fit_temperature(best_margins)  # the kept epoch's dev margins
             fold_temperature(cfg.output, temperature)
+        wall = time.monotonic() - started
         summary = {
             "best_epoch": best[1],
             "history": history,
             "temperature": temperature,
-            "train_seconds": time.monotonic() - started,
+            "train_seconds": wall + reused,  # from scratch: reading entries back is slower than nothing, not faster
+            "wall_seconds": wall,
+            "reused_feature_seconds": reused,
         }
         (cfg.output / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         card = model_card(cfg, self.recipe, summary, len(train_pairs), len(dev_pairs), self.command)
@@ -314,6 +326,13 @@ def model_card(
     )
     settings = "\n".join(f"| `{k}` | `{v}` |" for k, v in json.loads(cfg.model_dump_json()).items())
     minutes = float(summary["train_seconds"]) / 60  # type: ignore[arg-type]
+    reused = float(summary["reused_feature_seconds"]) / 60  # type: ignore[arg-type]
+    timing = f"{minutes:.1f} min (encoding and feature caching included)"
+    if reused:
+        timing += (
+            f"; {reused:.1f} min of it is the feature caching of entries reused from `--feature-cache`, as measured"
+            f" when they were computed (this run's wall time: {minutes - reused:.1f} min)"
+        )
     trained = f"top {cfg.top_k} blocks + final norm + head" if cfg.mode == "top_k" else cfg.mode
     return f"""# Reward model: {cfg.base_model}, {cfg.mode}
 
@@ -324,7 +343,7 @@ A value-head reward model trained by `reward-server train` with the Bradley-Terr
 - Base model: `{cfg.base_model}`; trained: {trained}.
 - Data: `{cfg.train_file}` ({n_train} pairs), selected on `{cfg.dev_file}` ({n_dev} pairs).
 - Best epoch: {summary["best_epoch"]}; calibration temperature folded into the head: {summary["temperature"]}.
-- Training time, measured: {minutes:.1f} min (encoding and feature caching included), {torch.get_num_threads()} threads.
+- Training time, measured: {timing}, {torch.get_num_threads()} threads.
 - Scoring recipe (`reward_manifest.json`): `{recipe.model_dump_json()}`
 
 | epoch | train loss | dev accuracy (before calibration) | dev log-loss | elapsed (min) |
