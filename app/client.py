@@ -1,9 +1,9 @@
 """Python clients for the reward server: `RewardClient` (sync) and `AsyncRewardClient` (asyncio).
 
 Only httpx is imported, so trainers can use the client without pulling in torch or the server's code. The clients
-retry what is worth retrying (connection errors, 429, 503) with jittered exponential backoff, split lists longer
-than the server's `max_items_per_request` and join the results back in order, and turn every error body into one
-typed exception, `RewardServerError`.
+retry what is worth retrying (connection errors, 429, 502, 503, and a 500 that a proxy in front of the server sent
+on its behalf) with jittered exponential backoff, split lists longer than the server's `max_items_per_request` and
+join the results back in order, and turn every error body into one typed exception, `RewardServerError`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
-RETRY_STATUSES = frozenset({429, 503})
+RETRY_STATUSES = frozenset({429, 502, 503})
 
 Item = Mapping[str, Any] | tuple[str, str]
 Body = dict[str, Any]
@@ -281,7 +281,11 @@ class _BaseClient:
     def _should_retry(self, attempt: int, outcome: httpx.Response | httpx.TransportError) -> bool:
         if attempt >= self.max_retries:
             return False
-        return isinstance(outcome, httpx.TransportError) or outcome.status_code in RETRY_STATUSES
+        if isinstance(outcome, httpx.TransportError) or outcome.status_code in RETRY_STATUSES:
+            return True
+        # A 500 without the server's typed error body came from something in front of it, e.g. Ray Serve's proxy
+        # when the replica holding the request died: every call here is an idempotent scoring call, so resend it.
+        return outcome.status_code == 500 and RewardServerError.from_response(outcome).type == "http_error"
 
     @staticmethod
     def _outcome(outcome: httpx.Response | httpx.TransportError) -> Body:

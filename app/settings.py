@@ -110,12 +110,38 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="Python log level name.")
     log_format: Literal["json", "text"] = Field("json", description="json: one object per line, with request ids.")
 
+    # --- ray serve (`reward-server serve --ray`) -------------------------------------------------------
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join (`auto`, `ray://head:10001`); unset: start a local one."
+    )
+    ray_replicas: int = Field(1, ge=1, description="Replicas, each a whole server (model, batcher) on its own.")
+    ray_max_replicas: int | None = Field(
+        None, ge=1, description="Set to autoscale between ray_replicas and this on queued requests per replica."
+    )
+    ray_target_ongoing_requests: float = Field(
+        32.0, gt=0, description="Autoscaling target: requests in flight per replica (trainers send many small ones)."
+    )
+    ray_num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per replica; its torch threads follow it.")
+    ray_num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (fractions share one GPU).")
+    ray_max_ongoing_requests: int = Field(
+        1024,
+        ge=1,
+        description="Requests one replica takes at once: high, so its batcher sees whole GRPO storms; the replica's "
+        "own max_queue_items still answers 429 past its capacity.",
+    )
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> Settings:
+        if self.ray_max_replicas is not None and self.ray_max_replicas < self.ray_replicas:
+            raise ValueError(f"ray_max_replicas ({self.ray_max_replicas}) is below ray_replicas ({self.ray_replicas})")
+        return self
 
     @model_validator(mode="after")
     def _budget_fits_one_item(self) -> Settings:

@@ -205,12 +205,29 @@ def test_other_errors_are_not_retried(status: int, type: str) -> None:
 
 
 def test_an_error_that_is_not_our_json_is_still_typed() -> None:
-    fake = Fake(script=[httpx.Response(502, text="<html>bad gateway</html>")])
+    fake = Fake(script=[httpx.Response(404, text="<html>not found</html>")])
     client, _ = sync_client(fake)
     with client, pytest.raises(RewardServerError) as caught:
         client.score(ITEMS[:1])
-    assert caught.value.status_code == 502 and caught.value.type == "http_error"
-    assert caught.value.body == "<html>bad gateway</html>"
+    assert caught.value.status_code == 404 and caught.value.type == "http_error"
+    assert caught.value.body == "<html>not found</html>"
+    assert len(fake.requests) == 1
+
+
+def test_a_proxy_error_is_retried_but_the_servers_own_500_is_not() -> None:
+    """Ray Serve's proxy answers an untyped 500 when the replica holding a request dies: resend (scoring is
+    idempotent). A typed 500 is the server's own answer: resending would fail the same way."""
+    proxy = [httpx.Response(500, text="Internal Server Error"), httpx.Response(502, text="<html>bad gateway</html>")]
+    fake = Fake(script=proxy)
+    client, sleeps = sync_client(fake)
+    with client:
+        assert client.score(ITEMS[:2]).rewards == [0.0, 1.0]
+    assert len(fake.requests) == 3 and len(sleeps) == 2
+    typed = Fake(script=[error(500, "internal_error", "boom")])
+    client, sleeps = sync_client(typed)
+    with client, pytest.raises(RewardServerError, match="boom"):
+        client.score(ITEMS[:1])
+    assert len(typed.requests) == 1 and sleeps == []
 
 
 async def test_async_client_retries_the_same_way() -> None:

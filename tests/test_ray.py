@@ -1,0 +1,149 @@
+"""Ray Serve: `reward-server serve --ray` on a local Ray cluster (127.0.0.1) with 2 replicas serves the same API,
+errors and rewards as the single-process server, spreads requests over both replicas, and loses no request when a
+replica is killed under load (the client's retries included)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.client import AsyncRewardClient
+from app.ml.recipe import ScoringInput
+from app.ml.reward_model import RewardModel
+from tests.conftest import free_port, start_server, wait_ready
+
+ray = pytest.importorskip("ray")
+
+REPLICA_PREFIX = "SERVE_REPLICA::reward-server#"
+
+
+@pytest.fixture(scope="module")
+def ray_url(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A local Ray cluster (this process is a driver, to find and kill replicas) and the CLI deploying onto it."""
+    context = ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    port = free_port()
+    log = tmp_path_factory.mktemp("ray") / "serve.log"
+    env = {
+        "REWARD_MODEL_PATH": str(checkpoints["llama"]),
+        "REWARD_DTYPE": "float32",
+        "REWARD_DEVICE": "cpu",
+        "REWARD_PORT": str(port),
+        "REWARD_LOG_FORMAT": "text",
+        "REWARD_RAY_ADDRESS": context.address_info["address"],
+        "REWARD_RAY_REPLICAS": "2",
+        "REWARD_RAY_NUM_CPUS": "1",
+    }
+    proc = start_server([sys.executable, "-m", "app.cli", "serve", "--ray"], env, port, log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc, timeout=180)
+        yield url
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0  # drained, deployment deleted, exit 0
+    except BaseException:
+        print(log.read_text())
+        raise
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        ray.shutdown()
+
+
+def replicas() -> list[str]:
+    names = ray.util.list_named_actors(all_namespaces=True)
+    return [a["name"] for a in names if a["name"].startswith(REPLICA_PREFIX)]
+
+
+BODIES: list[tuple[str, dict[str, object]]] = [
+    ("/score", {"items": [{"prompt": "Hi", "response": "Hello!"}, {"prompt": "2+2?", "response": "4"}]}),
+    ("/score", {"items": [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}]}),
+    ("/compare", {"pairs": [{"prompt": "Capital of France?", "a": "Paris.", "b": "Lyon."}]}),
+    ("/score", {"items": [{"prompt": "Hi"}]}),  # 422: where and what
+    ("/score", {"items": []}),
+]
+
+
+async def test_same_answers_as_the_single_process_server(
+    ray_url: str, make_client: Callable[..., AsyncIterator[httpx.AsyncClient]]
+) -> None:
+    async with make_client("llama") as local, httpx.AsyncClient(base_url=ray_url, timeout=60) as remote:
+        for path, body in BODIES:
+            expected, got = await local.post(path, json=body), await remote.post(path, json=body)
+            assert (got.status_code, got.json()) == (expected.status_code, expected.json()), path
+        for path in ("/info", "/ready", "/health"):
+            assert (await remote.get(path)).json() == (await local.get(path)).json(), path
+
+
+async def test_requests_spread_over_both_replicas(ray_url: str) -> None:
+    async with httpx.AsyncClient(base_url=ray_url, timeout=60) as client:
+        body = {"items": [{"prompt": "Hi", "response": "Hello!"}]}
+        responses = await asyncio.gather(*(client.post("/score", json=body) for _ in range(64)))
+    assert all(r.status_code == 200 for r in responses)
+    assert len({r.headers["x-replica"] for r in responses}) == 2
+    assert len(replicas()) == 2
+
+
+async def test_a_replica_killed_under_load_loses_no_request(ray_url: str, load: Callable[..., RewardModel]) -> None:
+    """Requests heavy enough that the killed replica holds several when it dies: Ray's proxy answers those with an
+    untyped 500, which the client resends to the surviving replica."""
+    model = load("llama")
+    long = [f"Answer {j}: " + "and so on " * (20 + j) for j in range(16)]
+    requests = [[(f"Question {i}.{j}?", long[j]) for j in range(16)] for i in range(96)]
+    expected = [model.score(model.encoder.encode_batch([ScoringInput(*x) for x in r])) for r in requests]
+    done = 0
+
+    async with AsyncRewardClient(ray_url, max_retries=20, backoff_base=0.05, backoff_max=1.0) as client:
+        semaphore = asyncio.Semaphore(32)
+
+        async def one(items: list[tuple[str, str]]) -> list[float]:
+            nonlocal done
+            async with semaphore:
+                result = await client.score(items)
+                done += 1
+                return result.rewards
+
+        tasks = [asyncio.create_task(one(r)) for r in requests]
+        while done < 16:
+            await asyncio.sleep(0.01)
+        victim = replicas()[0]
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=False)
+        killed_at = done
+        rewards = await asyncio.gather(*tasks)
+
+    assert killed_at < len(requests) - 32  # the kill happened under load
+    for got, want in zip(rewards, expected, strict=True):
+        assert got == pytest.approx(want, abs=1e-5)
+    deadline = time.monotonic() + 120  # and Ray brings the replica count back
+    while time.monotonic() < deadline and len(replicas()) < 2:
+        await asyncio.sleep(0.5)
+    assert len(replicas()) == 2 and victim not in replicas()
+
+
+def test_deploy_examples_name_real_settings() -> None:
+    """The KubeRay RayService and the compose file configure the service through Settings fields that exist."""
+    import importlib
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from app.settings import Settings
+
+    root = Path(__file__).resolve().parents[1]
+    service = yaml.safe_load((root / "deploy/kuberay/rayservice.yaml").read_text())
+    config = ServeDeploySchema(**yaml.safe_load(service["spec"]["serveConfigV2"]))
+    for application in config.applications:
+        module, name = application.import_path.split(":")
+        assert callable(getattr(importlib.import_module(module), name))
+        Settings(**application.args)  # extra="ignore" would hide a typo: check the names too
+        assert set(application.args) <= set(Settings.model_fields)
+    compose = yaml.safe_load((root / "docker-compose.yml").read_text())
+    names = {k for service in compose["services"].values() for k in service.get("environment", {})}
+    fields = {f"REWARD_{name.upper()}" for name in Settings.model_fields}
+    assert {n for n in names if n.startswith("REWARD_")} <= fields
