@@ -21,7 +21,7 @@ from ray import serve
 from ray.serve import Application
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.main import create_app
+from app.main import create_app, load_model
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,9 @@ class RewardReplica:
             self.settings = self.settings.model_copy(update={"num_threads": threads})
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        app = create_app(self.settings)
+        # Loaded here, not in the app's lifespan: a broken checkpoint's own error (CheckpointError naming the file)
+        # then reaches the deployment status, where Ray would only say that the ASGI lifespan failed.
+        app = create_app(self.settings, model=load_model(self.settings))
         app.add_middleware(ReplicaHeader, replica=serve.get_replica_context().replica_id.unique_id)
         return app
 
@@ -97,6 +99,14 @@ def build(args: dict[str, Any] | None = None) -> Application:
     return deployment.bind(settings.model_dump(mode="json"))
 
 
+def replica_error() -> str:
+    """The last error line of the deployment's status message (a replica's traceback), e.g. the CheckpointError."""
+    status = serve.status().applications.get(APP_NAME)
+    messages = [d.message for d in status.deployments.values()] if status else []
+    lines = [line.strip() for m in messages for line in m.splitlines() if "Error" in line]
+    return lines[-1] if lines else ""
+
+
 def run(settings: Settings) -> int:
     """`reward-server serve --ray`: deploy on Ray (joining `ray_address`, else a local cluster) and serve until
     SIGINT/SIGTERM, then drain and shut the deployment down."""
@@ -105,7 +115,10 @@ def run(settings: Settings) -> int:
     ray.init(address=settings.ray_address, logging_level=logging.WARNING)
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
-        serve.run(build(settings.model_dump(mode="json")), name=APP_NAME, route_prefix="/")
+        try:
+            serve.run(build(settings.model_dump(mode="json")), name=APP_NAME, route_prefix="/")
+        except RuntimeError as exc:  # Ray's message says only that the deployment failed: name why
+            raise SystemExit(f"reward-server serve --ray: {exc} {replica_error()}") from None
         log.info("serving %s on Ray at http://%s:%d", settings.model_path, settings.host, settings.port)
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -24,6 +24,18 @@ ray = pytest.importorskip("ray")
 REPLICA_PREFIX = "SERVE_REPLICA::reward-server#"
 
 
+def test_a_broken_checkpoint_fails_the_deployment_at_once_naming_the_file(tmp_path: Path) -> None:
+    """Its own local cluster (no REWARD_RAY_ADDRESS); runs before the module's cluster starts."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    env = {"REWARD_MODEL_PATH": str(broken), "REWARD_PORT": str(free_port()), "REWARD_LOG_FORMAT": "text"}
+    proc = start_server([sys.executable, "-m", "app.cli", "serve", "--ray"], env, 0, tmp_path / "serve.log")
+    assert proc.wait(180) == 1
+    last = (tmp_path / "serve.log").read_text().strip().splitlines()[-1]
+    assert last.startswith("reward-server serve --ray:") and f"CheckpointError: {broken}/config.json" in last
+
+
 @pytest.fixture(scope="module")
 def ray_url(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A local Ray cluster (this process is a driver, to find and kill replicas) and the CLI deploying onto it."""
