@@ -1,9 +1,9 @@
 """Ray Serve deployment: the same FastAPI app, batcher and settings per replica, replicas anywhere on a Ray cluster.
 
-Each replica builds `create_app(settings)` itself (`__serve_build_asgi_app__`), so its lifespan loads the model and
-starts its own worker exactly as the single-process server does: same routes, errors, limits and rewards. Ray's proxy
-spreads requests over replicas; `ray_max_ongoing_requests` is high so that a replica's batcher sees a whole storm of
-small requests (Ray's default of 5 would starve it), and a replica's own queue limit still answers 429.
+Each replica loads the checkpoint and builds `create_app(settings)` itself (`__serve_build_asgi_app__`); the app's
+lifespan starts its own worker exactly as in the single-process server: same routes, errors, limits and rewards.
+Ray's proxy spreads requests over replicas; `ray_max_ongoing_requests` is high so that a replica's batcher sees a
+whole storm of small requests (Ray's default of 5 would starve it), and a replica's own queue limit still answers 429.
 
 Entry points: `reward-server serve --ray` (settings from `REWARD_*` as usual), or a Serve config file / `serve run`
 with `import_path: app.ray_serve:build` and the settings overrides as `args`.
@@ -109,7 +109,7 @@ def replica_error() -> str:
 
 def run(settings: Settings) -> int:
     """`reward-server serve --ray`: deploy on Ray (joining `ray_address`, else a local cluster) and serve until
-    SIGINT/SIGTERM, then drain and shut the deployment down."""
+    SIGINT/SIGTERM, then drain: our application only on a shared cluster, the whole of Serve on our own."""
     import ray
 
     ray.init(address=settings.ray_address, logging_level=logging.WARNING)
@@ -126,5 +126,8 @@ def run(settings: Settings) -> int:
         stop.wait()
         return 0
     finally:
-        serve.shutdown()
+        if settings.ray_address is None:
+            serve.shutdown()
+        else:
+            serve.delete(APP_NAME)
         ray.shutdown()
