@@ -224,7 +224,10 @@ class Served:
         raise RuntimeError(f"{self.mode} server did not start in 120 s; see {self.log.name}")
 
     def __exit__(self, *exc: object) -> None:
-        os.killpg(self.proc.pid, signal.SIGTERM)
+        if self.mode.startswith("ray"):  # the CLI stops the Ray cluster it started; its raylet must not die first
+            self.proc.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(self.proc.pid, signal.SIGTERM)
         try:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
@@ -326,9 +329,10 @@ def run(args: argparse.Namespace) -> int:
     results: list[Result] = []
     if "engine" in modes:
         results += [run_engine(model, w) for w in chosen]
-    for mode in (m for m in modes if m != "engine"):
+    for i, mode in enumerate(m for m in modes if m != "engine"):
         log = Path(os.environ.get("TMPDIR", "/tmp")) / f"reward-bench-{mode}.log"
-        with Served(mode, args.model, args.dtype, args.port, log) as served:
+        # a port per mode: a stopping server (Ray's proxy binds with SO_REUSEPORT) never answers for the next one
+        with Served(mode, args.model, args.dtype, args.port + i, log) as served:
             results += [served.run(model, w) for w in chosen]
         print(f"{mode}: done", file=sys.stderr)
     header = (

@@ -112,7 +112,10 @@ def run(settings: Settings) -> int:
     SIGINT/SIGTERM, then drain: our application only on a shared cluster, the whole of Serve on our own."""
     import ray
 
-    ray.init(address=settings.ray_address, logging_level=logging.WARNING)
+    if settings.ray_address is None:  # a local cluster: no dashboard, its processes would take cycles from the model
+        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    else:
+        ray.init(address=settings.ray_address, logging_level=logging.WARNING)
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
         try:
