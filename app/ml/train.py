@@ -151,7 +151,7 @@ class Trainer:
         self.module = RewardHeadModel(backbone, head, "last_token")
         use_cache = config.mode == "top_k" and config.cache_features and can_split(backbone)
         self.split = DecoderSplit.of(backbone, config.top_k) if use_cache else None
-        self.store = None
+        self.store: FeatureStore | None = None
         if self.split is not None and config.feature_cache is not None:
             self.store = FeatureStore(config.feature_cache, self.split.bottom)
 
@@ -274,7 +274,7 @@ class Trainer:
             "best_epoch": best[1],
             "history": history,
             "temperature": temperature,
-            "train_seconds": wall + reused,  # from scratch: reading entries back is slower than nothing, not faster
+            "train_seconds": wall + reused,  # from scratch, slightly over: the wall time includes reading entries back
             "wall_seconds": wall,
             "reused_feature_seconds": reused,
         }
