@@ -112,8 +112,8 @@ def run(settings: Settings) -> int:
     SIGINT/SIGTERM, then drain: our application only on a shared cluster, the whole of Serve on our own."""
     import ray
 
-    if settings.ray_address is None:  # a local cluster: no dashboard, its processes would take cycles from the model
-        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    if settings.ray_address is None:  # a local cluster, on loopback, without the dashboard's cycles
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, logging_level=logging.WARNING)
     else:
         ray.init(address=settings.ray_address, logging_level=logging.WARNING)
     try:

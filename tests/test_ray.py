@@ -39,7 +39,7 @@ def test_a_broken_checkpoint_fails_the_deployment_at_once_naming_the_file(tmp_pa
 @pytest.fixture(scope="module")
 def ray_url(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A local Ray cluster (this process is a driver, to find and kill replicas) and the CLI deploying onto it."""
-    context = ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    context = ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     port = free_port()
     log = tmp_path_factory.mktemp("ray") / "serve.log"
     env = {
