@@ -182,17 +182,16 @@ class Served:
     def __init__(self, mode: str, model_path: Path, dtype: str, port: int, log: Path) -> None:
         self.mode, self.base = mode, f"http://127.0.0.1:{port}"
         env = {**os.environ, "REWARD_MODEL_PATH": str(model_path), "REWARD_DTYPE": dtype, "REWARD_PORT": str(port)}
-        if mode.startswith("server"):
-            env.update(REWARD_LOG_LEVEL="warning", REWARD_SHARE_PREFIXES=str(mode == "server").lower())
+        if mode.startswith(("server", "ray")):  # this service: `reward-server serve`, plainly or on Ray
+            env.update(REWARD_LOG_LEVEL="warning", REWARD_SHARE_PREFIXES=str(mode != "server-plain").lower())
             command = [sys.executable, "-m", "app.cli", "serve"]
             self.url = f"{self.base}/score"
-        elif mode.startswith("ray"):  # a local Ray cluster of this machine's cores, split over the replicas
-            replicas = 2 if mode == "ray-2" else 1
-            cores = os.cpu_count() or 1
-            env.update(REWARD_LOG_LEVEL="warning", REWARD_RAY_REPLICAS=str(replicas))
-            env.update(REWARD_RAY_NUM_CPUS=str(max(1, cores // replicas)), RAY_DISABLE_DOCKER_CPU_WARNING="1")
-            command = [sys.executable, "-m", "app.cli", "serve", "--ray"]
-            self.url = f"{self.base}/score"
+            if mode.startswith("ray"):  # a local Ray cluster of this machine's cores, split over the replicas
+                replicas = 2 if mode == "ray-2" else 1
+                cores = os.cpu_count() or 1
+                env.update(REWARD_RAY_REPLICAS=str(replicas), REWARD_RAY_NUM_CPUS=str(max(1, cores // replicas)))
+                env.update(RAY_DISABLE_DOCKER_CPU_WARNING="1")
+                command.append("--ray")
         else:
             command = [sys.executable, "-m", "app.peers", mode, str(model_path), dtype, str(port)]
             self.url = f"{self.base}/predict" if mode == "litserve" else f"{self.base}/score"

@@ -116,7 +116,7 @@ class Settings(BaseSettings):
     )
     ray_replicas: int = Field(1, ge=1, description="Replicas, each a whole server (model, batcher) on its own.")
     ray_max_replicas: int | None = Field(
-        None, ge=1, description="Set to autoscale between ray_replicas and this on queued requests per replica."
+        None, ge=1, description="Set to autoscale between ray_replicas and this on requests in flight per replica."
     )
     ray_target_ongoing_requests: float = Field(
         32.0, gt=0, description="Autoscaling target: requests in flight per replica (trainers send many small ones)."

@@ -121,7 +121,7 @@ class FeatureStore:
     """
 
     def __init__(self, root: Path, bottom: nn.Module) -> None:
-        self.root = root
+        self.root, self.bottom = root, bottom  # the module the keys fingerprint is the one that computes misses
         digest = hashlib.sha256(f"{type(bottom).__name__}:{bottom.config.num_hidden_layers}".encode())
         for name, tensor in sorted(bottom.state_dict().items()):
             digest.update(name.encode())
@@ -134,14 +134,14 @@ class FeatureStore:
         key = hashlib.sha256(ids.encode()).hexdigest()
         return self.root / key[:2] / f"{key}.safetensors"
 
-    def features(self, bottom: nn.Module, chosen: Encoded, rejected: Encoded) -> PairFeatures:
+    def features(self, chosen: Encoded, rejected: Encoded) -> PairFeatures:
         path = self._path(chosen, rejected)
         if path.exists():
             with safe_open(str(path), framework="pt") as f:
                 self.reused_seconds += float(f.metadata()["seconds"])
                 return PairFeatures(*(f.get_tensor(name) for name in ("prefix", "chosen", "rejected")))
         started = time.perf_counter()
-        out = pair_features(bottom, chosen, rejected)
+        out = pair_features(self.bottom, chosen, rejected)
         seconds = time.perf_counter() - started
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial")  # a run killed mid-write leaves no entry that looks complete

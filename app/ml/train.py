@@ -14,6 +14,7 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -168,9 +169,9 @@ class Trainer:
         from tqdm import tqdm
 
         bottom = self.split.bottom.eval()
-        features = self.store.features if self.store else pair_features
+        features = self.store.features if self.store else partial(pair_features, bottom)
         bar = tqdm(encoded, desc=f"caching {desc} features", unit="pair", dynamic_ncols=True, file=sys.stderr)
-        return [features(bottom, c, r) for c, r in bar]
+        return [features(c, r) for c, r in bar]
 
     def pair_rewards(self, batch: Sequence[Example]) -> torch.Tensor:
         """Rewards chosen0, rejected0, chosen1, ... for a batch of examples."""
