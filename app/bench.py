@@ -31,7 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,11 @@ class Workload:
     def items(self) -> list[ScoringInput]:
         return [x for r in self.requests for x in r]
 
+    @property
+    def one_at_a_time(self) -> bool:
+        """`idle`: single-item requests in sequence, whose latency is compared with one forward of the item."""
+        return self.concurrency == 1 and all(len(r) == 1 for r in self.requests)
+
 
 @dataclass
 class Result:
@@ -68,6 +73,7 @@ class Result:
     real_tokens: int | None = None  # computed by the forward passes (a shared prompt once)
     padded_tokens: int | None = None
     batches: int | None = None
+    forwards: list[float] = field(default_factory=list)  # `idle`: the item's in-process forward, just before each
 
     def row(self) -> dict[str, Any]:
         q = statistics.quantiles(self.latencies, n=100, method="inclusive") if len(self.latencies) > 1 else None
@@ -121,12 +127,8 @@ def run_engine(model: RewardModel, workload: Workload) -> Result:
     items = workload.items
     encoded = model.encoder.encode_batch(items)
     tokens = sum(len(e) for e in encoded)
-    if workload.concurrency == 1 and all(len(r) == 1 for r in workload.requests):  # idle: one forward per item
-        latencies = []
-        for e in encoded:
-            began = time.perf_counter()
-            model.score([e], OFFLINE.pad_to_multiple_of, share=False)
-            latencies.append(time.perf_counter() - began)
+    if workload.one_at_a_time:
+        latencies = [one_forward(model, x) for x in items]
         return Result(
             "engine", workload.name, len(items), sum(latencies), tokens, latencies, tokens, tokens, len(items)
         )
@@ -139,6 +141,14 @@ def run_engine(model: RewardModel, workload: Workload) -> Result:
     return Result("engine", workload.name, len(items), seconds, tokens, [seconds], real, padded, len(planned))
 
 
+def one_forward(model: RewardModel, item: ScoringInput) -> float:
+    """Seconds of one forward of `item` alone, tokenized beforehand: what `idle` latency is compared with."""
+    encoded = model.encoder.encode_batch([item])
+    began = time.perf_counter()
+    model.score(encoded, OFFLINE.pad_to_multiple_of, share=False)
+    return time.perf_counter() - began
+
+
 # ---- HTTP modes ------------------------------------------------------------------------------------
 
 
@@ -146,18 +156,27 @@ def _wire(items: Sequence[ScoringInput]) -> dict[str, Any]:
     return {"items": [{"prompt": x.prompt, "response": x.response} for x in items]}
 
 
-async def drive(url: str, workload: Workload) -> tuple[float, list[float]]:
-    """Send every request, `concurrency` at a time; (wall seconds, per-request latencies)."""
+async def drive(
+    url: str, workload: Workload, before: Callable[[list[ScoringInput]], None] | None = None
+) -> tuple[float, list[float]]:
+    """Send every request, `concurrency` at a time, `before` each (blocking); (wall seconds, per-request
+    latencies, `before` excluded)."""
     queue: asyncio.Queue[list[ScoringInput]] = asyncio.Queue()
     for request in workload.requests:
         queue.put_nowait(request)
     latencies: list[float] = []
+    spent = 0.0  # in `before`: not the server's time
     limits = httpx.Limits(max_connections=workload.concurrency)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
 
         async def one_client() -> None:
+            nonlocal spent
             while not queue.empty():
                 request = queue.get_nowait()
+                if before is not None:
+                    began = time.perf_counter()
+                    before(request)
+                    spent += time.perf_counter() - began
                 began = time.perf_counter()
                 response = await client.post(url, json=_wire(request))
                 response.raise_for_status()
@@ -165,7 +184,7 @@ async def drive(url: str, workload: Workload) -> tuple[float, list[float]]:
 
         began = time.perf_counter()
         await asyncio.gather(*(one_client() for _ in range(workload.concurrency)))
-        return time.perf_counter() - began, latencies
+        return time.perf_counter() - began - spent, latencies
 
 
 def _counters(base: str) -> dict[str, float]:
@@ -241,8 +260,12 @@ class Served:
         tokens = sum(len(e) for e in encoded)
         exact = self.mode.startswith("server") or self.mode == "ray"  # ray-2: /metrics is one replica's
         before = _counters(self.base) if exact else {}
-        seconds, latencies = asyncio.run(drive(self.url, workload))
-        result = Result(self.mode, workload.name, len(encoded), seconds, tokens, latencies)
+        forwards: list[float] = []
+        # idle: the item's own forward, in this process just before its request, as the reference to compare its
+        # latency with (measured side by side, so the machine's drift between modes does not enter the difference)
+        paired = (lambda r: forwards.append(one_forward(model, r[0]))) if workload.one_at_a_time else None
+        seconds, latencies = asyncio.run(drive(self.url, workload, paired))
+        result = Result(self.mode, workload.name, len(encoded), seconds, tokens, latencies, forwards=forwards)
         if before:
             after = _counters(self.base)
             result.real_tokens = int(after["reward_tokens_scored_total"] - before["reward_tokens_scored_total"])
@@ -284,9 +307,10 @@ def report(results: list[Result], header: str) -> str:
             if (workload, mode) in by and (workload, other) in by and workload != "idle":
                 a, b = by[workload, mode], by[workload, other]
                 lines.append(f"| {workload} | {mode} / {other} | {(a.items / a.seconds) / (b.items / b.seconds):.2f} |")
-    if ("idle", "server") in by and ("idle", "engine") in by:
-        p50 = statistics.median(by["idle", "server"].latencies) - statistics.median(by["idle", "engine"].latencies)
-        lines.append(f"| idle | server p50 - one forward p50 | {1000 * p50:+.1f} ms |")
+    for r in results:
+        if r.forwards:  # paired: each request against its item's forward run just before it
+            extra = statistics.median(a - b for a, b in zip(r.latencies, r.forwards, strict=True))
+            lines.append(f"| {r.workload} | {r.mode} p50 of (latency - the item's forward) | {1000 * extra:+.1f} ms |")
     return "\n".join(lines) + "\n"
 
 

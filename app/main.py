@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -22,15 +23,18 @@ log = logging.getLogger(__name__)
 
 
 def load_model(settings: Settings) -> RewardModel:
-    return load_reward_model(
-        settings.model_path,
-        dtype=settings.dtype,
-        device=settings.device,
-        max_length=settings.max_length,
-        head_index=settings.head_index,
-        trust_remote_code=settings.trust_remote_code,
-        cache_dir=settings.cache_dir,
-    )
+    """Loads on a thread that then exits, so that it leaves no OpenMP thread team behind (see `Worker.start`)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="load-model") as passing:
+        return passing.submit(
+            load_reward_model,
+            settings.model_path,
+            dtype=settings.dtype,
+            device=settings.device,
+            max_length=settings.max_length,
+            head_index=settings.head_index,
+            trust_remote_code=settings.trust_remote_code,
+            cache_dir=settings.cache_dir,
+        ).result()
 
 
 def create_app(settings: Settings | None = None, model: RewardModel | None = None) -> FastAPI:

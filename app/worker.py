@@ -13,7 +13,7 @@ import logging
 import math
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -155,15 +155,24 @@ class Worker:
 
     # ---- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
-        """Blocking: warm up (the first forward pays one-off costs), then serve from a daemon thread."""
+        """Blocking: start the model thread and wait until it has warmed up (a warm-up failure is raised here).
+
+        Every torch op of the service runs on that one thread, the warm-up included: each thread that runs a
+        parallel op keeps an OpenMP thread team while it lives, and once the teams' threads outnumber the cores
+        libgomp stops spin-waiting between ops, which made a single-item forward ~40% slower on 2 cores."""
+        warmed: Future[None] = Future()
+        self._thread = threading.Thread(target=self._run, args=(warmed,), name="model-worker", daemon=True)
+        self._thread.start()
+        warmed.result()
+        self.ready = True
+
+    def _warm_up(self) -> None:
+        """The first forward pays one-off costs; checks once whether prompts can be shared."""
         if self.settings.num_threads:
             torch.set_num_threads(self.settings.num_threads)
         warm = self.model.encoder.encode_batch([ScoringInput("Hello, who are you?", "I am a helpful assistant.")])
         self.model.score(warm, self.settings.pad_to_multiple_of)
-        log.info("prompt sharing: %s", "on" if self.shares_prefixes else "off")  # checks the model once, here
-        self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
-        self._thread.start()
-        self.ready = True
+        log.info("prompt sharing: %s", "on" if self.shares_prefixes else "off")
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop admitting, finish every queued item, then end the thread."""
@@ -238,7 +247,13 @@ class Worker:
         return Scored(results, timing)
 
     # ---- model path (inference thread) ------------------------------------------------------------
-    def _run(self) -> None:
+    def _run(self, warmed: Future[None]) -> None:
+        try:
+            self._warm_up()
+        except Exception as exc:  # noqa: BLE001 (`start` raises it again, on the thread that called it)
+            warmed.set_exception(exc)
+            return
+        warmed.set_result(None)
         while True:
             with self._cond:
                 while not self._queue and not self._stopping:

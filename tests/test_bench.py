@@ -23,9 +23,13 @@ def test_bench_runs_every_mode_and_workload(checkpoints: dict[str, Path], tmp_pa
     assert {(r["mode"], r["workload"]) for r in results} == {(m, w) for m in bench.MODES for w in bench.WORKLOADS}
     for r in results:
         assert r["items"] == (2 if r["workload"] == "idle" else 6) and r["items/s"] > 0
+        # idle over HTTP: each request paired with its item's forward, run in-process just before it
+        paired = r["workload"] == "idle" and r["mode"] != "engine"
+        assert len(r["forwards"]) == (2 if paired else 0) and all(f > 0 for f in r["forwards"])
     server = {r["workload"]: r for r in results if r["mode"] == "server"}
     plain = {r["workload"]: r for r in results if r["mode"] == "server-plain"}
     assert server["shared"]["real_tokens"] < plain["shared"]["real_tokens"]  # the prompt ran once per group
     assert server["storm"]["latencies"] and len(server["storm"]["latencies"]) == 6
     table = out.with_suffix(".md").read_text()
     assert "server / engine" in table and "server / litserve" in table
+    assert "| idle | server p50 of (latency - the item's forward) |" in table

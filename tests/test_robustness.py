@@ -96,6 +96,41 @@ async def test_request_id_timing_headers_and_metrics(make_client: Any) -> None:
     assert 'reward_request_seconds_count{route="/score"} 3.0' in text
 
 
+async def test_one_thread_runs_every_forward(
+    make_client: Any, load: Any, checkpoints: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Warm-up and serving forwards run on the model thread and loading leaves no thread behind: each thread that ran
+    a parallel torch op keeps an OpenMP team, and more teams than cores slow every forward (libgomp stops spinning)."""
+    import app.main
+    from tests.conftest import test_settings
+
+    loaders: list[threading.Thread] = []
+    real_load = app.main.load_reward_model
+
+    def recording_load(*args: Any, **kwargs: Any) -> Any:
+        loaders.append(threading.current_thread())
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(app.main, "load_reward_model", recording_load)
+    app.main.load_model(test_settings(checkpoints["gpt2"]))
+    assert len(loaders) == 1 and not loaders[0].is_alive()
+
+    model = load("gpt2")
+    callers: list[int] = []
+    real = model.run
+
+    def recording(batch: Any) -> list[float]:
+        callers.append(threading.get_ident())
+        return real(batch)
+
+    monkeypatch.setattr(model, "run", recording)
+    async with make_client("gpt2") as client:
+        assert callers  # the warm-up
+        await asyncio.gather(*(client.post("/score", json={"items": [ITEM] * n}) for n in (1, 2, 3)))
+        worker_thread = client.app.state.worker._thread
+    assert set(callers) == {worker_thread.ident}
+
+
 async def test_deadline_gives_504_and_the_items_are_never_computed(make_client: Any) -> None:
     async with make_client("gpt2") as client:
         worker = client.app.state.worker
