@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from app.ml.data import DataError, load_pairs
 from app.ml.evaluate import evaluate_margins, fit_temperature
 from app.ml.features import FeatureStore, PairFeatures, pair_features
 from app.ml.loading import load_reward_model
-from app.ml.train import TrainConfig, Trainer, trainable_prefixes
+from app.ml.train import TrainConfig, Trainer, preference_loss, trainable_prefixes
 from tests import tiny
 
 
@@ -218,3 +219,22 @@ def test_eval_metrics_and_temperature() -> None:
     t = fit_temperature(overconfident)
     assert t > 5
     assert evaluate_margins([m / t for m in overconfident]).ece < evaluate_margins(overconfident).ece
+
+
+def test_preference_loss_with_label_smoothing_stops_at_a_finite_margin() -> None:
+    diffs = torch.linspace(-6, 6, 1201)
+    zero = torch.zeros(1)
+
+    def loss(d: torch.Tensor, **options: float) -> float:
+        return float(preference_loss(d.view(1), zero, zero, **options))
+
+    plain = [loss(d) for d in diffs]
+    assert plain == pytest.approx([float(-torch.nn.functional.logsigmoid(d)) for d in diffs])
+    assert all(a > b for a, b in itertools.pairwise(plain))  # always wants a wider margin
+    smoothed = [loss(d, label_smoothing=0.1) for d in diffs]
+    best = float(diffs[min(range(len(diffs)), key=smoothed.__getitem__)])
+    assert best == pytest.approx(torch.log(torch.tensor(0.9 / 0.1)).item(), abs=0.01)  # target 0.9 reached there
+    required = float(preference_loss(torch.full((1,), 3.0), zero, torch.full((1,), 2.0), label_smoothing=0.1))
+    assert required == pytest.approx(loss(torch.tensor(1.0), label_smoothing=0.1))  # a pair's margin is subtracted
+    both = float(preference_loss(torch.ones(1), torch.ones(1), zero, center_coef=0.5))
+    assert both == pytest.approx(float(-torch.nn.functional.logsigmoid(torch.zeros(()))) + 0.5 * 4)

@@ -53,6 +53,9 @@ class TrainConfig(BaseModel):
     weight_decay: float = 0.0
     warmup_ratio: float = Field(0.05, ge=0, le=1)
     center_coef: float = Field(0.0, ge=0, description="adds coef * mean((r_c + r_r)^2): keeps rewards centred at 0")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="target P(chosen) = 1 - this: margins past log((1-e)/e) earn nothing"
+    )
     max_length: int = Field(512, ge=8)
     system_prompt: str | None = None
     pad_to_multiple_of: int = Field(32, ge=1)
@@ -99,6 +102,21 @@ def trainable_prefixes(backbone: nn.Module, mode: Mode, top_k: int) -> list[str]
     children = [n for n, _ in backbone.named_children()]
     prefixes += [f"{child}." for child in children[children.index(top) + 1 :]]
     return prefixes
+
+
+def preference_loss(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    margin: torch.Tensor,
+    label_smoothing: float = 0.0,
+    center_coef: float = 0.0,
+) -> torch.Tensor:
+    """Bradley-Terry, -log sigmoid(r_c - r_r - margin), against a target of 1 - `label_smoothing`: the loss is then
+    lowest at a finite margin, so pairs already ranked with confidence are not pushed further apart (over-confident
+    tails are what a temperature cannot fix). The centring term keeps rewards near 0."""
+    diff = chosen - rejected - margin
+    bt = -(1 - label_smoothing) * F.logsigmoid(diff) - label_smoothing * F.logsigmoid(-diff)
+    return bt.mean() + center_coef * ((chosen + rejected) ** 2).mean()
 
 
 def length_grouped_batches(lengths: Sequence[int], batch: int, rng: random.Random) -> list[list[int]]:
@@ -236,8 +254,7 @@ class Trainer:
             for step, idx in enumerate(bar, start=1):
                 r = self.pair_rewards([train_enc[i] for i in idx])
                 chosen, rejected = r[0::2], r[1::2]
-                diff = chosen - rejected - margins_wanted[idx]
-                loss = -F.logsigmoid(diff).mean() + cfg.center_coef * ((chosen + rejected) ** 2).mean()
+                loss = preference_loss(chosen, rejected, margins_wanted[idx], cfg.label_smoothing, cfg.center_coef)
                 (loss / cfg.grad_accum).backward()
                 if step % cfg.grad_accum == 0 or step == len(batches):
                     torch.nn.utils.clip_grad_norm_([p for g in optim.param_groups for p in g["params"]], 1.0)
