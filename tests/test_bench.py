@@ -26,6 +26,8 @@ def test_bench_runs_every_mode_and_workload(checkpoints: dict[str, Path], tmp_pa
         # idle over HTTP: each request paired with its item's forward, run in-process just before it
         paired = r["workload"] == "idle" and r["mode"] != "engine"
         assert len(r["forwards"]) == (2 if paired else 0) and all(f > 0 for f in r["forwards"])
+        ours = paired and r["mode"] not in ("naive", "litserve")  # the peers report no forward time
+        assert len(r["served_forwards"]) == (2 if ours else 0) and all(f > 0 for f in r["served_forwards"])
     server = {r["workload"]: r for r in results if r["mode"] == "server"}
     plain = {r["workload"]: r for r in results if r["mode"] == "server-plain"}
     assert server["shared"]["real_tokens"] < plain["shared"]["real_tokens"]  # the prompt ran once per group
@@ -33,3 +35,4 @@ def test_bench_runs_every_mode_and_workload(checkpoints: dict[str, Path], tmp_pa
     table = out.with_suffix(".md").read_text()
     assert "server / engine" in table and "server / litserve" in table
     assert "| idle | server p50 of (latency - the item's forward) |" in table
+    assert "| idle | server p50 of (latency - its own forward) |" in table
