@@ -157,9 +157,9 @@ class Worker:
     def start(self) -> None:
         """Blocking: start the model thread and wait until it has warmed up (a warm-up failure is raised here).
 
-        Every torch op of the service runs on that one thread, the warm-up included: each thread that runs a
-        parallel op keeps an OpenMP thread team while it lives, and once the teams' threads outnumber the cores
-        libgomp stops spin-waiting between ops, which made a single-item forward ~40% slower on 2 cores."""
+        Every forward runs on that one thread, the warm-up included (and loading on one that exits): each thread
+        that runs a parallel op keeps an OpenMP thread team while it lives, and once the teams' threads outnumber the
+        cores libgomp stops spin-waiting between ops, which made a single-item forward ~40% slower on 2 cores."""
         warmed: Future[None] = Future()
         self._thread = threading.Thread(target=self._run, args=(warmed,), name="model-worker", daemon=True)
         self._thread.start()
