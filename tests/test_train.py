@@ -16,7 +16,7 @@ from app.ml.data import DataError, load_pairs
 from app.ml.evaluate import evaluate_margins, fit_temperature
 from app.ml.features import FeatureStore, PairFeatures, pair_features
 from app.ml.loading import load_reward_model
-from app.ml.train import TrainConfig, Trainer, preference_loss, trainable_prefixes
+from app.ml.train import TrainConfig, Trainer, WeightAverage, preference_loss, trainable_prefixes
 from tests import tiny
 
 
@@ -238,3 +238,47 @@ def test_preference_loss_with_label_smoothing_stops_at_a_finite_margin() -> None
     assert required == pytest.approx(loss(torch.tensor(1.0), label_smoothing=0.1))  # a pair's margin is subtracted
     both = float(preference_loss(torch.ones(1), torch.ones(1), zero, center_coef=0.5))
     assert both == pytest.approx(float(-torch.nn.functional.logsigmoid(torch.zeros(()))) + 0.5 * 4)
+
+
+def test_weight_average_is_the_mean_past_its_start_and_swaps_back() -> None:
+    p = torch.nn.Parameter(torch.zeros(3))
+    average = WeightAverage([p], start=2)
+    with average.applied():  # nothing averaged yet: the live weights
+        assert torch.equal(p, torch.zeros(3))
+    for value in [1.0, 2.0, 4.0, 8.0]:
+        with torch.no_grad():
+            p.fill_(value)
+        average.update()
+    assert torch.allclose(average.mean[0], torch.full((3,), 6.0))  # steps 3 and 4 only
+    with pytest.raises(RuntimeError), average.applied():
+        assert torch.allclose(p, torch.full((3,), 6.0))
+        raise RuntimeError("evaluation failed")
+    assert torch.equal(p, torch.full((3,), 8.0))  # the live weights are back, even after an error
+
+
+def test_averaged_training_evaluates_and_saves_the_mean(base: Path, tmp_path: Path) -> None:
+    train = write_pairs(tmp_path / "train.jsonl", 16)
+    config = TrainConfig(
+        base_model=str(base),
+        train_file=train,
+        dev_file=train,
+        output=tmp_path / "swa",
+        top_k=1,
+        epochs=1,
+        batch_pairs=4,
+        lr=1e-3,
+        head_lr=1e-3,
+        lr_schedule="constant",
+        max_length=64,
+        calibrate=False,
+        average_from=0.25,
+    )
+    trainer = Trainer(config)
+    summary = trainer.train()
+    pairs = load_pairs(train)
+    served = load_reward_model(config.output, dtype="float32", device="cpu")
+    saved = [a - b for a, b in [served.score([c, r]) for c, r in trainer.encode(pairs)]]
+    live = trainer.margins(trainer.examples(pairs, "check"))  # the last step's weights, still in the module
+    recorded = summary["history"][-1]["dev_log_loss"]  # type: ignore[index]
+    assert evaluate_margins(saved).log_loss == pytest.approx(recorded, abs=1e-5)  # dev was scored on the mean
+    assert live != pytest.approx(saved, abs=1e-3)  # so the checkpoint holds the mean, not the last step
