@@ -12,7 +12,7 @@ import torch
 from transformers import LlamaModel
 
 from app.cli import main
-from app.ml.data import DataError, load_pairs
+from app.ml.data import DataError, PreferencePair, load_pairs
 from app.ml.evaluate import evaluate_margins, fit_temperature
 from app.ml.features import FeatureStore, PairFeatures, pair_features
 from app.ml.loading import load_reward_model
@@ -42,6 +42,12 @@ def write_pairs(path: Path, n: int) -> Path:
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def served_margins(checkpoint: Path, trainer: Trainer, pairs: list[PreferencePair]) -> list[float]:
+    """r_chosen - r_rejected from a full forward of the saved checkpoint, as the server computes them."""
+    served = load_reward_model(checkpoint, dtype="float32", device="cpu")
+    return [a - b for a, b in [served.score([c, r]) for c, r in trainer.encode(pairs)]]
 
 
 def test_load_pairs_reports_the_line(tmp_path: Path) -> None:
@@ -131,8 +137,7 @@ def test_feature_cached_training_reads_exactly_what_the_server_reads(base: Path,
     trainer.train()
     pairs = load_pairs(train)[:6]
     cached = trainer.margins(trainer.examples(pairs, "check"))
-    served = load_reward_model(config.output, dtype="float32", device="cpu")
-    full = [a - b for a, b in [served.score([c, r]) for c, r in trainer.encode(pairs)]]
+    full = served_margins(config.output, trainer, pairs)
     assert cached == pytest.approx(full, abs=1e-4)
     assert all(ex.prefix.shape[0] > 5 for ex in trainer.examples(pairs, "check"))  # the prompt is shared
 
@@ -276,8 +281,7 @@ def test_averaged_training_evaluates_and_saves_the_mean(base: Path, tmp_path: Pa
     trainer = Trainer(config)
     summary = trainer.train()
     pairs = load_pairs(train)
-    served = load_reward_model(config.output, dtype="float32", device="cpu")
-    saved = [a - b for a, b in [served.score([c, r]) for c, r in trainer.encode(pairs)]]
+    saved = served_margins(config.output, trainer, pairs)
     live = trainer.margins(trainer.examples(pairs, "check"))  # the last step's weights, still in the module
     recorded = summary["history"][-1]["dev_log_loss"]  # type: ignore[index]
     assert evaluate_margins(saved).log_loss == pytest.approx(recorded, abs=1e-5)  # dev was scored on the mean
