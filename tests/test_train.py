@@ -110,8 +110,8 @@ def test_training_learns_and_the_server_reads_the_checkpoint_identically(base: P
         encoded[0][0].input_ids,
         encoded[0][1].input_ids,
     ]
-    served_margins = [a - b for a, b in [served.score([c, r]) for c, r in encoded]]
-    assert all(m > 0 for m in served_margins)
+    margins = [a - b for a, b in [served.score([c, r]) for c, r in encoded]]
+    assert all(m > 0 for m in margins)
     assert summary["temperature"] is not None and manifest["extra"]["temperature"] == summary["temperature"]
 
 
