@@ -25,7 +25,7 @@ RUN pip install ".[${EXTRAS}]" \
 
 USER app
 # Convert the packaged SmolLM2 backbone once, at build time, so a container starts without the 15 s conversion.
-RUN python -c "from app.ml.backbones import resolve; resolve('smollm2-135m-instruct')"
+RUN python -c "from app.model.backbones import resolve; resolve('smollm2-135m-instruct')"
 
 VOLUME ["/models"]
 EXPOSE 8000

@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 if TYPE_CHECKING:
-    from app.ml.recipe import ScoringInput
+    pass
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from app.main import create_app
+    from app.server.main import create_app
     from app.settings import Settings
 
     overrides = {
@@ -30,11 +30,11 @@ def _serve(args: argparse.Namespace) -> int:
         settings = Settings(**overrides)
     except ValidationError as exc:
         raise SystemExit(f"invalid settings: {exc}") from exc
-    from app.middleware import configure_logging
+    from app.server.middleware import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
     if args.ray:
-        from app.ray_serve import run
+        from app.server.ray_serve import run
 
         return run(settings)
     # uvicorn's own loggers propagate to our handler; its access log is replaced by ours (with request ids)
@@ -67,8 +67,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from app.ml.data import DataError
-    from app.ml.train import TrainConfig, Trainer
+    from app.training.data import DataError
+    from app.training.train import TrainConfig, Trainer
 
     values = {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields and v is not None}
     try:
@@ -81,8 +81,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from app.ml.data import DataError, load_pairs
-    from app.ml.evaluate import evaluate, write_report
+    from app.training.data import DataError, load_pairs
+    from app.training.evaluate import evaluate, write_report
 
     if (args.model is None) == (args.url is None):
         raise SystemExit("reward-server eval: give exactly one of --model PATH or --url URL")
@@ -93,17 +93,18 @@ def _eval(args: argparse.Namespace) -> int:
     if args.limit:
         pairs = pairs[: args.limit]
     if args.model is not None:
-        from app.ml.loading import load_reward_model
+        from app.engine.offline import score_offline
+        from app.model.loading import load_reward_model
 
         model = load_reward_model(args.model, dtype=args.dtype, device=args.device)
-        report = evaluate(pairs, model.score_inputs)
+        report = evaluate(pairs, lambda inputs: score_offline(model, inputs))
         report["fingerprint"] = model.info["fingerprint"]
         title = f"{args.model} on {args.data.name}"
     else:
-        from app.client import RewardClient
+        from app.clients import RewardClient
 
         with RewardClient(args.url, api_key=args.api_key, timeout=600) as client:
-            report = evaluate(pairs, lambda inputs: client.score([_wire(x) for x in inputs]).rewards)
+            report = evaluate(pairs, lambda inputs: client.score([(x.prompt, x.response) for x in inputs]).rewards)
             report["fingerprint"] = client.info()["fingerprint"]
         title = f"{args.url} on {args.data.name}"
     report["data"] = str(args.data)
@@ -113,8 +114,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from app.ml.export import ExportError, export_seq_cls
-    from app.ml.loading import CheckpointError
+    from app.model.checkpoint import CheckpointError
+    from app.model.export import ExportError, export_seq_cls
 
     try:
         out = export_seq_cls(args.model, args.out)
@@ -124,12 +125,6 @@ def _export(args: argparse.Namespace) -> int:
         f"wrote {out}: AutoModelForSequenceClassification (num_labels=1) + tokenizer + {out / 'reward_manifest.json'}"
     )
     return 0
-
-
-def _wire(item: ScoringInput) -> dict[str, object]:
-    if isinstance(item.prompt, str):
-        return {"prompt": item.prompt, "response": item.response}
-    return {"messages": [*item.prompt, {"role": "assistant", "content": item.response}]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=_serve)
 
-    from app.ml.train import TrainConfig
+    from app.training.train import TrainConfig
 
     train = sub.add_parser("train", help="train a value-head reward model on JSONL preference pairs")
     for name, field in TrainConfig.model_fields.items():
@@ -168,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", type=Path, required=True, help="output directory")
     ex.set_defaults(func=_export)
 
-    from app import bench
+    from app.bench import run as bench
 
     be = sub.add_parser("bench", help="throughput and latency beside the engine limit, a naive server and LitServe")
     bench.add_arguments(be).set_defaults(func=bench.run)

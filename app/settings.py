@@ -143,15 +143,6 @@ class Settings(BaseSettings):
             raise ValueError(f"ray_max_replicas ({self.ray_max_replicas}) is below ray_replicas ({self.ray_replicas})")
         return self
 
-    @model_validator(mode="after")
-    def _budget_fits_one_item(self) -> Settings:
-        if self.max_length is not None and self.max_batch_tokens < self.max_length:
-            raise ValueError(
-                f"max_batch_tokens ({self.max_batch_tokens}) must be >= max_length ({self.max_length}): "
-                "a full-length item could never be scheduled"
-            )
-        return self
-
 
 @lru_cache
 def get_settings() -> Settings:

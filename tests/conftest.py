@@ -14,9 +14,9 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 
-from app.main import create_app
-from app.ml.loading import load_reward_model
-from app.ml.reward_model import RewardModel
+from app.model.loading import load_reward_model
+from app.model.reward_model import RewardModel
+from app.server.main import create_app
 from app.settings import Settings
 from tests import tiny
 
@@ -109,13 +109,12 @@ def start_server(args: list[str], env: dict[str, str], port: int, log: Path) -> 
 
 @pytest.fixture(scope="session")
 def live_server(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real `uvicorn app.main:app` process on 127.0.0.1, configured through REWARD_* variables."""
+    """A real `uvicorn app.server.main:app` process on 127.0.0.1, configured through REWARD_* variables."""
     port = free_port()
     log = tmp_path_factory.mktemp("live") / "server.log"
     env = {"REWARD_MODEL_PATH": str(checkpoints["llama"]), "REWARD_DTYPE": "float32", "REWARD_DEVICE": "cpu"}
-    proc = start_server(
-        [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)], env, port, log
-    )
+    command = [sys.executable, "-m", "uvicorn", "app.server.main:app", "--host", "127.0.0.1", "--port", str(port)]
+    proc = start_server(command, env, port, log)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, proc)

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from app.ml.recipe import ScoringInput
-from app.ml.reward_model import RewardModel
+from app.model.recipe import ScoringInput
+from app.model.reward_model import RewardModel
 
 HH = "Human: What is the capital of France?\n\nAssistant: Paris.\n\nHuman: And of Spain?"
 

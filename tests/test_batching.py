@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from app.batching import BatchPolicy, TokenBudgetQueue, padded
+from app.engine.batching import BatchPolicy, TokenBudgetQueue
+from app.model.shapes import padded
 
 
 @dataclass

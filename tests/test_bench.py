@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from app import bench
+from app.bench import run as bench
 from tests.conftest import free_port
 from tests.test_invariance import sentence
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from app.cli import main
-from app.ml.data import PreferencePair
-from app.ml.evaluate import evaluate, evaluate_margins, pearson, reliability
+from app.training.data import PreferencePair
+from app.training.evaluate import evaluate, evaluate_margins, pearson, reliability
 
 
 def test_metrics_by_hand() -> None:

@@ -10,9 +10,9 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from app.cli import main
-from app.ml.loading import load_reward_model
-from app.ml.recipe import ScoringInput
-from app.ml.reward_model import RewardModel
+from app.model.loading import load_reward_model
+from app.model.recipe import ScoringInput
+from app.model.reward_model import RewardModel
 
 ITEMS = [ScoringInput("What is the capital of France?", "Paris."), ScoringInput("hi", "hello there, friend")]
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.ml.collate import last_real_index
-from app.ml.loading import load_reward_model
-from app.ml.recipe import ScoringInput
-from app.ml.reward_model import RewardModel
+from app.model.collate import last_real_index
+from app.model.loading import load_reward_model
+from app.model.recipe import ScoringInput
+from app.model.reward_model import RewardModel
 
 TOL = 1e-5
 rng = random.Random(0)

@@ -13,9 +13,10 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForSequenceClassification
 
-from app.ml.loading import CheckpointError, load_reward_model
-from app.ml.recipe import ScoringInput
-from app.ml.reward_model import RewardModel
+from app.model.checkpoint import CheckpointError
+from app.model.loading import load_reward_model
+from app.model.recipe import ScoringInput
+from app.model.reward_model import RewardModel
 
 ITEMS = [
     ScoringInput("Human: What is the capital of France?\n\nAssistant: Paris.\n\nHuman: And of Spain?", "Madrid."),

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
+from pathlib import Path
 
+import httpx
 import pytest
+from asgi_lifespan import LifespanManager
 
-from app.ml.collate import SharedBatch, collate_shared
-from app.ml.recipe import ScoringInput
-from app.ml.reward_model import RewardModel
+from app.engine.offline import OFFLINE, score_offline
+from app.model.collate import Batch, SharedBatch, collate_shared
+from app.model.recipe import ScoringInput
+from app.model.reward_model import RewardModel
+from app.server.main import create_app
+from tests.conftest import test_settings
 from tests.test_invariance import sentence
 
 TOL = 1e-4  # float32; the cached path sums attention in another order
@@ -28,7 +35,7 @@ def test_shared_prompts_give_the_plain_rewards(name: str, load: Callable[..., Re
     assert model.can_share_prefixes
     inputs = [*GROUPS, *LONE]
     encoded = model.encoder.encode_batch(inputs)
-    batch = model.plan(encoded, 16)
+    batch = model.plan(encoded, 16, share=True)
     assert isinstance(batch, SharedBatch)
     assert len(batch.prefixes) == len(PROMPTS)  # each prompt runs once; the lone items ride with an empty prefix
     plain = model.plan(encoded, 16, share=False)
@@ -48,7 +55,7 @@ def test_a_token_merging_prompt_and_reply_is_not_shared(load: Callable[..., Rewa
     encoded = model.encoder.encode_batch(items)
     assert [tokens(e.input_ids[: e.prefix]) for e in encoded] == [["t", "he", "Ġqu"]] * 2  # not "i", not "ick"
     want = alone(model, items)
-    assert max(abs(a - b) for a, b in zip(model.score(encoded), want, strict=True)) <= TOL
+    assert max(abs(a - b) for a, b in zip(model.score(encoded, share=True), want, strict=True)) <= TOL
 
 
 def test_truncated_items_share_only_what_survives(load: Callable[..., RewardModel]) -> None:
@@ -57,7 +64,7 @@ def test_truncated_items_share_only_what_survives(load: Callable[..., RewardMode
     short, long = model.encoder.encode_batch([ScoringInput(long_prompt, "yes"), ScoringInput(long_prompt, sentence(6))])
     assert short.truncated and long.truncated
     assert 0 < long.prefix < short.prefix < 48
-    got = model.score([short, long], 16)
+    got = model.score([short, long], 16, share=True)
     want = [model.score([e], share=False)[0] for e in (short, long)]
     assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= TOL
 
@@ -71,15 +78,14 @@ def test_raw_queries_share_a_templated_prompt_they_start_with(load: Callable[...
     assert collate_shared(encoded, model.pad_id) is not None
     assert model.encoder.encode(ScoringInput("", prompt + "x", raw=True)).prefix == 0  # no prompt given
     want = alone(model, raw)
-    assert max(abs(a - b) for a, b in zip(model.score(encoded), want, strict=True)) <= TOL
+    assert max(abs(a - b) for a, b in zip(model.score(encoded, share=True), want, strict=True)) <= TOL
 
 
 def test_encoders_never_share(load: Callable[..., RewardModel]) -> None:
     """Bidirectional attention: a prompt's states depend on the reply, nothing can be reused."""
     model = load("bert")
     assert not model.can_share_prefixes
-    encoded = model.encoder.encode_batch(GROUPS[:4])
-    assert not isinstance(model.plan(encoded, 16), SharedBatch)
+    assert_never_shares(model)
 
 
 def test_a_model_whose_cached_path_differs_is_caught_at_the_check(load: Callable[..., RewardModel]) -> None:
@@ -90,13 +96,50 @@ def test_a_model_whose_cached_path_differs_is_caught_at_the_check(load: Callable
         assert not model.can_share_prefixes
     finally:
         model.module.forward_shared = real  # type: ignore[method-assign]
-    encoded = model.encoder.encode_batch(GROUPS[:4])
-    assert not isinstance(model.plan(encoded, 16), SharedBatch)
+    assert_never_shares(model)
+
+
+def assert_never_shares(model: RewardModel) -> None:
+    """The batch policy fitted to the model shares nothing, and asking the model to share anyway is refused."""
+    assert not OFFLINE.for_model(model.max_length, model.can_share_prefixes).share_prefixes
+    with pytest.raises(ValueError, match="cannot share prompts"):
+        model.plan(model.encoder.encode_batch(GROUPS[:4]), 16, share=True)
 
 
 def test_offline_scoring_shares_and_matches(load: Callable[..., RewardModel]) -> None:
     model = load("value_head")
     inputs = [*GROUPS, *LONE]
     want = alone(model, inputs)
-    got = model.score_inputs(inputs)
+    got = score_offline(model, inputs)
     assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= TOL
+
+
+async def test_a_model_that_cannot_share_is_batched_on_the_plain_cost(
+    load: Callable[..., RewardModel], checkpoints: dict[str, Path]
+) -> None:
+    """The batch policy follows what the loaded model can do, not only the setting: a model whose sharing check
+    failed used to be batched on the shared cost model and run plain, far over `max_batch_tokens`."""
+    served = copy.copy(load("llama", max_length=128))
+    served.can_share_prefixes = False  # as when the check at start-up finds that the cached path differs
+    padded: list[int] = []
+    real_run = served.run
+
+    def recording(batch: Batch | SharedBatch) -> list[float]:
+        padded.append(batch.padded_tokens)
+        return real_run(batch)
+
+    served.run = recording  # type: ignore[method-assign]
+    prompt = "Explain, step by step and with care, how the tides of the ocean follow the moon. " * 2
+    inputs = [ScoringInput(prompt, f"Reply {i}.") for i in range(8)]  # 123 tokens each, 114 of them the prompt
+    # shared, all 8 cost 128 + 8 x 16 = 256 padded tokens; plain, 8 x 128 = 1024
+    settings = test_settings(checkpoints["llama"], max_batch_tokens=256, min_padding_efficiency=0.0)
+    app = create_app(settings, model=served)
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            info = (await client.get("/info")).json()
+            items = [{"prompt": x.prompt, "response": x.response} for x in inputs]
+            r = await client.post("/score", json={"items": items})
+    assert r.status_code == 200 and not info["shares_prefixes"]
+    assert max(padded) <= 256 and sum(padded[1:]) >= 1024  # every batch within budget; the warm-up came first
+    assert r.json()["rewards"] == pytest.approx(alone(served, inputs), abs=TOL)

@@ -14,9 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.client import AsyncRewardClient
-from app.ml.recipe import ScoringInput
-from app.ml.reward_model import RewardModel
+from app.clients.client import AsyncRewardClient
+from app.model.recipe import ScoringInput
+from app.model.reward_model import RewardModel
 from tests.conftest import free_port, start_server, wait_ready
 
 ray = pytest.importorskip("ray")

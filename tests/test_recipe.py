@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.ml.recipe import RecipeEncoder, ScoringInput, ScoringRecipe, parse_transcript, render_transcript
+from app.model.recipe import RecipeEncoder, ScoringInput, ScoringRecipe, parse_transcript, render_transcript
 from tests import tiny
 
 HH = "Human: What is the capital of France?\n\nAssistant: Paris.\n\nHuman: And of Spain?"

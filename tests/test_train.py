@@ -12,11 +12,12 @@ import torch
 from transformers import LlamaModel
 
 from app.cli import main
-from app.ml.data import DataError, PreferencePair, load_pairs
-from app.ml.evaluate import evaluate_margins, fit_temperature
-from app.ml.features import FeatureStore, PairFeatures, pair_features
-from app.ml.loading import load_reward_model
-from app.ml.train import TrainConfig, Trainer, WeightAverage, preference_loss, trainable_prefixes
+from app.model.loading import load_reward_model
+from app.training.data import DataError, PreferencePair, load_pairs
+from app.training.evaluate import evaluate_margins, fit_temperature
+from app.training.features import FeatureStore, PairFeatures, pair_features
+from app.training.optim import WeightAverage, preference_loss
+from app.training.train import TrainConfig, Trainer, trainable_prefixes
 from tests import tiny
 
 

@@ -69,12 +69,13 @@ async def test_get_reward_splits_the_prompt_off_the_query(make_client: Any) -> N
         "rewards": [],
         "scores": [],
         "extra_logs": {"reward_num_tokens": [], "reward_truncated": []},
+        "normalization": None,
     }
 
 
 async def test_get_reward_scores_a_templated_query_as_is(make_client: Any, load: Any) -> None:
     """A query already in the chat template (OpenRLHF with --apply_chat_template) is not templated twice."""
-    from app.ml.recipe import ScoringInput
+    from app.model.recipe import ScoringInput
 
     model = load("value_head")
     templated = model.encoder.render(ScoringInput(PROMPT, "Paris."))
@@ -128,6 +129,28 @@ async def test_normalization_applies_to_score_rank_get_reward_not_compare(make_c
     async with make_client("openrlhf", normalize=True, reward_mean=1.0, reward_std=4.0) as client:
         over = (await client.post("/score", json={"items": [{"prompt": PROMPT, "response": RESPONSES[0]}]})).json()
     assert over["rewards"][0] == pytest.approx((raw[0] - 1.0) / 4.0, abs=1e-5)
+
+
+async def test_every_route_reports_the_normalization_in_force(make_client: Any) -> None:
+    """One normalization, decided at start-up: /info showed the checkpoint's stored statistics (even when off, or
+    overridden), and /get_reward stated none."""
+    query = {"query": [PROMPT + RESPONSES[0]], "prompts": [PROMPT]}
+    async with make_client("openrlhf") as client:
+        off_info = (await client.get("/info")).json()
+        off_get = (await client.post("/get_reward", json=query)).json()
+    async with make_client("openrlhf", normalize=True, reward_mean=1.0) as client:  # std 2.0 from the checkpoint
+        info = (await client.get("/info")).json()
+        get = (await client.post("/get_reward", json=query)).json()
+        score = (await client.post("/score", json={"items": [{"prompt": PROMPT, "response": RESPONSES[0]}]})).json()
+        rank = (await client.post("/rank", json={"groups": [{"prompt": PROMPT, "responses": RESPONSES[:1]}]})).json()
+    stored = {"mean": 0.5, "std": 2.0}
+    assert off_info["normalization"] is None and off_info["checkpoint_normalization"] == stored
+    assert off_get["normalization"] is None
+    in_force = {"mean": 1.0, "std": 2.0}
+    assert info["normalization"] == get["normalization"] == score["normalization"] == rank["normalization"] == in_force
+    assert info["checkpoint_normalization"] == stored
+    assert get["rewards"][0] == pytest.approx((off_get["rewards"][0] - 1.0) / 2.0, abs=1e-5)
+    assert get["rewards"] == pytest.approx(score["rewards"], abs=1e-5)
 
 
 async def test_normalization_without_statistics_refuses_to_start(make_client: Any) -> None:

@@ -155,8 +155,8 @@ def build_bert_seq_cls(path: Path) -> Path:
 
 def build_value_head(path: Path) -> Path:
     """This project's own format: base model in `base/`, a trained delta (the top block), the head, the manifest."""
-    from app.ml.loading import save_value_head_checkpoint
-    from app.ml.recipe import ScoringRecipe
+    from app.model.checkpoint import save_value_head_checkpoint
+    from app.model.recipe import ScoringRecipe
 
     torch.manual_seed(3)
     tokenizer = byte_level_tokenizer(bos=True, chat=True)

@@ -1,0 +1,1 @@
+"""`reward-server bench` and the peers it measures against."""

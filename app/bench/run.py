@@ -1,0 +1,134 @@
+"""`reward-server bench`: throughput and latency under trainer traffic, beside the limit and the peers, in one run.
+
+Workloads (items from a preference file, so lengths are real):
+- `grpo`: one request of P prompts x G replies (TRL);
+- `storm`: the same items as single-item requests from C concurrent clients (OpenRLHF, verl);
+- `shared`: like `grpo`, with prompts about 4x longer than replies (what shared-prompt reuse is for);
+- `idle`: one single-item request at a time (latency).
+
+Modes, on the same checkpoint and dtype:
+- `engine`: the model forward over the workload's items, length-sorted token-budget batches, no HTTP, no prompt
+  sharing: the limit the server is measured against;
+- `server`: this service over HTTP (`server-plain`: with REWARD_SHARE_PREFIXES=false);
+- `naive`: a minimal FastAPI server running one forward per request, padded to its longest item (OpenRLHF
+  `serve_rm.py`);
+- `litserve`: LitServe with its dynamic batching (max_batch_size 16, 10 ms), one padded forward per batch;
+- `ray`: this service on Ray Serve, one replica holding every core (the Ray path's overhead); `ray-2`: two replicas
+  splitting the cores (how throughput grows with replicas).
+Servers run in their own processes on 127.0.0.1; only one runs at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from app.bench.served import Served
+from app.bench.workloads import Result, build_workloads, run_engine
+
+MODES = ("engine", "server", "server-plain", "naive", "litserve", "ray", "ray-2")
+WORKLOADS = ("grpo", "storm", "shared", "idle")
+
+
+def _fmt(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.2f}" if value < 10 else f"{value:.0f}"
+    return str(value)
+
+
+def report(results: list[Result], header: str) -> str:
+    lines = [header, ""]
+    by = {(r.workload, r.mode): r for r in results}
+    for workload in dict.fromkeys(r.workload for r in results):
+        rows = [by[workload, m].row() for m in MODES if (workload, m) in by]
+        cols = list(rows[0])
+        lines += [f"### {workload}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(_fmt(row[c]) for c in cols) + " |" for row in rows]
+        lines.append("")
+    lines += ["### ratios (items/s)", "", "| workload | ratio | value |", "|---|---|---|"]
+    pairs = [("server", other) for other in ("engine", "server-plain", "naive", "litserve")]
+    pairs += [(ray_mode, "server") for ray_mode in ("ray", "ray-2")]  # the Ray path against the single process
+    for workload in dict.fromkeys(r.workload for r in results):
+        for mode, other in pairs:
+            if (workload, mode) in by and (workload, other) in by and workload != "idle":
+                a, b = by[workload, mode], by[workload, other]
+                lines.append(f"| {workload} | {mode} / {other} | {(a.items / a.seconds) / (b.items / b.seconds):.2f} |")
+    for r in results:
+        if r.forwards:  # paired: each request against its item's forward run just before it
+            extra = statistics.median(a - b for a, b in zip(r.latencies, r.forwards, strict=True))
+            lines.append(f"| {r.workload} | {r.mode} p50 of (latency - the item's forward) | {1000 * extra:+.1f} ms |")
+        if r.served_forwards:  # this service reports its forward time: the rest is HTTP, queueing, tokenizing
+            extra = statistics.median(a - b for a, b in zip(r.latencies, r.served_forwards, strict=True))
+            lines.append(f"| {r.workload} | {r.mode} p50 of (latency - its own forward) | {1000 * extra:+.1f} ms |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--model", type=Path, default=Path("models/default"), help="checkpoint directory")
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/preferences/dev.jsonl"))
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 where the hardware has it), float32, bfloat16")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--group", type=int, default=8, help="replies per prompt")
+    parser.add_argument("--clients", type=int, default=32, help="storm: concurrent clients")
+    parser.add_argument("--idle-items", type=int, default=24)
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--port", type=int, default=18321)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="write the markdown table and raw results here (.md and .json)")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return add_arguments(argparse.ArgumentParser(prog="reward-server bench", description=__doc__))
+
+
+def run(args: argparse.Namespace) -> int:
+    import platform
+
+    import torch
+
+    from app.model.loading import load_reward_model
+
+    model = load_reward_model(args.model, dtype=args.dtype)
+    workloads = build_workloads(model, args.data, args.prompts, args.group, args.clients, args.idle_items, args.seed)
+    chosen = [workloads[w] for w in args.workloads.split(",")]
+    modes = args.modes.split(",")
+    results: list[Result] = []
+    if "engine" in modes:
+        results += [run_engine(model, w) for w in chosen]
+    for i, mode in enumerate(m for m in modes if m != "engine"):
+        log = Path(os.environ.get("TMPDIR", "/tmp")) / f"reward-bench-{mode}.log"
+        # a port per mode: a stopping server (Ray's proxy binds with SO_REUSEPORT) never answers for the next one
+        with Served(mode, args.model, args.dtype, args.port + i, log) as served:
+            results += [served.run(model, w) for w in chosen]
+        print(f"{mode}: done", file=sys.stderr)
+    header = (
+        f"{args.model} ({model.info['architecture']}, {model.info['dtype']}, {model.info['device']}); "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+        f"{torch.get_num_threads()} threads; {args.prompts} prompts x {args.group} replies from {args.data.name}, "
+        f"storm with {args.clients} clients"
+    )
+    text = report(results, header)
+    print(text)
+    if args.out:
+        args.out.with_suffix(".md").write_text(text)
+        raw = [{**asdict(r), **r.row()} for r in results]
+        args.out.with_suffix(".json").write_text(json.dumps({"header": header, "results": raw}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,120 @@
+"""The benchmark's workloads (real prompt and reply lengths from a preference file), what one run measured, and the
+`engine` mode: the model forward alone, the limit the server is measured against."""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from app.engine.offline import OFFLINE, score_offline
+from app.model.collate import Batch, SharedBatch
+from app.model.recipe import ScoringInput
+from app.model.reward_model import RewardModel
+
+
+@dataclass
+class Workload:
+    name: str
+    requests: list[list[ScoringInput]]
+    concurrency: int
+
+    @property
+    def items(self) -> list[ScoringInput]:
+        return [x for r in self.requests for x in r]
+
+    @property
+    def one_at_a_time(self) -> bool:
+        """`idle`: single-item requests in sequence, whose latency is compared with one forward of the item."""
+        return self.concurrency == 1 and all(len(r) == 1 for r in self.requests)
+
+
+@dataclass
+class Result:
+    mode: str
+    workload: str
+    items: int
+    seconds: float
+    item_tokens: int  # sum of the items' own lengths: the useful work, whatever was shared or padded
+    latencies: list[float] = field(default_factory=list)
+    real_tokens: int | None = None  # computed by the forward passes (a shared prompt once)
+    padded_tokens: int | None = None
+    batches: int | None = None
+    forwards: list[float] = field(default_factory=list)  # `idle`: the item's in-process forward, just before each
+    served_forwards: list[float] = field(default_factory=list)  # the server's own forward time (x-inference-time-ms)
+
+    def row(self) -> dict[str, Any]:
+        q = statistics.quantiles(self.latencies, n=100, method="inclusive") if len(self.latencies) > 1 else None
+        return {
+            "mode": self.mode,
+            "items/s": self.items / self.seconds,
+            "tokens/s": self.item_tokens / self.seconds,
+            "padding efficiency": self.real_tokens / self.padded_tokens if self.padded_tokens else None,
+            "mean batch": self.items / self.batches if self.batches else None,
+            "p50 ms": 1000 * (q[49] if q else self.latencies[0]) if self.latencies else None,
+            "p95 ms": 1000 * q[94] if q else None,
+            "p99 ms": 1000 * q[98] if q else None,
+        }
+
+
+# ---- workloads -------------------------------------------------------------------------------------
+
+
+def build_workloads(
+    model: RewardModel, data: Path, prompts: int, group: int, clients: int, idle_items: int, seed: int
+) -> dict[str, Workload]:
+    from app.training.data import load_pairs
+
+    pairs = load_pairs(data)
+    rng = random.Random(seed)
+    replies = [r for p in pairs for r in (p.chosen, p.rejected) if isinstance(r, str)]
+    texts = [p.prompt for p in pairs if isinstance(p.prompt, str)]
+    grpo = [ScoringInput(p, r) for p in rng.sample(texts, prompts) for r in rng.sample(replies, group)]
+
+    def tokens(text: str) -> int:
+        return len(model.encoder.tokenizer(text, add_special_tokens=False).input_ids)
+
+    # `shared`: prompts near 60% of the checkpoint's max_length, replies near a quarter of that
+    target = int(0.6 * model.max_length)
+    long_prompts = sorted(set(texts), key=lambda t: abs(tokens(t) - target))[:prompts]
+    short = sorted(set(replies), key=lambda t: abs(tokens(t) - target // 4))[: 4 * group]
+    shared = [ScoringInput(p, r) for p in long_prompts for r in rng.sample(short, group)]
+    return {
+        "grpo": Workload("grpo", [grpo], 1),
+        "storm": Workload("storm", [[x] for x in grpo], clients),
+        "shared": Workload("shared", [shared], 1),
+        "idle": Workload("idle", [[x] for x in grpo[:: max(1, len(grpo) // idle_items)][:idle_items]], 1),
+    }
+
+
+# ---- engine ----------------------------------------------------------------------------------------
+
+
+def run_engine(model: RewardModel, workload: Workload) -> Result:
+    plain = replace(OFFLINE, share_prefixes=False)
+    items = workload.items
+    encoded = model.encoder.encode_batch(items)
+    tokens = sum(len(e) for e in encoded)
+    if workload.one_at_a_time:
+        latencies = [one_forward(model, x) for x in items]
+        return Result(
+            "engine", workload.name, len(items), sum(latencies), tokens, latencies, tokens, tokens, len(items)
+        )
+    planned: list[Batch | SharedBatch] = []
+    began = time.perf_counter()
+    score_offline(model, items, plain, planned.append)
+    seconds = time.perf_counter() - began
+    real = sum(b.real_tokens for b in planned)
+    padded = sum(b.padded_tokens for b in planned)
+    return Result("engine", workload.name, len(items), seconds, tokens, [seconds], real, padded, len(planned))
+
+
+def one_forward(model: RewardModel, item: ScoringInput) -> float:
+    """Seconds of one forward of `item` alone, tokenized beforehand: what `idle` latency is compared with."""
+    encoded = model.encoder.encode_batch([item])
+    began = time.perf_counter()
+    model.score(encoded, OFFLINE.pad_to_multiple_of, share=False)
+    return time.perf_counter() - began

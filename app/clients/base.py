@@ -1,0 +1,147 @@
+"""What the sync and async clients share, without I/O: configuration, the retry policy, and splitting a call into
+requests that fit the server's `max_items_per_request`."""
+
+from __future__ import annotations
+
+import email.utils
+import math
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import httpx
+
+from app.clients.errors import RewardServerError
+from app.clients.results import Body, CompareResult, RankResult, ScoreResult, compare_result, rank_result, score_result
+from app.clients.wire import Item, item_body
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+RETRY_STATUSES = frozenset({429, 502, 503})
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _chunks(elements: Sequence[T], weights: Sequence[int], limit: int | None) -> list[list[T]]:
+    """Greedy in-order split so each chunk's weight stays within `limit` (an element heavier than that goes alone
+    and the server answers 413 for it). An empty list is one empty chunk, so the server reports it as invalid."""
+    if limit is None or sum(weights) <= limit:
+        return [list(elements)]
+    chunks: list[list[T]] = [[]]
+    total = 0
+    for element, weight in zip(elements, weights, strict=True):
+        if chunks[-1] and total + weight > limit:
+            chunks.append([])
+            total = 0
+        chunks[-1].append(element)
+        total += weight
+    return chunks
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """`Retry-After` as seconds (delta-seconds or an HTTP date); None when absent or unreadable."""
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Generic[R]):
+    """One logical API call: the path, its request bodies (one per chunk) and how to join the answers."""
+
+    path: str
+    bodies: list[Body]
+    join: Callable[[Sequence[Body]], R]
+
+
+class BaseClient:
+    """Configuration, retry policy and request splitting shared by the sync and async clients (no I/O here)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None,
+        max_retries: int,
+        backoff_base: float,
+        backoff_max: float,
+        max_items_per_request: int | None,
+    ) -> None:
+        if max_retries < 0 or backoff_base < 0 or backoff_max < 0:
+            raise ValueError("max_retries, backoff_base and backoff_max must be >= 0")
+        if max_items_per_request is not None and max_items_per_request < 1:
+            raise ValueError("max_items_per_request must be >= 1 (or None to ask the server)")
+        self.base_url = base_url.rstrip("/")
+        self.max_retries = max_retries
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self._headers = {"Accept": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._limit: int | None = max_items_per_request
+        self._limit_known = max_items_per_request is not None
+        self._rng = random.Random()
+
+    def _delay(self, attempt: int, response: httpx.Response | None) -> float:
+        """Seconds before retry number `attempt + 1`: the server's Retry-After, else full jitter."""
+        if response is not None and (seconds := _retry_after(response)) is not None:
+            return min(seconds, self.backoff_max)
+        return self._rng.uniform(0, min(self.backoff_max, self.backoff_base * 2**attempt))
+
+    def _should_retry(self, attempt: int, outcome: httpx.Response | httpx.TransportError) -> bool:
+        if attempt >= self.max_retries:
+            return False
+        if isinstance(outcome, httpx.TransportError) or outcome.status_code in RETRY_STATUSES:
+            return True
+        # A 500 without the server's typed error body came from something in front of it, e.g. Ray Serve's proxy
+        # when the replica holding the request died: every call here is an idempotent scoring call, so resend it.
+        return outcome.status_code == 500 and RewardServerError.from_response(outcome).type == "http_error"
+
+    @staticmethod
+    def _outcome(outcome: httpx.Response | httpx.TransportError) -> Body:
+        """The JSON body of a success, else the typed error for the last outcome."""
+        if isinstance(outcome, httpx.TransportError):
+            raise RewardServerError(None, "connection_error", f"{type(outcome).__name__}: {outcome}") from outcome
+        if not outcome.is_success:
+            raise RewardServerError.from_response(outcome)
+        try:
+            body = outcome.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):  # e.g. a 200 HTML page: base_url points at something else
+            raise RewardServerError(
+                outcome.status_code, "invalid_response", "expected a JSON object", None, outcome.text
+            )
+        return body
+
+    def _remember_limit(self, info: Body) -> None:
+        if not self._limit_known:
+            limit = info.get("limits", {}).get("max_items_per_request")
+            self._limit = int(limit) if limit else None
+            self._limit_known = True
+
+    def _score_call(self, items: Sequence[Item]) -> Call[ScoreResult]:
+        bodies = [item_body(i) for i in items]
+        chunks = _chunks(bodies, [1] * len(bodies), self._limit)
+        return Call("/score", [{"items": c} for c in chunks], score_result)
+
+    def _compare_call(self, pairs: Sequence[Mapping[str, Any]]) -> Call[CompareResult]:
+        # The server counts a pair as two items.
+        chunks = _chunks([dict(p) for p in pairs], [2] * len(pairs), self._limit)
+        return Call("/compare", [{"pairs": c} for c in chunks], compare_result)
+
+    def _rank_call(self, groups: Sequence[Mapping[str, Any]], probabilities: bool) -> Call[RankResult]:
+        # A group weighs as many items as it has responses; a malformed group is left for the server to reject.
+        bodies = [dict(g) for g in groups]
+        weights = [len(g["responses"]) if isinstance(g.get("responses"), list | tuple) else 1 for g in bodies]
+        chunks = _chunks(bodies, weights, self._limit)
+        return Call("/rank", [{"groups": c, "probabilities": probabilities} for c in chunks], rank_result)

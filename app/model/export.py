@@ -1,0 +1,72 @@
+"""`reward-server export`: any loadable checkpoint -> a plain merged `AutoModelForSequenceClassification` directory.
+
+TRL, vLLM and other servers then read the same model. Two details make the result read sequences exactly as we do:
+the recipe goes along in `reward_manifest.json`, and the padding token is made distinct from EOS, because Hugging
+Face's own pooling reads the last token that is not padding and would skip a trailing EOS when pad == eos.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from app.model.checkpoint import MANIFEST, Manifest, Normalization
+from app.model.loading import load_reward_model
+
+
+class ExportError(ValueError):
+    """The checkpoint has no exact seq-cls equivalent; the message says why."""
+
+
+def _distinct_pad(tokenizer: object) -> int:
+    """A special token that is not EOS (nor BOS) to pad with; the tokenizer is switched to it."""
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id  # type: ignore[attr-defined]
+    pad = tokenizer.pad_token_id  # type: ignore[attr-defined]
+    if pad is not None and pad != eos:
+        return int(pad)
+    for token, token_id in zip(tokenizer.all_special_tokens, tokenizer.all_special_ids, strict=True):  # type: ignore[attr-defined]
+        if token_id not in (eos, bos):
+            tokenizer.pad_token = token  # type: ignore[attr-defined]
+            return int(token_id)
+    raise ExportError("the tokenizer has no special token other than BOS/EOS to pad with (pad == eos would misread)")
+
+
+def export_seq_cls(source: Path, out: Path) -> Path:
+    model = load_reward_model(source, dtype="float32", device="cpu")
+    module, tokenizer = model.module, copy.deepcopy(model.encoder.tokenizer)
+    if module.pooling == "classifier":  # already a seq-cls encoder
+        exported = module.backbone
+    else:
+        head = module.head
+        assert isinstance(head, torch.nn.Linear)
+        if head.bias is not None and float(head.bias.detach().abs().max()) > 0:
+            raise ExportError(
+                f"{source}: the value head has a bias; Hugging Face decoder heads have none, so exported rewards "
+                "would all shift by it"
+            )
+        config = copy.deepcopy(module.backbone.config)
+        config.num_labels = 1
+        for key in ("value_head_prefix", "normalize_reward", "mean", "std"):  # OpenRLHF's: now in the manifest
+            if hasattr(config, key):
+                delattr(config, key)
+        config.pad_token_id = _distinct_pad(tokenizer)
+        exported = AutoModelForSequenceClassification.from_config(config)
+        missing = exported.base_model.load_state_dict(module.backbone.state_dict(), strict=True)
+        assert not missing.missing_keys
+        with torch.no_grad():
+            exported.score.weight.copy_(head.weight[module.head_index : module.head_index + 1])
+    out.mkdir(parents=True, exist_ok=True)
+    exported.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    stored = model.info.get("normalization")
+    manifest = Manifest(
+        format="seq_cls",
+        recipe=model.encoder.recipe,
+        normalization=Normalization(**stored) if stored else None,
+        extra={"exported_from": str(source), "fingerprint_of_source": model.info["fingerprint"]},
+    )
+    (out / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
+    return out

@@ -1,0 +1,299 @@
+"""Load any supported checkpoint directory into a `RewardModel`, or fail fast with a message naming the problem.
+
+Formats, detected in this order:
+- `value_head`: `reward_manifest.json` written by `reward-server train`: a base model (registry key, a path, or
+  this directory), optionally a `backbone_delta` of trained parameters and/or a PEFT `adapter`, plus the head in
+  `value_head.safetensors`.
+- `peft`: a PEFT adapter (`adapter_config.json`) over a sequence-classification base, head in `modules_to_save`
+  (what TRL writes with LoRA).
+- `openrlhf`: a base model with a `Linear(hidden, 1)` under `value_head_prefix`, optional `mean`/`std` in config.json.
+- `seq_cls`: Hugging Face `AutoModelForSequenceClassification` (TRL's RewardTrainer), decoder or encoder.
+Any of them may carry a `reward_manifest.json` that pins the scoring recipe.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+from transformers import (
+    AutoModel,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import logging as hf_logging
+
+from app.model import backbones
+from app.model.checkpoint import CheckpointError, Normalization, detect_format, read_json, read_manifest
+from app.model.fingerprint import fingerprint
+from app.model.recipe import RecipeEncoder, ScoringRecipe
+from app.model.reward_model import RewardHeadModel, RewardModel
+
+log = logging.getLogger(__name__)
+hf_logging.disable_progress_bar()
+
+DEFAULT_MAX_LENGTH = 2048
+
+
+# ---- small helpers ---------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX512-BF16: there bf16 matmuls are ~4x faster than fp32; elsewhere bf16 is emulated and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def resolve_base(ref: str, checkpoint: Path, cache_dir: Path | None) -> tuple[Path, str]:
+    """(directory, identity for the fingerprint) of a base model reference."""
+    if ref in backbones.REGISTRY:
+        try:
+            return backbones.resolve(ref, cache_dir), backbones.identity(ref)
+        except backbones.BackboneError as exc:
+            raise CheckpointError(f"{checkpoint}: base model {ref!r}: {exc}") from exc
+    for candidate in (checkpoint / ref, Path(ref).expanduser()):
+        if (candidate / "config.json").exists():
+            return candidate.resolve(), f"path:{candidate.name}"
+    raise CheckpointError(
+        f"{checkpoint}: base model {ref!r} not found: not a registered backbone "
+        f"({', '.join(backbones.REGISTRY)}) nor a directory with config.json (relative to the checkpoint or absolute)"
+    )
+
+
+def _load_head(file: Path, hidden_size: int, prefix: str = "") -> nn.Linear:
+    if not file.exists():
+        raise CheckpointError(f"{file}: value head weights missing")
+    try:
+        with safe_open(str(file), framework="pt") as fh:
+            tensors = {k[len(prefix) :]: fh.get_tensor(k) for k in fh.keys() if k.startswith(prefix)}  # noqa: SIM118
+    except Exception as exc:  # safetensors raises several types for a corrupt file
+        raise CheckpointError(f"{file}: unreadable safetensors ({exc})") from exc
+    weight = tensors.get("weight")
+    if weight is None or weight.ndim != 2 or weight.shape[1] != hidden_size:
+        shape = None if weight is None else tuple(weight.shape)
+        raise CheckpointError(f"{file}: expected '{prefix}weight' of shape [n, {hidden_size}], found {shape}")
+    head = nn.Linear(hidden_size, weight.shape[0], bias="bias" in tensors)
+    head.load_state_dict(tensors, strict=True)
+    return head.float()
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    return sorted(path.glob("*.safetensors"))
+
+
+def _hidden_size(config: PretrainedConfig) -> int:
+    for key in ("hidden_size", "d_model", "n_embd", "dim"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    text = getattr(config, "text_config", None)
+    if text is not None:
+        return _hidden_size(text)
+    raise CheckpointError(f"cannot find the hidden size in config of type {config.model_type}")
+
+
+# ---- per-format builders ---------------------------------------------------------------------------
+
+
+def _seq_cls_module(model: nn.Module, head_index: int | None, where: Path) -> tuple[RewardHeadModel, int]:
+    num_labels = int(model.config.num_labels)
+    if num_labels != 1 and head_index is None:
+        raise CheckpointError(
+            f"{where}/config.json: num_labels={num_labels}; a reward model has 1 output. "
+            "Set REWARD_HEAD_INDEX to the output that is the reward to serve it anyway"
+        )
+    index = head_index or 0
+    if index >= num_labels:
+        raise CheckpointError(f"{where}: head_index {index} out of range for num_labels={num_labels}")
+    score = getattr(model, "score", None)
+    if isinstance(score, nn.Linear):  # decoders: HF pools the last token; we pool by attention mask
+        return RewardHeadModel(model.base_model, score.float(), "last_token", index), index
+    return RewardHeadModel(model, None, "classifier", index), index
+
+
+def _check_weight_files(where: Path) -> None:
+    """Name the broken file before transformers reports a bare deserialization error."""
+    files = _safetensors_files(where)
+    if not files and not list(where.glob("*.bin")):
+        raise CheckpointError(f"{where}: no weights (*.safetensors or *.bin)")
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as fh:
+                fh.keys()
+        except Exception as exc:  # safetensors raises several types for a corrupt file
+            raise CheckpointError(f"{file}: unreadable safetensors ({exc})") from exc
+
+
+def _from_pretrained(cls: Any, where: Path, **kwargs: Any) -> Any:
+    if cls is not AutoTokenizer:
+        _check_weight_files(where)
+    try:
+        return cls.from_pretrained(where, **kwargs)
+    except Exception as exc:  # transformers raises OSError/ValueError/KeyError/RuntimeError
+        raise CheckpointError(f"{where}: cannot load {getattr(cls, '__name__', cls)}: {exc}") from exc
+
+
+def _merge_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
+    from peft import PeftModel
+
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise CheckpointError(f"{adapter_dir}: adapter_config.json missing")
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    except Exception as exc:
+        raise CheckpointError(f"{adapter_dir}: cannot apply the PEFT adapter: {exc}") from exc
+    return peft_model.merge_and_unload()
+
+
+def _infer_recipe(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, pooling: str) -> ScoringRecipe:
+    """A checkpoint without a manifest: encoders read a text pair, chat models their template, others plain text."""
+    limits = [DEFAULT_MAX_LENGTH]
+    for value in (getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)):
+        if isinstance(value, int) and 0 < value < 1_000_000:
+            limits.append(value)
+    max_length = min(limits)
+    if pooling == "classifier":
+        return ScoringRecipe(template="text_pair", max_length=max_length)
+    if getattr(tokenizer, "chat_template", None):
+        return ScoringRecipe(template="chat", max_length=max_length)
+    return ScoringRecipe(template="concat", max_length=max_length)
+
+
+def load_reward_model(
+    path: Path | str,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    max_length: int | None = None,
+    head_index: int | None = None,
+    trust_remote_code: bool = False,
+    cache_dir: Path | None = None,
+) -> RewardModel:
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory does not exist")
+    manifest = read_manifest(path)
+    fmt = detect_format(path, manifest)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    common: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": torch.float32}
+    base_identity: str | None = None
+    normalization = manifest.normalization if manifest else None
+    tokenizer_dir = path
+
+    if fmt == "seq_cls":
+        model = _from_pretrained(AutoModelForSequenceClassification, path, **common)
+        module, head_index = _seq_cls_module(model, head_index, path)
+        config = model.config
+    elif fmt == "peft":
+        adapter_cfg = read_json(path / "adapter_config.json")
+        ref = (manifest.base_model if manifest else None) or adapter_cfg.get("base_model_name_or_path")
+        if not ref:
+            raise CheckpointError(f"{path}/adapter_config.json: no base_model_name_or_path")
+        base_dir, base_identity = resolve_base(str(ref), path, cache_dir)
+        if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+            tokenizer_dir = base_dir
+        base = _from_pretrained(AutoModelForSequenceClassification, base_dir, num_labels=1, **common)
+        model = _merge_adapter(base, path)
+        module, head_index = _seq_cls_module(model, head_index, path)
+        config = model.config
+    elif fmt == "openrlhf":
+        raw = read_json(path / "config.json")
+        prefix = str(raw.get("value_head_prefix", "score"))
+        backbone = _from_pretrained(AutoModel, path, **common)
+        config = backbone.config
+        head = None
+        for file in _safetensors_files(path):
+            with safe_open(str(file), framework="pt") as fh:
+                if f"{prefix}.weight" in fh.keys():  # noqa: SIM118
+                    head = _load_head(file, _hidden_size(config), prefix=f"{prefix}.")
+        if head is None:
+            raise CheckpointError(f"{path}: no '{prefix}.weight' tensor in any *.safetensors (value_head_prefix)")
+        module = RewardHeadModel(backbone, head, "last_token", head_index or 0)
+        if raw.get("normalize_reward") and "mean" in raw and "std" in raw and normalization is None:
+            normalization = Normalization(mean=float(raw["mean"]), std=float(raw["std"]))
+    else:  # value_head
+        assert manifest is not None
+        base_dir = path
+        if manifest.base_model:
+            base_dir, base_identity = resolve_base(manifest.base_model, path, cache_dir)
+        if not (path / "tokenizer.json").exists() and not (path / "tokenizer_config.json").exists():
+            tokenizer_dir = base_dir
+        backbone = _from_pretrained(AutoModel, base_dir, **common)
+        if manifest.backbone_delta:
+            delta_file = path / manifest.backbone_delta
+            if not delta_file.exists():
+                raise CheckpointError(f"{delta_file}: backbone delta missing")
+            delta = load_file(str(delta_file))
+            result = backbone.load_state_dict(delta, strict=False)
+            if result.unexpected_keys:
+                raise CheckpointError(
+                    f"{delta_file}: {len(result.unexpected_keys)} tensors do not belong to the base model, "
+                    f"e.g. {result.unexpected_keys[:3]}"
+                )
+        if manifest.adapter:
+            backbone = _merge_adapter(backbone, path / manifest.adapter)
+        config = backbone.config
+        head = _load_head(path / manifest.head_file, _hidden_size(config))
+        module = RewardHeadModel(backbone, head, "last_token", head_index or 0)
+
+    tokenizer = _from_pretrained(AutoTokenizer, tokenizer_dir, trust_remote_code=trust_remote_code)
+    recipe = (manifest.recipe if manifest else None) or _infer_recipe(tokenizer, config, module.pooling)
+    if max_length is not None:
+        recipe = recipe.model_copy(update={"max_length": max_length})
+    try:
+        encoder = RecipeEncoder(recipe, tokenizer)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+    module.backbone.to(device=torch_device, dtype=torch_dtype)
+    if module.head is not None:
+        module.head.to(device=torch_device)
+    module.eval()
+    info = {
+        "model_path": str(path),
+        "format": fmt,
+        "architecture": (getattr(config, "architectures", None) or [type(module.backbone).__name__])[0],
+        "model_type": config.model_type,
+        "pooling": module.pooling,
+        "head_index": module.head_index,
+        "base_model": base_identity,
+        "num_parameters": sum(p.numel() for p in module.parameters()),
+        "dtype": str(torch_dtype).removeprefix("torch."),
+        "device": str(torch_device),
+        "max_length": recipe.max_length,
+        "recipe": recipe.model_dump(),
+        "normalization": normalization.model_dump() if normalization else None,
+        "fingerprint": fingerprint(path, recipe, base_identity, module.head_index),
+    }
+    log.info("loaded %s checkpoint %s (%s, %s)", fmt, path, info["architecture"], info["dtype"])
+    return RewardModel(
+        module=module, encoder=encoder, pad_id=int(pad_id), device=torch_device, dtype=torch_dtype, info=info
+    )

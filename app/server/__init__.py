@@ -1,0 +1,1 @@
+"""The HTTP edge: app factory and lifespan, routes, schemas, errors, middleware, metrics, the Ray Serve deployment."""

@@ -1,0 +1,178 @@
+"""Routes only: each handler parses its schema, makes one call through `_scored` and builds the response."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+
+from app.engine.worker import ItemResult, Worker
+from app.model.checkpoint import Normalization
+from app.model.recipe import ScoringInput
+from app.server import limits
+from app.server.errors import ErrorType, ServiceError, openapi_responses
+from app.server.schemas import (
+    CompareRequest,
+    CompareResponse,
+    GetRewardRequest,
+    GetRewardResponse,
+    Health,
+    Info,
+    RankRequest,
+    RankResponse,
+    Ready,
+    ScoreRequest,
+    ScoreResponse,
+)
+from app.settings import Settings
+
+E = ErrorType
+ERRORS = openapi_responses(
+    E.unauthorized, E.payload_too_large, E.validation_error, E.overloaded, E.backend_error, E.not_ready, E.timeout
+)
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def require_api_key(request: Request, settings: SettingsDep) -> None:
+    """Bearer keys, compared in constant time; no keys configured means open."""
+    if not settings.api_keys:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    valid = scheme.lower() == "bearer" and any(
+        hmac.compare_digest(given.encode(), key.encode()) for key in settings.api_keys
+    )
+    if not valid:
+        raise ServiceError(
+            ErrorType.unauthorized,
+            "a valid API key is required (Authorization: Bearer <key>)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+def get_worker(request: Request) -> Worker:
+    worker: Worker | None = getattr(request.app.state, "worker", None)
+    if worker is None or not worker.ready:
+        raise ServiceError(ErrorType.not_ready, "the model is not ready")
+    return worker
+
+
+def get_normalization(request: Request) -> Normalization | None:
+    """The normalization in force, decided at start-up (`normalization_in_force`)."""
+    return request.app.state.normalization  # type: ignore[no-any-return]
+
+
+WorkerDep = Annotated[Worker, Depends(get_worker)]
+NormalizationDep = Annotated[Normalization | None, Depends(get_normalization)]
+router = APIRouter(dependencies=[Depends(require_api_key)])
+open_router = APIRouter()
+
+
+async def _until_disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _scored(
+    request: Request, response: Response, worker: Worker, body: Any, inputs: list[ScoringInput]
+) -> list[ItemResult]:
+    """The one path every scoring route takes: limits, deadline, the worker call, dropping the work of a client
+    that went away, timing headers."""
+    settings = worker.settings
+    limits.check_request(body, len(inputs), settings)
+    timeout = limits.deadline(request.headers.get("x-request-timeout"), settings)
+    task = asyncio.ensure_future(worker.score(inputs, timeout))
+    watch = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not task.done():  # the client disconnected: its queued items are skipped, not computed
+        task.cancel()
+        raise ServiceError(ErrorType.client_closed, "the client closed the connection before its result")
+    scored = task.result()
+    t = scored.timing
+    response.headers["x-tokenize-time-ms"] = f"{t.tokenize_s * 1000:.1f}"
+    response.headers["x-queue-time-ms"] = f"{t.queue_s * 1000:.1f}"
+    response.headers["x-inference-time-ms"] = f"{t.inference_s * 1000:.1f}"
+    return scored.results
+
+
+@router.post("/score", responses=ERRORS)
+async def score(
+    body: ScoreRequest, request: Request, response: Response, worker: WorkerDep, normalization: NormalizationDep
+) -> ScoreResponse:
+    """Rewards for prompt/response items (or whole conversations), aligned with `items`."""
+    results = await _scored(request, response, worker, body, [item.to_input() for item in body.items])
+    return ScoreResponse.build(results, worker.model.info["fingerprint"], normalization)
+
+
+@router.post("/compare", responses=ERRORS)
+async def compare(body: CompareRequest, request: Request, response: Response, worker: WorkerDep) -> CompareResponse:
+    """Bradley-Terry P(response_a preferred to response_b) per pair, with both rewards."""
+    inputs = [side for pair in body.pairs for side in pair.to_inputs()]
+    results = await _scored(request, response, worker, body, inputs)
+    return CompareResponse.build(results, worker.model.info["fingerprint"])
+
+
+@router.post("/rank", responses=ERRORS)
+async def rank(
+    body: RankRequest, request: Request, response: Response, worker: WorkerDep, normalization: NormalizationDep
+) -> RankResponse:
+    """GRPO/RLOO groups: rewards, group mean/std, normalized advantages, leave-one-out baselines, ranks."""
+    inputs = [x for group in body.groups for x in group.to_inputs()]
+    results = await _scored(request, response, worker, body, inputs)
+    return RankResponse.build(body, results, worker.model.info["fingerprint"], normalization)
+
+
+@router.post("/get_reward", responses=ERRORS)
+async def get_reward(
+    body: GetRewardRequest, request: Request, response: Response, worker: WorkerDep, normalization: NormalizationDep
+) -> GetRewardResponse:
+    """OpenRLHF's remote reward model protocol (`--remote_rm_url http://host:port/get_reward`)."""
+    inputs = body.to_inputs(worker.model.encoder.special_tokens)
+    results = await _scored(request, response, worker, body, inputs)
+    return GetRewardResponse.build(results, normalization)
+
+
+@router.get("/info", responses=ERRORS)
+async def info(worker: WorkerDep, normalization: NormalizationDep) -> Info:
+    """What is served and how it reads a sequence; `fingerprint` is also in every scoring response."""
+    return Info(
+        **{**worker.model.info, "normalization": normalization},
+        checkpoint_normalization=worker.model.info["normalization"],
+        shares_prefixes=worker.policy.share_prefixes,
+        limits=limits.described(worker.settings),
+    )
+
+
+@open_router.get("/health")
+async def health() -> Health:
+    """The process is alive (the model may still be loading)."""
+    return Health()
+
+
+@open_router.get("/ready", response_model=Ready, responses={503: {"model": Ready}})
+async def ready(request: Request, settings: SettingsDep) -> Any:
+    """200 once the model is loaded and warmed up; 503 before, and while shutting down."""
+    worker: Worker | None = getattr(request.app.state, "worker", None)
+    state = Ready(ready=bool(worker and worker.ready), queued_items=worker.queued_items if worker else 0)
+    if state.ready:
+        return state
+    return JSONResponse(state.model_dump(), status_code=503, headers={"Retry-After": str(settings.retry_after_seconds)})
+
+
+@open_router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request, settings: SettingsDep) -> Response:
+    """Prometheus text format; behind the API key when keys are set and `protect_metrics` is on."""
+    if settings.protect_metrics:
+        require_api_key(request, settings)
+    return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -1,0 +1,282 @@
+"""Request and response bodies. Conversions between wire shapes and `ScoringInput` live here, not in routes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
+
+from app.model.checkpoint import Normalization
+from app.model.recipe import Message as RecipeMessage
+from app.model.recipe import ScoringInput
+from app.model.reward_model import sigmoid
+
+if TYPE_CHECKING:
+    from app.engine.worker import ItemResult
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Message(_Strict):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: StrictStr
+
+    def plain(self) -> RecipeMessage:
+        return RecipeMessage(role=self.role, content=self.content)
+
+
+Conversation = Annotated[list[Message], Field(min_length=1)]
+
+
+class ScoreItem(_Strict):
+    """Either `prompt` + `response`, or `messages` whose last message is the assistant's reply."""
+
+    prompt: StrictStr | None = None
+    response: StrictStr | None = None
+    messages: Conversation | None = None
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> ScoreItem:
+        if self.messages is not None:
+            if self.prompt is not None or self.response is not None:
+                raise ValueError("give either messages or prompt+response, not both")
+            if self.messages[-1].role != "assistant":
+                raise ValueError("the last message must be the assistant's reply (role 'assistant')")
+        elif self.prompt is None or self.response is None:
+            raise ValueError("each item needs prompt and response (strings), or messages")
+        return self
+
+    def to_input(self) -> ScoringInput:
+        if self.messages is not None:
+            return ScoringInput([m.plain() for m in self.messages[:-1]], self.messages[-1].content)
+        assert self.prompt is not None and self.response is not None
+        return ScoringInput(self.prompt, self.response)
+
+
+class ScoreRequest(_Strict):
+    items: Annotated[list[ScoreItem], Field(min_length=1)]
+
+
+class _Prompted(_Strict):
+    """A prompt given as text, or as the conversation before the reply (`messages`): exactly one of them."""
+
+    prompt: StrictStr | None = None
+    messages: Conversation | None = None
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> _Prompted:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        return self
+
+    def prompt_value(self) -> str | list[RecipeMessage]:
+        return self.prompt if self.prompt is not None else [m.plain() for m in self.messages or []]
+
+
+class ComparePair(_Prompted):
+    """A prompt and two candidate replies."""
+
+    response_a: StrictStr
+    response_b: StrictStr
+
+    def to_inputs(self) -> tuple[ScoringInput, ScoringInput]:
+        prompt = self.prompt_value()
+        return ScoringInput(prompt, self.response_a), ScoringInput(prompt, self.response_b)
+
+
+class CompareRequest(_Strict):
+    pairs: Annotated[list[ComparePair], Field(min_length=1)]
+
+
+class ItemScore(BaseModel):
+    reward: float
+    num_tokens: int = Field(description="tokens the model read, after truncation")
+    truncated: bool = Field(description="true when the start of the prompt (or reply) was cut to fit max_length")
+
+
+def item_scores(results: Sequence[ItemResult], normalization: Normalization | None = None) -> list[ItemScore]:
+    norm = normalization.apply if normalization else float
+    return [ItemScore(reward=norm(r.reward), num_tokens=r.num_tokens, truncated=r.truncated) for r in results]
+
+
+class ScoreResponse(BaseModel):
+    rewards: list[float]
+    items: list[ItemScore]
+    fingerprint: str = Field(description="checkpoint + recipe identity; equal fingerprints give equal rewards")
+    normalization: Normalization | None = Field(None, description="when set, rewards are (raw - mean) / std")
+
+    @classmethod
+    def build(
+        cls, results: Sequence[ItemResult], fingerprint: str, normalization: Normalization | None
+    ) -> ScoreResponse:
+        items = item_scores(results, normalization)
+        return cls(rewards=[i.reward for i in items], items=items, fingerprint=fingerprint, normalization=normalization)
+
+
+class PairResult(BaseModel):
+    probability: float = Field(description="sigmoid(reward_a - reward_b): Bradley-Terry P(a preferred to b)")
+    a: ItemScore
+    b: ItemScore
+
+
+class CompareResponse(BaseModel):
+    probabilities: list[float]
+    pairs: list[PairResult]
+    fingerprint: str
+
+    @classmethod
+    def build(cls, results: Sequence[ItemResult], fingerprint: str) -> CompareResponse:
+        """`results` holds a0, b0, a1, b1, ... as `ComparePair.to_inputs` produced them; always raw rewards."""
+        items = item_scores(results)
+        pairs = [
+            PairResult(probability=sigmoid(a.reward - b.reward), a=a, b=b)
+            for a, b in zip(items[0::2], items[1::2], strict=True)
+        ]
+        return cls(probabilities=[p.probability for p in pairs], pairs=pairs, fingerprint=fingerprint)
+
+
+class RankGroup(_Prompted):
+    """Several responses to one prompt (a GRPO/RLOO group)."""
+
+    responses: Annotated[list[StrictStr], Field(min_length=1)]
+
+    def to_inputs(self) -> list[ScoringInput]:
+        prompt = self.prompt_value()
+        return [ScoringInput(prompt, response) for response in self.responses]
+
+
+class RankRequest(_Strict):
+    groups: Annotated[list[RankGroup], Field(min_length=1)]
+    probabilities: bool = Field(False, description="also return P[i][j] = sigmoid(r_i - r_j) (raw rewards)")
+    eps: float = Field(1e-4, gt=0, description="advantages = (r - mean) / (std + eps), as TRL's GRPO")
+
+
+class GroupResult(BaseModel):
+    rewards: list[float]
+    mean: float
+    std: float = Field(description="sample standard deviation (n - 1), as TRL; 0 for a group of one")
+    advantages: list[float]
+    loo_baselines: list[float | None] = Field(description="RLOO: mean reward of the other responses")
+    ranks: list[int] = Field(description="1 = best; ties share the better rank")
+    probabilities: list[list[float]] | None = None
+    items: list[ItemScore]
+
+
+class RankResponse(BaseModel):
+    groups: list[GroupResult]
+    fingerprint: str
+    normalization: Normalization | None = None
+
+    @classmethod
+    def build(
+        cls, request: RankRequest, results: Sequence[ItemResult], fingerprint: str, normalization: Normalization | None
+    ) -> RankResponse:
+        groups, start = [], 0
+        for group in request.groups:
+            chunk = results[start : start + len(group.responses)]
+            start += len(group.responses)
+            items = item_scores(chunk, normalization)
+            rewards = [i.reward for i in items]
+            n = len(rewards)
+            mean = sum(rewards) / n
+            std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (n - 1)) if n > 1 else 0.0
+            total = sum(rewards)
+            raw = [r.reward for r in chunk]
+            groups.append(
+                GroupResult(
+                    rewards=rewards,
+                    mean=mean,
+                    std=std,
+                    advantages=[(r - mean) / (std + request.eps) for r in rewards],
+                    loo_baselines=[(total - r) / (n - 1) if n > 1 else None for r in rewards],
+                    ranks=[1 + sum(other > r for other in rewards) for r in rewards],
+                    probabilities=[[sigmoid(a - b) for b in raw] for a in raw] if request.probabilities else None,
+                    items=items,
+                )
+            )
+        return cls(groups=groups, fingerprint=fingerprint, normalization=normalization)
+
+
+class GetRewardRequest(BaseModel):
+    """OpenRLHF's `--remote_rm_url` body; unknown fields are ignored as OpenRLHF may add some."""
+
+    query: list[StrictStr]
+    prompts: list[StrictStr] | None = None
+    labels: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _aligned(self) -> GetRewardRequest:
+        if self.prompts is not None and len(self.prompts) != len(self.query):
+            raise ValueError(f"prompts has {len(self.prompts)} entries for {len(self.query)} queries")
+        return self
+
+    def to_inputs(self, special_tokens: Sequence[str]) -> list[ScoringInput]:
+        """Split each response off its query when the prompt is a plain-text prefix, so the recipe (template, EOS)
+        applies; a query whose prompt is already templated (holds special tokens) is scored as the raw sequence."""
+        inputs = []
+        for i, query in enumerate(self.query):
+            prompt = self.prompts[i] if self.prompts is not None else None
+            if prompt and query.startswith(prompt) and not any(t in prompt for t in special_tokens):
+                response = query[len(prompt) :]
+                while trailing := next((t for t in special_tokens if response.endswith(t)), None):
+                    response = response.removesuffix(trailing)  # EOS/pad: the recipe adds its own EOS back
+                inputs.append(ScoringInput(prompt, response))
+            else:
+                inputs.append(ScoringInput("", query, raw=True))
+        return inputs
+
+
+class GetRewardResponse(BaseModel):
+    rewards: list[float]
+    scores: list[float]
+    extra_logs: dict[str, list[float]]
+    normalization: Normalization | None = Field(None, description="when set, rewards are (raw - mean) / std")
+
+    @classmethod
+    def build(cls, results: Sequence[ItemResult], normalization: Normalization | None) -> GetRewardResponse:
+        items = item_scores(results, normalization)
+        rewards = [i.reward for i in items]
+        return cls(
+            rewards=rewards,
+            scores=rewards,
+            normalization=normalization,
+            extra_logs={
+                "reward_num_tokens": [float(i.num_tokens) for i in items],
+                "reward_truncated": [float(i.truncated) for i in items],
+            },
+        )
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Ready(BaseModel):
+    ready: bool
+    queued_items: int
+
+
+class Info(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_path: str
+    format: str
+    architecture: str
+    model_type: str
+    pooling: str
+    head_index: int
+    base_model: str | None
+    num_parameters: int
+    dtype: str
+    device: str
+    max_length: int
+    recipe: dict[str, Any]
+    normalization: Normalization | None = Field(description="applied to /score, /rank and /get_reward; null: raw")
+    checkpoint_normalization: Normalization | None = Field(description="the mean/std the checkpoint stores")
+    fingerprint: str
+    shares_prefixes: bool = Field(description="items sharing a prompt compute it once (see REWARD_SHARE_PREFIXES)")
+    limits: dict[str, int | float]

@@ -1,0 +1,1 @@
+"""Preference data, Bradley-Terry training, the frozen-feature cache and evaluation."""

@@ -1,0 +1,67 @@
+"""The model card (`README.md`) written beside every trained checkpoint: what it is, the exact command, what it
+measured."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+import torch
+
+from app.model.recipe import ScoringRecipe
+
+if TYPE_CHECKING:
+    from app.training.train import TrainConfig
+
+
+def model_card(
+    cfg: TrainConfig, recipe: ScoringRecipe, summary: dict[str, object], n_train: int, n_dev: int, command: str
+) -> str:
+    """README.md of the checkpoint: what it is, how it was made (the exact command), what it measured."""
+    history = summary["history"]
+    assert isinstance(history, list)
+    rows = "\n".join(
+        f"| {h['epoch']} | {h['train_loss']:.4f} | {h.get('dev_accuracy', float('nan')):.4f} | "
+        f"{h.get('dev_log_loss', float('nan')):.4f} | {h['elapsed_s'] / 60:.1f} |"
+        for h in history
+    )
+    settings = "\n".join(f"| `{k}` | `{v}` |" for k, v in json.loads(cfg.model_dump_json()).items())
+    minutes = float(summary["train_seconds"]) / 60  # type: ignore[arg-type]
+    reused = float(summary["reused_feature_seconds"]) / 60  # type: ignore[arg-type]
+    timing = f"{minutes:.1f} min (encoding and feature caching included)"
+    if reused:
+        timing += (
+            f"; {reused:.1f} min of it is the feature caching of entries reused from `--feature-cache`, as measured"
+            f" when they were computed (this run's wall time: {minutes - reused:.1f} min)"
+        )
+    trained = f"top {cfg.top_k} blocks + final norm + head" if cfg.mode == "top_k" else cfg.mode
+    return f"""# Reward model: {cfg.base_model}, {cfg.mode}
+
+A value-head reward model trained by `reward-server train` with the Bradley-Terry loss
+-log sigmoid(r_chosen - r_rejected - margin) on human preference pairs. Serve it with
+`reward-server serve --model <this directory>`.
+
+- Base model: `{cfg.base_model}`; trained: {trained}.
+- Data: `{cfg.train_file}` ({n_train} pairs), selected on `{cfg.dev_file}` ({n_dev} pairs).
+- Best epoch: {summary["best_epoch"]}; calibration temperature folded into the head: {summary["temperature"]}.
+- Training time, measured: {timing}, {torch.get_num_threads()} threads.
+- Scoring recipe (`reward_manifest.json`): `{recipe.model_dump_json()}`
+
+| epoch | train loss | dev accuracy (before calibration) | dev log-loss | elapsed (min) |
+|---:|---:|---:|---:|---:|
+{rows}
+
+## Command
+
+```bash
+{command}
+```
+
+## Hyperparameters
+
+| setting | value |
+|---|---|
+{settings}
+
+Evaluation on the dev set, if run, is in `eval/` (`reward-server eval --model . --data <dev.jsonl> --out eval`).
+"""
