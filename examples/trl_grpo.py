@@ -11,7 +11,7 @@ import sys
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
-from app.clients.trl import RewardFunction
+from app.clients import RewardFunction
 
 policy = sys.argv[1] if len(sys.argv) > 1 else "/path/to/policy"
 prompts = ["What is the capital of France?", "Write a haiku about the sea.", "How do I boil an egg?"] * 8

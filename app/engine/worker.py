@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -130,15 +130,9 @@ class WorkerStats:
 
 
 def settings_policy(settings: Settings) -> BatchPolicy:
-    """The batch policy the settings ask for, before it is fitted to a model (`BatchPolicy.for_model`)."""
-    return BatchPolicy(
-        max_batch_tokens=settings.max_batch_tokens,
-        max_batch_size=settings.max_batch_size,
-        pad_to_multiple_of=settings.pad_to_multiple_of,
-        min_padding_efficiency=settings.min_padding_efficiency,
-        lookahead=settings.lookahead,
-        share_prefixes=settings.share_prefixes,
-    )
+    """The batch policy the settings ask for (its fields are settings of the same names), before it is fitted to a
+    model (`BatchPolicy.for_model`)."""
+    return BatchPolicy(**settings.model_dump(include={f.name for f in fields(BatchPolicy)}))
 
 
 class Worker:

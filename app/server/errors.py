@@ -77,7 +77,8 @@ def openapi_responses(*kinds: ErrorType) -> dict[int | str, dict[str, Any]]:
 
 
 class ServiceError(Exception):
-    """Raised anywhere below the routes; rendered by the one handler as `{"error": {...}}`."""
+    """Raised by the HTTP layer (auth, limits, routes); rendered by the one handler as `{"error": {...}}`. The engine
+    raises its own errors, mapped through `FROM_ENGINE`."""
 
     def __init__(
         self,

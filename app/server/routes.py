@@ -29,9 +29,14 @@ from app.server.schemas import (
 )
 from app.settings import Settings
 
-E = ErrorType
-ERRORS = openapi_responses(
-    E.unauthorized, E.payload_too_large, E.validation_error, E.overloaded, E.backend_error, E.not_ready, E.timeout
+ERRORS = openapi_responses(  # what a scoring route can answer besides 200
+    ErrorType.unauthorized,
+    ErrorType.payload_too_large,
+    ErrorType.validation_error,
+    ErrorType.overloaded,
+    ErrorType.backend_error,
+    ErrorType.not_ready,
+    ErrorType.timeout,
 )
 
 
