@@ -93,19 +93,21 @@ def _eval(args: argparse.Namespace) -> int:
     if args.limit:
         pairs = pairs[: args.limit]
     if args.model is not None:
-        from app.engine.offline import score_offline
+        from app.engine.offline import offline_fingerprint, score_offline
         from app.model.loading import load_reward_model
 
         model = load_reward_model(args.model, dtype=args.dtype, device=args.device)
         report = evaluate(pairs, lambda inputs: score_offline(model, inputs))
-        report["fingerprint"] = model.info["fingerprint"]
+        report["fingerprint"] = offline_fingerprint(model)
+        report["versions"] = model.info["versions"]
         title = f"{args.model} on {args.data.name}"
     else:
         from app.clients import RewardClient
 
         with RewardClient(args.url, api_key=args.api_key, timeout=600) as client:
             report = evaluate(pairs, lambda inputs: client.score([(x.prompt, x.response) for x in inputs]).rewards)
-            report["fingerprint"] = client.info()["fingerprint"]
+            info = client.info()
+            report["fingerprint"], report["versions"] = info["fingerprint"], info["versions"]
         title = f"{args.url} on {args.data.name}"
     report["data"] = str(args.data)
     write_report(report, args.out, title)
@@ -154,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", type=Path, required=True, help="JSONL preference pairs")
     ev.add_argument("--out", type=Path, required=True, help="directory for report.json, summary.md, *.png")
     ev.add_argument("--limit", type=int, help="only the first N pairs")
-    ev.add_argument("--dtype", default="float32", help="in-process dtype (default float32)")
+    ev.add_argument("--dtype", default="auto", help="in-process dtype (default: what the checkpoint states)")
     ev.add_argument("--device", default="auto")
     ev.set_defaults(func=_eval)
 

@@ -20,6 +20,11 @@ class Settings(BaseSettings):
     # --- model -------------------------------------------------------------------------------------
     model_path: Path = Field(Path("models/default"), description="Checkpoint directory to serve.")
     device: str = Field("auto", description="`auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:1`...")
+    device_map: str | None = Field(
+        None,
+        description="A transformers device map (`auto`, `balanced`) that spreads a model too large for one GPU over "
+        "several; unset: the whole model on `device`.",
+    )
     dtype: DType = Field(
         "auto",
         description="`auto` picks bfloat16 on GPUs and on CPUs with AMX/AVX512-BF16, else float32. "

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import pytest
 
 from app.model.recipe import ScoringInput
@@ -256,3 +257,29 @@ async def test_not_ready_is_503(make_client: Any) -> None:
     assert ready.status_code == 503 and ready.json()["ready"] is False
     assert score.status_code == 503 and score.json()["error"]["type"] == "not_ready"
     assert score.headers["retry-after"] == "1"
+
+
+async def test_the_served_fingerprint_changes_with_anything_that_moves_a_reward(
+    make_client: Any, checkpoints: dict[str, Any]
+) -> None:
+    """Equal fingerprints, equal rewards: two identical servers agree; the dtype, the prompt-sharing schedule and the
+    normalization in force each change it."""
+    from asgi_lifespan import LifespanManager
+
+    from app.model.loading import load_reward_model
+    from app.server.main import create_app
+    from tests.conftest import test_settings
+
+    async def served(name: str, model: RewardModel | None = None, **overrides: object) -> str:
+        app = create_app(test_settings(checkpoints[name], **overrides), model=model)
+        async with LifespanManager(app) as manager:
+            transport = httpx.ASGITransport(app=manager.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                return str((await client.get("/info")).json()["fingerprint"])
+
+    first = await served("openrlhf")
+    assert await served("openrlhf") == first
+    assert await served("openrlhf", share_prefixes=False) != first
+    assert await served("openrlhf", normalize=True) != first
+    bf16 = load_reward_model(checkpoints["openrlhf"], dtype="bfloat16", device="cpu")
+    assert await served("openrlhf", model=bf16) != first

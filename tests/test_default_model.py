@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from app.engine.offline import offline_fingerprint
 from app.model.loading import load_reward_model
 from app.training.data import load_pairs
 
@@ -19,8 +20,10 @@ DEV = ROOT.parent / "shared" / "data" / "preferences" / "dev.jsonl"
 @pytest.mark.skipif(not DEV.exists(), reason=f"the dev pairs ({DEV}) come with ../shared, which a user's clone lacks")
 def test_default_model_prefers_the_chosen_reply() -> None:
     report = json.loads((DEFAULT / "eval" / "report.json").read_text())
-    model = load_reward_model(DEFAULT, dtype="float32", device="cpu")
-    assert model.info["fingerprint"] == report["fingerprint"]  # the committed files are the evaluated ones
+    model = load_reward_model(DEFAULT, device="cpu")
+    assert model.info["dtype"] == "float32"  # what it was trained in, whatever the CPU
+    if model.info["versions"] == report["versions"]:  # else the fingerprint rightly differs: kernels may have moved
+        assert offline_fingerprint(model) == report["fingerprint"]  # the committed files are the evaluated ones
     assert model.info["recipe"]["template"] == "chat" and model.info["base_model"].startswith("smollm2-135m-instruct")
     pairs = load_pairs(DEV)
     right = report["examples"]["right"][:5]

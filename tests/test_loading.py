@@ -152,3 +152,47 @@ def test_value_head_delta_must_fit_the_base(checkpoints: dict[str, Path], tmp_pa
     save_file({"not.a.layer": torch.zeros(2)}, str(path / "backbone_delta.safetensors"))
     with pytest.raises(CheckpointError, match="do not belong to the base model"):
         load_reward_model(path, dtype="float32", device="cpu")
+
+
+def test_fingerprint_covers_what_changes_a_reward_and_nothing_else(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    copy = shutil.copytree(checkpoints["gpt2"], tmp_path / "gpt2")
+
+    def fp(**options: object) -> str:
+        return load_reward_model(copy, device="cpu", **options).info["fingerprint"]  # type: ignore[arg-type]
+
+    first = fp(dtype="float32")
+    assert fp(dtype="bfloat16") != first  # another dtype moves rewards
+    (copy / "checkpoint-500").mkdir()  # what a trainer leaves beside the weights is never read
+    (copy / "checkpoint-500" / "model.safetensors").write_bytes(b"snapshot")
+    for name in ("optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin", "rng_state.pth"):
+        (copy / name).write_bytes(b"state")
+    assert fp(dtype="float32") == first
+
+
+def test_a_base_model_counts_by_content_not_by_name(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    checkpoint = shutil.copytree(
+        checkpoints["value_head"], tmp_path / "value_head", ignore=shutil.ignore_patterns("base")
+    )
+    base = shutil.copytree(checkpoints["value_head"] / "base", tmp_path / "elsewhere" / "base")
+    manifest = json.loads((checkpoint / "reward_manifest.json").read_text())
+    (checkpoint / "reward_manifest.json").write_text(json.dumps({**manifest, "base_model": str(base)}))
+    first = load_reward_model(checkpoint, dtype="float32", device="cpu").info["fingerprint"]
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-3}))  # the same name, other numbers
+    assert load_reward_model(checkpoint, dtype="float32", device="cpu").info["fingerprint"] != first
+
+
+@pytest.mark.parametrize(("stated", "served"), [("float32", "float32"), ("bfloat16", "bfloat16")])
+def test_auto_dtype_serves_what_the_checkpoint_was_trained_in(
+    stated: str, served: str, checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    """`REWARD_DTYPE=auto` on a CPU with bfloat16 units used to pick bfloat16 for a float32-trained model."""
+    copy = shutil.copytree(checkpoints["gpt2"], tmp_path / "gpt2")
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "dtype": stated}))
+    info = load_reward_model(copy, dtype="auto", device="cpu").info
+    assert info["dtype"] == served and stated in info["dtype_source"]
+    asked = load_reward_model(copy, dtype="float32", device="cpu").info
+    assert asked["dtype"] == "float32" and asked["dtype_source"] == "REWARD_DTYPE"

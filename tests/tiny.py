@@ -222,3 +222,62 @@ def build_openrlhf(path: Path) -> Path:
     (path / "config.json").write_text(json.dumps(raw))
     tokenizer.save_pretrained(path)
     return path
+
+
+# Chat-template families as hub checkpoints ship them (no manifest): where the BOS comes from, how roles are named.
+FAMILIES: dict[str, dict[str, object]] = {
+    "llama3": {  # the template writes the BOS, and the tokenizer would add one too
+        "specials": ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|pad|>"],
+        "bos": "<|begin_of_text|>",
+        "eos": "<|eot_id|>",
+        "pad": "<|pad|>",
+        "template": "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>"
+        "\n\n' + m['content'] + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+        "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}",
+    },
+    "gemma": {  # BOS both ways, the assistant's turn is `model`
+        "specials": ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<pad>"],
+        "bos": "<bos>",
+        "eos": "<eos>",
+        "pad": "<pad>",
+        "template": "{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' "
+        "else m['role'] %}{{ '<start_of_turn>' + role + '\n' + m['content'] + '<end_of_turn>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}",
+    },
+    "chatml": {  # no BOS; a default system prompt when the conversation has none (Qwen)
+        "specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        "bos": None,
+        "eos": "<|im_end|>",
+        "pad": "<|endoftext|>",
+        "template": "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful assistant."
+        "<|im_end|>\n' }}{% endif %}" + CHATML,
+    },
+}
+
+
+def build_family(path: Path, family: str) -> Path:
+    """A Llama seq-cls checkpoint with the family's tokenizer conventions and chat template."""
+    spec = FAMILIES[family]
+    specials = list(spec["specials"])  # type: ignore[call-overload]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    bos = spec["bos"]
+    if isinstance(bos, str):
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=bos, eos_token=spec["eos"], pad_token=spec["pad"]
+    )
+    tokenizer.chat_template = spec["template"]
+    torch.manual_seed(6)
+    model = LlamaForSequenceClassification(llama_config(tokenizer, num_labels=1))
+    _spread_head(model.score)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -88,6 +88,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=18321)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the markdown table and raw results here (.md and .json)")
+    parser.add_argument(
+        "--load",
+        type=Path,
+        metavar="DIR",
+        help="measure loading instead: generate a random bf16 Llama in each format under DIR, load each in a fresh "
+        "process (peak host RSS, time to ready); --dtype and --device apply",
+    )
+    parser.add_argument("--load-params", type=float, default=0.8e9, help="--load: parameters of the generated model")
+    parser.add_argument("--device", default="cpu", help="--load: where to load (cpu, cuda)")
     return parser
 
 
@@ -102,6 +111,16 @@ def run(args: argparse.Namespace) -> int:
 
     from app.model.loading import load_reward_model
 
+    if args.load is not None:
+        from app.bench.load import report as load_report
+
+        dtype = "bfloat16" if args.dtype == "auto" else args.dtype
+        text = load_report(args.load, args.load_params, dtype, args.device)
+        print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}\n")
+        print(text)
+        if args.out:
+            args.out.with_suffix(".md").write_text(text)
+        return 0
     model = load_reward_model(args.model, dtype=args.dtype)
     workloads = build_workloads(model, args.data, args.prompts, args.group, args.clients, args.idle_items, args.seed)
     chosen = [workloads[w] for w in args.workloads.split(",")]

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from app.engine.batching import BatchPolicy, TokenBudgetQueue
 from app.model.collate import Batch, SharedBatch
+from app.model.fingerprint import scoring_fingerprint
 from app.model.recipe import Encoded, ScoringInput
 from app.model.reward_model import RewardModel
 
@@ -38,6 +39,17 @@ class Queued:
     @property
     def prefix(self) -> int:
         return self.encoded.prefix
+
+
+def offline_fingerprint(model: RewardModel, policy: BatchPolicy = OFFLINE) -> str:
+    """The fingerprint of scoring `model` with `policy` and raw rewards: a server with the same policy reports it."""
+    fitted = policy.for_model(model.max_length, model.can_share_prefixes)
+    return scoring_fingerprint(
+        model.info["fingerprint"],
+        share_prefixes=fitted.share_prefixes,
+        pad_to_multiple_of=fitted.pad_to_multiple_of,
+        normalization=None,
+    )
 
 
 def score_offline(

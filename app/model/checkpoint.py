@@ -47,6 +47,9 @@ class Manifest(BaseModel):
     adapter: str | None = Field(None, description="PEFT adapter directory, merged at load")
     head_file: str = HEAD_FILE
     recipe: ScoringRecipe | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="what the weights were trained in: REWARD_DTYPE=auto serves this"
+    )
     normalization: Normalization | None = None
     extra: dict[str, Any] = Field(default_factory=dict, description="training metadata; not read when serving")
 
@@ -101,6 +104,7 @@ def save_value_head_checkpoint(
     base_model: str | None = None,
     trained_prefixes: list[str] | None = None,
     normalization: Normalization | None = None,
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Manifest:
     """The inverse of the `value_head` loader. With `base_model`, only parameters under `trained_prefixes` are
@@ -133,6 +137,7 @@ def save_value_head_checkpoint(
         adapter=adapter,
         recipe=recipe,
         normalization=normalization,
+        dtype=dtype,
         extra=extra or {},
     )
     (path / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")

@@ -31,8 +31,8 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from app.model import backbones
-from app.model.checkpoint import CheckpointError, Normalization, detect_format, read_json, read_manifest
-from app.model.fingerprint import fingerprint
+from app.model.checkpoint import CheckpointError, Manifest, Normalization, detect_format, read_json, read_manifest
+from app.model.fingerprint import content_digest, model_fingerprint, versions
 from app.model.recipe import RecipeEncoder, ScoringRecipe
 from app.model.reward_model import RewardHeadModel, RewardModel
 
@@ -60,12 +60,36 @@ def cpu_has_fast_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device, stated: str | None) -> tuple[torch.dtype, str]:
+    """(dtype, why): `auto` serves the dtype the checkpoint states it was trained in (manifest, else `config.json`),
+    since another one moves its rewards; only a checkpoint that states none gets the device's fastest."""
+    if name != "auto":
+        return DTYPES[name], "REWARD_DTYPE"
+    if stated in DTYPES:
+        if stated == "float16" and device.type == "cpu":
+            return torch.float32, "the checkpoint's float16, as float32: CPUs lack float16 kernels"
+        return DTYPES[stated], f"the checkpoint's ({stated})"
+    if device.type == "cuda":
+        fast = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return fast, "the checkpoint states no dtype: the GPU's half precision"
+    if cpu_has_fast_bf16():
+        return torch.bfloat16, "the checkpoint states no dtype: bfloat16, native on this CPU"
+    return torch.float32, "the checkpoint states no dtype: float32 (this CPU has no bfloat16 units)"
+
+
+def stated_dtype(manifest: Manifest | None, weights: Path) -> str | None:
+    """The dtype a checkpoint says it was trained in: our manifest's, else its weights' `config.json`."""
+    if manifest is not None and manifest.dtype is not None:
+        return manifest.dtype
+    config = weights / "config.json"
+    if not config.exists():
+        return None
+    raw = read_json(config)
+    value = raw.get("dtype") or raw.get("torch_dtype")
+    return str(value) if value else None
 
 
 def resolve_base(ref: str, checkpoint: Path, cache_dir: Path | None) -> tuple[Path, str]:
@@ -77,7 +101,7 @@ def resolve_base(ref: str, checkpoint: Path, cache_dir: Path | None) -> tuple[Pa
             raise CheckpointError(f"{checkpoint}: base model {ref!r}: {exc}") from exc
     for candidate in (checkpoint / ref, Path(ref).expanduser()):
         if (candidate / "config.json").exists():
-            return candidate.resolve(), f"path:{candidate.name}"
+            return candidate.resolve(), f"path:{content_digest(candidate)[:16]}"  # by content, not by name
     raise CheckpointError(
         f"{checkpoint}: base model {ref!r} not found: not a registered backbone "
         f"({', '.join(backbones.REGISTRY)}) nor a directory with config.json (relative to the checkpoint or absolute)"
@@ -192,31 +216,39 @@ def load_reward_model(
     head_index: int | None = None,
     trust_remote_code: bool = False,
     cache_dir: Path | None = None,
+    device_map: str | None = None,
 ) -> RewardModel:
+    """Weights load straight into the serving dtype on the serving device (never through a float32 host copy: an
+    8B model would need ~50 GB of host memory); value heads stay float32. `device_map` (e.g. `auto`) spreads the
+    backbone over several GPUs."""
     path = Path(path).expanduser()
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory does not exist")
     manifest = read_manifest(path)
     fmt = detect_format(path, manifest)
+    base_dir, base_identity = path, None  # the weights the backbone loads from
+    if fmt == "peft":
+        adapter_cfg = read_json(path / "adapter_config.json")
+        ref = (manifest.base_model if manifest else None) or adapter_cfg.get("base_model_name_or_path")
+        if not ref:
+            raise CheckpointError(f"{path}/adapter_config.json: no base_model_name_or_path")
+        base_dir, base_identity = resolve_base(str(ref), path, cache_dir)
+    elif fmt == "value_head" and manifest is not None and manifest.base_model:
+        base_dir, base_identity = resolve_base(manifest.base_model, path, cache_dir)
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    common: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": torch.float32}
-    base_identity: str | None = None
+    torch_dtype, dtype_source = resolve_dtype(dtype, torch_device, stated_dtype(manifest, base_dir))
+    common: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": torch_dtype}
+    if device_map is not None or torch_device.type != "cpu":
+        common["device_map"] = device_map or str(torch_device)
     normalization = manifest.normalization if manifest else None
-    tokenizer_dir = path
+    has_tokenizer = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer_dir = path if has_tokenizer else base_dir
 
     if fmt == "seq_cls":
         model = _from_pretrained(AutoModelForSequenceClassification, path, **common)
         module, head_index = _seq_cls_module(model, head_index, path)
         config = model.config
     elif fmt == "peft":
-        adapter_cfg = read_json(path / "adapter_config.json")
-        ref = (manifest.base_model if manifest else None) or adapter_cfg.get("base_model_name_or_path")
-        if not ref:
-            raise CheckpointError(f"{path}/adapter_config.json: no base_model_name_or_path")
-        base_dir, base_identity = resolve_base(str(ref), path, cache_dir)
-        if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
-            tokenizer_dir = base_dir
         base = _from_pretrained(AutoModelForSequenceClassification, base_dir, num_labels=1, **common)
         model = _merge_adapter(base, path)
         module, head_index = _seq_cls_module(model, head_index, path)
@@ -238,11 +270,6 @@ def load_reward_model(
             normalization = Normalization(mean=float(raw["mean"]), std=float(raw["std"]))
     else:  # value_head
         assert manifest is not None
-        base_dir = path
-        if manifest.base_model:
-            base_dir, base_identity = resolve_base(manifest.base_model, path, cache_dir)
-        if not (path / "tokenizer.json").exists() and not (path / "tokenizer_config.json").exists():
-            tokenizer_dir = base_dir
         backbone = _from_pretrained(AutoModel, base_dir, **common)
         if manifest.backbone_delta:
             delta_file = path / manifest.backbone_delta
@@ -273,10 +300,10 @@ def load_reward_model(
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
 
-    module.backbone.to(device=torch_device, dtype=torch_dtype)
+    module.eval()
     if module.head is not None:
         module.head.to(device=torch_device)
-    module.eval()
+    inputs_device = module.backbone.get_input_embeddings().weight.device  # the first device, under a device map
     info = {
         "model_path": str(path),
         "format": fmt,
@@ -287,13 +314,24 @@ def load_reward_model(
         "base_model": base_identity,
         "num_parameters": sum(p.numel() for p in module.parameters()),
         "dtype": str(torch_dtype).removeprefix("torch."),
-        "device": str(torch_device),
+        "dtype_source": dtype_source,
+        "versions": versions(),
+        "device": str(inputs_device),
+        "device_map": device_map,
         "max_length": recipe.max_length,
         "recipe": recipe.model_dump(),
         "normalization": normalization.model_dump() if normalization else None,
-        "fingerprint": fingerprint(path, recipe, base_identity, module.head_index),
+        "fingerprint": model_fingerprint(
+            path,
+            base=base_identity,
+            recipe=recipe.model_dump(),
+            head_index=module.head_index,
+            dtype=torch_dtype,
+            device=inputs_device,
+            attention=getattr(config, "_attn_implementation", None),
+        ),
     }
     log.info("loaded %s checkpoint %s (%s, %s)", fmt, path, info["architecture"], info["dtype"])
     return RewardModel(
-        module=module, encoder=encoder, pad_id=int(pad_id), device=torch_device, dtype=torch_dtype, info=info
+        module=module, encoder=encoder, pad_id=int(pad_id), device=inputs_device, dtype=torch_dtype, info=info
     )

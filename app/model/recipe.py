@@ -7,7 +7,8 @@ The rules, fixed here and stored with every checkpoint:
 - special tokens: the tokenizer's own (BOS for Llama, CLS/SEP for BERT), never a doubled BOS; EOS appended when
   `append_eos` and not already last.
 - truncation to `max_length` keeps the end: prompt tokens are dropped from the left first, then response tokens
-  from the left; tokens the tokenizer added (BOS, CLS, SEP, the appended EOS) are never dropped. Reported per item.
+  from the left; tokens the tokenizer added (BOS, CLS, SEP, the appended EOS) and a leading BOS that a chat template
+  wrote are never dropped. Reported per item.
 - the value head reads the last token whose attention mask is 1 (see `collate.py`).
 """
 
@@ -190,6 +191,8 @@ class RecipeEncoder:
             ids.append(self.eos_id)  # type: ignore[arg-type]  # checked in __init__
             seq.append(None)
             types.append(types[-1] if types else 0)
+        if self.bos_id is not None and ids and ids[0] == self.bos_id:
+            seq[0] = None  # a BOS the chat template wrote is kept through truncation, as one the tokenizer added
         excess = len(ids) - self.recipe.max_length
         truncated = excess > 0
         if truncated:

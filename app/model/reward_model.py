@@ -87,8 +87,8 @@ class RewardHeadModel(nn.Module):
     def _read(self, hidden: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index]
         assert self.head is not None
-        head_dtype = next(self.head.parameters()).dtype
-        return self.head(last.to(head_dtype))[:, self.head_index].float()
+        weight = next(self.head.parameters())  # float32, on the device the backbone's output may not share
+        return self.head(last.to(device=weight.device, dtype=weight.dtype))[:, self.head_index].float()
 
 
 def cache_argument(backbone: nn.Module) -> str | None:

@@ -12,12 +12,13 @@ from fastapi import FastAPI
 
 from app.engine.worker import Worker
 from app.model.checkpoint import Normalization
+from app.model.fingerprint import scoring_fingerprint
 from app.model.loading import load_reward_model
 from app.model.reward_model import RewardModel
 from app.server.errors import install_error_handlers
 from app.server.metrics import Metrics
 from app.server.middleware import RequestContext
-from app.server.routes import open_router, router
+from app.server.routes import Served, open_router, router
 from app.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ def load_model(settings: Settings) -> RewardModel:
             head_index=settings.head_index,
             trust_remote_code=settings.trust_remote_code,
             cache_dir=settings.cache_dir,
+            device_map=settings.device_map,
         ).result()
 
 
@@ -60,11 +62,18 @@ def create_app(settings: Settings | None = None, model: RewardModel | None = Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Loading errors propagate: uvicorn exits non-zero with the CheckpointError naming the file.
         loaded = model or await asyncio.to_thread(load_model, settings)
-        app.state.normalization = normalization_in_force(settings, loaded)
+        normalization = normalization_in_force(settings, loaded)
         worker = Worker(loaded, settings, app.state.metrics)
-        await asyncio.to_thread(worker.start)
+        await asyncio.to_thread(worker.start)  # fits the batch policy to the model
+        fingerprint = scoring_fingerprint(
+            loaded.info["fingerprint"],
+            share_prefixes=worker.policy.share_prefixes,
+            pad_to_multiple_of=worker.policy.pad_to_multiple_of,
+            normalization=normalization.model_dump() if normalization else None,
+        )
+        app.state.served = Served(normalization, fingerprint)
         app.state.worker = worker
-        log.info("ready: %s (fingerprint %s)", settings.model_path, loaded.info["fingerprint"])
+        log.info("ready: %s (fingerprint %s)", settings.model_path, fingerprint)
         try:
             yield
         finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -70,13 +71,20 @@ def get_worker(request: Request) -> Worker:
     return worker
 
 
-def get_normalization(request: Request) -> Normalization | None:
-    """The normalization in force, decided at start-up (`normalization_in_force`)."""
-    return request.app.state.normalization  # type: ignore[no-any-return]
+@dataclass(frozen=True)
+class Served:
+    """What start-up decided and every route reports: the normalization in force and the scoring fingerprint."""
+
+    normalization: Normalization | None
+    fingerprint: str
+
+
+def get_served(request: Request) -> Served:
+    return request.app.state.served  # type: ignore[no-any-return]
 
 
 WorkerDep = Annotated[Worker, Depends(get_worker)]
-NormalizationDep = Annotated[Normalization | None, Depends(get_normalization)]
+ServedDep = Annotated[Served, Depends(get_served)]
 router = APIRouter(dependencies=[Depends(require_api_key)])
 open_router = APIRouter()
 
@@ -113,46 +121,49 @@ async def _scored(
 
 @router.post("/score", responses=ERRORS)
 async def score(
-    body: ScoreRequest, request: Request, response: Response, worker: WorkerDep, normalization: NormalizationDep
+    body: ScoreRequest, request: Request, response: Response, worker: WorkerDep, served: ServedDep
 ) -> ScoreResponse:
     """Rewards for prompt/response items (or whole conversations), aligned with `items`."""
     results = await _scored(request, response, worker, body, [item.to_input() for item in body.items])
-    return ScoreResponse.build(results, worker.model.info["fingerprint"], normalization)
+    return ScoreResponse.build(results, served.fingerprint, served.normalization)
 
 
 @router.post("/compare", responses=ERRORS)
-async def compare(body: CompareRequest, request: Request, response: Response, worker: WorkerDep) -> CompareResponse:
+async def compare(
+    body: CompareRequest, request: Request, response: Response, worker: WorkerDep, served: ServedDep
+) -> CompareResponse:
     """Bradley-Terry P(response_a preferred to response_b) per pair, with both rewards."""
     inputs = [side for pair in body.pairs for side in pair.to_inputs()]
     results = await _scored(request, response, worker, body, inputs)
-    return CompareResponse.build(results, worker.model.info["fingerprint"])
+    return CompareResponse.build(results, served.fingerprint)
 
 
 @router.post("/rank", responses=ERRORS)
 async def rank(
-    body: RankRequest, request: Request, response: Response, worker: WorkerDep, normalization: NormalizationDep
+    body: RankRequest, request: Request, response: Response, worker: WorkerDep, served: ServedDep
 ) -> RankResponse:
     """GRPO/RLOO groups: rewards, group mean/std, normalized advantages, leave-one-out baselines, ranks."""
     inputs = [x for group in body.groups for x in group.to_inputs()]
     results = await _scored(request, response, worker, body, inputs)
-    return RankResponse.build(body, results, worker.model.info["fingerprint"], normalization)
+    return RankResponse.build(body, results, served.fingerprint, served.normalization)
 
 
 @router.post("/get_reward", responses=ERRORS)
 async def get_reward(
-    body: GetRewardRequest, request: Request, response: Response, worker: WorkerDep, normalization: NormalizationDep
+    body: GetRewardRequest, request: Request, response: Response, worker: WorkerDep, served: ServedDep
 ) -> GetRewardResponse:
     """OpenRLHF's remote reward model protocol (`--remote_rm_url http://host:port/get_reward`)."""
     inputs = body.to_inputs(worker.model.encoder.special_tokens)
     results = await _scored(request, response, worker, body, inputs)
-    return GetRewardResponse.build(results, normalization)
+    return GetRewardResponse.build(results, served.normalization)
 
 
 @router.get("/info", responses=ERRORS)
-async def info(worker: WorkerDep, normalization: NormalizationDep) -> Info:
+async def info(worker: WorkerDep, served: ServedDep) -> Info:
     """What is served and how it reads a sequence; `fingerprint` is also in every scoring response."""
     return Info(
-        **{**worker.model.info, "normalization": normalization},
+        **{**worker.model.info, "normalization": served.normalization, "fingerprint": served.fingerprint},
+        model_fingerprint=worker.model.info["fingerprint"],
         checkpoint_normalization=worker.model.info["normalization"],
         shares_prefixes=worker.policy.share_prefixes,
         limits=limits.described(worker.settings),

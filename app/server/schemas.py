@@ -273,10 +273,14 @@ class Info(BaseModel):
     num_parameters: int
     dtype: str
     device: str
+    device_map: str | None = Field(description="the device map the backbone was spread with, if any")
     max_length: int
     recipe: dict[str, Any]
     normalization: Normalization | None = Field(description="applied to /score, /rank and /get_reward; null: raw")
     checkpoint_normalization: Normalization | None = Field(description="the mean/std the checkpoint stores")
-    fingerprint: str
+    fingerprint: str = Field(description="equal fingerprints give equal rewards: model, scheduling, normalization")
+    model_fingerprint: str = Field(description="the loaded model's part of it: files, base, recipe, dtype, device")
+    dtype_source: str = Field(description="why this dtype: REWARD_DTYPE, or what the checkpoint states")
+    versions: dict[str, str] = Field(description="torch and transformers major.minor, part of the fingerprint")
     shares_prefixes: bool = Field(description="items sharing a prompt compute it once (see REWARD_SHARE_PREFIXES)")
     limits: dict[str, int | float]

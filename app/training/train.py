@@ -319,5 +319,6 @@ class Trainer:
             recipe=self.recipe,
             base_model=self.base_reference(),
             trained_prefixes=self.prefixes or None,
+            dtype="bfloat16" if cfg.bf16 else "float32",  # what the forward ran in: `REWARD_DTYPE=auto` serves it
             extra=extra,
         )

@@ -1,0 +1,53 @@
+"""Hub checkpoints (no manifest) are scored exactly as their model cards read them: the chat template rendered and
+tokenized once (`apply_chat_template(conversation, tokenize=True)`), one BOS, no EOS the card does not add, the head
+at the last token. Truncated to `max_length`, an item keeps its BOS and its last `max_length - 1` tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from app.model.loading import load_reward_model
+from app.model.recipe import ScoringInput
+from tests import tiny
+
+CONVERSATION = [
+    {"role": "user", "content": "What is the capital of France? Please answer in one short sentence."},
+    {"role": "assistant", "content": "The capital of France is Paris, the city on the river."},
+]
+
+
+@pytest.fixture(scope="module", params=sorted(tiny.FAMILIES))
+def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    name = str(request.param)
+    return name, tiny.build_family(tmp_path_factory.mktemp(name) / name, name)
+
+
+def card_reading(path: Path, max_length: int | None = None) -> tuple[float, list[int]]:
+    """What a model card's code computes: render and tokenize with the template, one unpadded forward, logits[0][0]."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = tokenizer.apply_chat_template(CONVERSATION, tokenize=True)
+    ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    if max_length is not None and len(ids) > max_length:
+        bos = tokenizer.bos_token_id
+        ids = ids[:1] + ids[-(max_length - 1) :] if bos is not None and ids[0] == bos else ids[-max_length:]
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return float(model(input_ids=torch.tensor([ids])).logits[0][0]), ids
+
+
+@pytest.mark.parametrize("max_length", [None, 24])
+def test_scored_as_the_card_reads_it(family: tuple[str, Path], max_length: int | None) -> None:
+    name, path = family
+    want, want_ids = card_reading(path, max_length)
+    model = load_reward_model(path, dtype="float32", device="cpu", max_length=max_length)
+    assert model.info["recipe"]["template"] == "chat" and not model.info["recipe"]["append_eos"]
+    encoded = model.encoder.encode(ScoringInput(CONVERSATION[:1], CONVERSATION[1]["content"]))  # type: ignore[arg-type]
+    assert encoded.input_ids == want_ids, name
+    assert encoded.truncated == (max_length is not None)
+    bos = model.encoder.bos_id
+    assert sum(t == bos for t in encoded.input_ids) == (0 if name == "chatml" else 1)  # one BOS, truncated or not
+    assert model.score([encoded])[0] == pytest.approx(want, abs=1e-5)
