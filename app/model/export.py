@@ -1,13 +1,16 @@
 """`reward-server export`: any loadable checkpoint -> a plain merged `AutoModelForSequenceClassification` directory.
 
-TRL, vLLM and other servers then read the same model. Two details make the result read sequences exactly as we do:
-the recipe goes along in `reward_manifest.json`, and the padding token is made distinct from EOS, because Hugging
-Face's own pooling reads the last token that is not padding and would skip a trailing EOS when pad == eos.
+TRL, vLLM and other servers then read the same model. Three details make the result read sequences exactly as we do:
+the recipe goes along in `reward_manifest.json`; the tokenizer's chat template is wrapped to encode the recipe (its
+system prompt, the closing EOS), so a card-style `apply_chat_template` reading gets our sequence; and the padding
+token is made distinct from EOS, because Hugging Face's own pooling reads the last token that is not padding and would
+skip a trailing EOS when pad == eos.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
@@ -15,6 +18,7 @@ from transformers import AutoModelForSequenceClassification
 
 from app.model.checkpoint import MANIFEST, Manifest, Normalization
 from app.model.loading import load_reward_model
+from app.model.recipe import ScoringRecipe
 
 
 class ExportError(ValueError):
@@ -32,6 +36,28 @@ def _distinct_pad(tokenizer: object) -> int:
             tokenizer.pad_token = token  # type: ignore[attr-defined]
             return int(token_id)
     raise ExportError("the tokenizer has no special token other than BOS/EOS to pad with (pad == eos would misread)")
+
+
+def recipe_template(template: str, recipe: ScoringRecipe) -> str:
+    """The tokenizer's chat template, wrapped so that rendering a conversation with it alone (a model card's
+    `apply_chat_template(conversation, tokenize=True)`, TRL, vLLM's `/classify` on `messages`) reads the sequence the
+    recipe reads: its system prompt when the conversation has none, and a closing EOS after trailing whitespace is cut.
+    Generation prompts render as before."""
+    system = ""
+    if recipe.system_prompt is not None:
+        system = (
+            "{% if messages[0]['role'] != 'system' %}"
+            f"{{% set messages = [{{'role': 'system', 'content': {json.dumps(recipe.system_prompt)}}}] + messages %}}"
+            "{% endif %}"
+        )
+    if recipe.append_eos:
+        scored = (
+            "{% set rendered %}" + template + "{% endset %}{{ rendered.rstrip() }}"
+            "{% if not rendered.rstrip().endswith(eos_token) %}{{ eos_token }}{% endif %}"
+        )
+    else:
+        scored = template
+    return "{% if add_generation_prompt %}" + template + "{% else %}" + system + scored + "{% endif %}"
 
 
 def export_seq_cls(source: Path, out: Path) -> Path:
@@ -58,13 +84,17 @@ def export_seq_cls(source: Path, out: Path) -> Path:
         assert not missing.missing_keys
         with torch.no_grad():
             exported.score.weight.copy_(head.weight[module.head_index : module.head_index + 1])
+    recipe = model.encoder.recipe
+    if recipe.template == "chat":
+        tokenizer.chat_template = recipe_template(tokenizer.chat_template, recipe)
+    tokenizer.truncation_side = tokenizer.init_kwargs["truncation_side"] = "left"  # saved: the recipe keeps the end
     out.mkdir(parents=True, exist_ok=True)
     exported.save_pretrained(out)
     tokenizer.save_pretrained(out)
     stored = model.info.get("normalization")
     manifest = Manifest(
         format="seq_cls",
-        recipe=model.encoder.recipe,
+        recipe=recipe,
         normalization=Normalization(**stored) if stored else None,
         extra={"exported_from": str(source), "fingerprint_of_source": model.info["fingerprint"]},
     )
