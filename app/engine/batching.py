@@ -119,6 +119,13 @@ class TokenBudgetQueue(Generic[T]):
     def extend(self, entries: Iterable[T]) -> None:
         self._entries.extend(entries)
 
+    def prune(self) -> int:
+        """Drop every abandoned entry now (not only when a batch reaches it); how many were dropped."""
+        before = len(self._entries)
+        self._entries = deque(e for e in self._entries if not e.abandoned)
+        self.dropped += before - len(self._entries)
+        return before - len(self._entries)
+
     def next_batch(self) -> list[T]:
         """The next batch to run (empty when nothing is queued), oldest first."""
         p = self.policy

@@ -23,7 +23,7 @@ import torch
 from app.engine.batching import BatchPolicy, TokenBudgetQueue
 from app.engine.errors import BackendFailed, DeadlineExceeded, EngineError, InputRejected, NotReady, Overloaded
 from app.engine.offline import Queued
-from app.model.recipe import ScoringInput
+from app.model.recipe import ScoringInput, UnreadableItem
 from app.model.reward_model import RewardModel
 from app.settings import Settings
 
@@ -147,7 +147,9 @@ class Worker:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._tokenizers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
+        self._inflight: set[_Pending] = set()  # admitted and not yet answered: what a dying model thread fails
         self.ready = False
+        self.failure: str | None = None  # set when the model thread died: nothing is served after it
 
     # ---- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -193,8 +195,15 @@ class Worker:
 
     # ---- request path (event loop) ----------------------------------------------------------------
     def _admit(self, count: int) -> None:
+        if self.failure is not None:
+            raise NotReady(f"the model thread died ({self.failure}); the service must be restarted")
         if not self.ready:
             raise NotReady("the model is not ready (starting or shutting down)")
+        if len(self._queue) + count > self.settings.max_queue_items:
+            with self._cond:  # count live work only: entries of requests that timed out or left go first
+                pruned = self._queue.prune()
+            if pruned:
+                self.observer.dropped(pruned)
         if len(self._queue) + count > self.settings.max_queue_items:
             raise Overloaded(f"the queue is full ({len(self._queue)} items waiting); retry later")
 
@@ -205,7 +214,10 @@ class Worker:
             return Scored([], Timing(0.0, 0.0, 0.0))
         loop = asyncio.get_running_loop()
         began = time.perf_counter()
-        encoded = await loop.run_in_executor(self._tokenizers, self.model.encoder.encode_batch, inputs)
+        try:
+            encoded = await loop.run_in_executor(self._tokenizers, self.model.encoder.encode_batch, inputs)
+        except UnreadableItem as exc:
+            raise InputRejected(f"item {exc.index}: {exc.reason}", param=f"items[{exc.index}]") from exc
         tokenize_s = time.perf_counter() - began
         self.observer.tokenized(tokenize_s)
         empty = next((i for i, e in enumerate(encoded) if not e.input_ids), None)
@@ -215,6 +227,7 @@ class Worker:
         with self._cond:
             self._admit(len(encoded))
             self._queue.extend(_Entry(enc, i, pending) for i, enc in enumerate(encoded))
+            self._inflight.add(pending)
             self._cond.notify()
         try:
             rewards = await asyncio.wait_for(pending.future, timeout)
@@ -222,6 +235,9 @@ class Worker:
             raise DeadlineExceeded(
                 f"not scored within the request's deadline of {timeout:g} s; its items were dropped"
             ) from None
+        finally:
+            with self._cond:
+                self._inflight.discard(pending)
         started = pending.started if pending.started is not None else time.perf_counter()
         timing = Timing(tokenize_s, started - pending.enqueued, pending.inference_s)
         self.observer.started(timing.queue_s)
@@ -236,6 +252,22 @@ class Worker:
             warmed.set_exception(exc)
             return
         warmed.set_result(None)
+        try:
+            self._serve()
+        except BaseException as exc:  # noqa: BLE001 (outside any batch's own handling: this thread cannot go on)
+            self._die(exc)
+
+    def _die(self, exc: BaseException) -> None:
+        """Fail fast instead of letting callers wait out their deadlines: not ready, every admitted request answered
+        503, health failing (so an orchestrator or Ray replaces the process)."""
+        log.critical("the model thread died", exc_info=exc)
+        with self._cond:
+            self.failure = f"{type(exc).__name__}: {exc}"
+            self.ready = False
+            for pending in self._inflight:
+                pending.fail(NotReady(f"the model thread died ({self.failure}); the service must be restarted"))
+
+    def _serve(self) -> None:
         while True:
             with self._cond:
                 while not self._queue and not self._stopping:

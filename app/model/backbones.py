@@ -97,8 +97,7 @@ def resolve(name: str, cache_dir: Path | None = None) -> Path:
     if spec.convert is None:
         return source
     target = (cache_dir or default_cache_dir()) / "backbones" / name
-    stamp = target / "source.json"
-    if stamp.exists() and json.loads(stamp.read_text()).get("sha256") == spec.sha256:
+    if _converted(target, spec):
         return target
     actual = sha256_file(source)
     if spec.sha256 is not None and actual != spec.sha256:
@@ -108,9 +107,21 @@ def resolve(name: str, cache_dir: Path | None = None) -> Path:
     try:
         spec.convert(source, staging)
         (staging / "source.json").write_text(json.dumps({"file": str(source), "sha256": actual}))
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+        try:
+            staging.rename(target)  # atomic; refused when the target exists and is not empty
+        except OSError:
+            if not _converted(target, spec):  # a stale cache: set it aside, publish ours, then delete it
+                stale = Path(tempfile.mkdtemp(prefix=f".{name}-stale-", dir=target.parent))
+                target.rename(stale / name)
+                staging.rename(target)
+                shutil.rmtree(stale, ignore_errors=True)
+            # else another process (a second replica, a container on the same volume) published the same files
+            # first: it may be reading them, so they stay; ours are discarded
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _converted(target: Path, spec: PackagedBackbone) -> bool:
+    stamp = target / "source.json"
+    return stamp.exists() and json.loads(stamp.read_text()).get("sha256") == spec.sha256

@@ -292,6 +292,12 @@ def load_reward_model(
     recipe = (manifest.recipe if manifest else None) or _infer_recipe(tokenizer, config, module.pooling)
     if max_length is not None:
         recipe = recipe.model_copy(update={"max_length": max_length})
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and recipe.max_length > positions:  # every long item would fail in the forward
+        raise CheckpointError(
+            f"{path}: max_length {recipe.max_length} (REWARD_MAX_LENGTH or the manifest's recipe) is over the model's "
+            f"max_position_embeddings ({positions})"
+        )
     try:
         encoder = RecipeEncoder(recipe, tokenizer)
     except ValueError as exc:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, TypedDict
 
+from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Encoding as RustEncoding
 from tokenizers import Tokenizer
@@ -33,6 +34,15 @@ class Message(TypedDict):
 
 
 Prompt = str | list[Message]
+
+
+class UnreadableItem(ValueError):
+    """The recipe cannot turn item `index` into tokens; the message says why."""
+
+    def __init__(self, index: int, reason: str) -> None:
+        super().__init__(reason)
+        self.index = index
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,10 +177,21 @@ class RecipeEncoder:
         return None  # text_pair: encoders read both ways, nothing is a prefix
 
     # ---- tokens -----------------------------------------------------------------------------------
+    def _rendered(self, items: list[ScoringInput]) -> tuple[list[str | tuple[str, str]], list[str | None]]:
+        """Every item's text and prompt text; a conversation its chat template refuses names the item."""
+        texts, prompts = [], []
+        for index, item in enumerate(items):
+            try:
+                texts.append(self.render(item))
+                prompts.append(self.render_prompt(item))
+            except TemplateError as exc:  # `raise_exception` in the template: roles it does not support, say
+                raise UnreadableItem(index, f"the chat template refused it: {exc}") from exc
+        return texts, prompts
+
     def encode_batch(self, items: list[ScoringInput]) -> list[Encoded]:
         add_special = self.recipe.add_special_tokens and self.recipe.template != "chat"
-        encodings = self._rust.encode_batch([self.render(item) for item in items], add_special_tokens=add_special)
-        prompts = [self.render_prompt(item) for item in items]
+        texts, prompts = self._rendered(items)
+        encodings = self._rust.encode_batch(texts, add_special_tokens=add_special)
         unique = list(dict.fromkeys(p for p in prompts if p))  # a GRPO group's prompt is tokenized once
         prompt_ids = dict(zip(unique, self._rust.encode_batch(unique, add_special_tokens=add_special), strict=True))
         return [self._finish(enc, prompt_ids[p].ids if p else None) for enc, p in zip(encodings, prompts, strict=True)]

@@ -22,6 +22,15 @@ def body_too_large(settings: Settings, size: int) -> ServiceError | None:
     )
 
 
+def _not_unicode(text: str) -> bool:
+    """JSON may escape a lone surrogate, which no tokenizer can read: the one kind of str that is not text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def check_request(body: BaseModel, items: int, settings: Settings) -> None:
     """Per-field limits depend on settings, so they cannot live in the field types; 422 naming the field, then 413
     for too many items (a /compare pair counts as two)."""
@@ -29,6 +38,12 @@ def check_request(body: BaseModel, items: int, settings: Settings) -> None:
 
     def walk(value: Any, where: str) -> None:
         if isinstance(value, str):
+            if not value.isascii() and _not_unicode(value):
+                raise ServiceError(
+                    ErrorType.validation_error,
+                    "not valid Unicode text: it holds a lone surrogate (an unpaired \\ud800-\\udfff escape)",
+                    param=where,
+                )
             if len(value) > max_chars:
                 raise ServiceError(
                     ErrorType.validation_error,
@@ -46,7 +61,8 @@ def check_request(body: BaseModel, items: int, settings: Settings) -> None:
                     param=where,
                 )
             for i, child in enumerate(value):
-                walk(child, f"{where}[{i}]")
+                if isinstance(child, str | BaseModel):  # free-form fields (OpenRLHF labels) are not scored
+                    walk(child, f"{where}[{i}]")
 
     walk(body, "")
     if items > settings.max_items_per_request:

@@ -1,6 +1,6 @@
-"""One pure-ASGI middleware for what every request gets: a request id, the body size limit, total time, the access
-log line and the per-route request counter. Pure ASGI (not BaseHTTPMiddleware) so streaming and disconnects pass
-through untouched."""
+"""One pure-ASGI middleware for what every request gets: a request id, the API key check and the body size limit
+(both before the body is read), total time, the access log line and the per-route request counter. Pure ASGI (not
+BaseHTTPMiddleware) so streaming and disconnects pass through untouched."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.server import auth
 from app.server.errors import ServiceError
 from app.server.limits import body_too_large
 from app.server.metrics import Metrics
@@ -23,7 +24,9 @@ request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", d
 _ID_HEADER = b"x-request-id"
 
 
-class _BodyTooLarge(Exception):
+class _Refused(Exception):
+    """Answered here, before the app: an unauthenticated request, or a body over the limit."""
+
     def __init__(self, error: ServiceError) -> None:
         self.error = error
 
@@ -56,18 +59,23 @@ class RequestContext:
             await send(message)
 
         try:
+            unauthorized = auth.refused(
+                self.settings, scope.get("path", ""), headers.get(b"authorization", b"").decode("latin-1") or None
+            )
+            if unauthorized is not None:  # before the body is read: nothing of it is parsed for an unknown caller
+                raise _Refused(unauthorized)
             refused = body_too_large(self.settings, int(declared)) if declared and declared.isdigit() else None
             if refused is not None:
-                raise _BodyTooLarge(refused)
+                raise _Refused(refused)
             body = await self._read_body(receive) if scope.get("method") in ("POST", "PUT", "PATCH") else None
             if body is None:
                 await self.app(scope, receive, send_with_id)
             else:
                 await self.app(scope, _replay(body, receive), send_with_id)
-        except _BodyTooLarge as too_large:
-            error = too_large.error
+        except _Refused as refusal:
+            error = refusal.error
             self.metrics.errors.labels(error.type.value).inc()
-            await _send_json(send_with_id, error.status_code, error.body())
+            await _send_json(send_with_id, error.status_code, error.body(), error.headers)
         finally:
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
@@ -95,7 +103,7 @@ class RequestContext:
             chunk = message.get("body", b"")
             size += len(chunk)
             if (refused := body_too_large(self.settings, size)) is not None:
-                raise _BodyTooLarge(refused)
+                raise _Refused(refused)
             chunks.append(chunk)
             if not message.get("more_body"):
                 break
@@ -116,15 +124,11 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replayed
 
 
-async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+async def _send_json(send: Send, status: int, body: dict[str, Any], extra: dict[str, str]) -> None:
     payload = json.dumps(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
-        }
-    )
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -48,22 +47,6 @@ def get_settings(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def require_api_key(request: Request, settings: SettingsDep) -> None:
-    """Bearer keys, compared in constant time; no keys configured means open."""
-    if not settings.api_keys:
-        return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    valid = scheme.lower() == "bearer" and any(
-        hmac.compare_digest(given.encode(), key.encode()) for key in settings.api_keys
-    )
-    if not valid:
-        raise ServiceError(
-            ErrorType.unauthorized,
-            "a valid API key is required (Authorization: Bearer <key>)",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-
-
 def get_worker(request: Request) -> Worker:
     worker: Worker | None = getattr(request.app.state, "worker", None)
     if worker is None or not worker.ready:
@@ -85,7 +68,7 @@ def get_served(request: Request) -> Served:
 
 WorkerDep = Annotated[Worker, Depends(get_worker)]
 ServedDep = Annotated[Served, Depends(get_served)]
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter()  # API keys: checked in the middleware, before the body is read
 open_router = APIRouter()
 
 
@@ -170,9 +153,12 @@ async def info(worker: WorkerDep, served: ServedDep) -> Info:
     )
 
 
-@open_router.get("/health")
-async def health() -> Health:
-    """The process is alive (the model may still be loading)."""
+@open_router.get("/health", response_model=Health, response_model_exclude_none=True, responses={503: {"model": Health}})
+async def health(request: Request) -> Any:
+    """The process can serve (the model may still be loading); 503 once its model thread died: restart it."""
+    worker: Worker | None = getattr(request.app.state, "worker", None)
+    if worker is not None and worker.failure is not None:
+        return JSONResponse(Health(status="failed", failure=worker.failure).model_dump(), status_code=503)
     return Health()
 
 
@@ -187,8 +173,6 @@ async def ready(request: Request, settings: SettingsDep) -> Any:
 
 
 @open_router.get("/metrics", include_in_schema=False)
-async def metrics(request: Request, settings: SettingsDep) -> Response:
+async def metrics(request: Request) -> Response:
     """Prometheus text format; behind the API key when keys are set and `protect_metrics` is on."""
-    if settings.protect_metrics:
-        require_api_key(request, settings)
     return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -252,7 +252,8 @@ class GetRewardResponse(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok"] = "ok"
+    status: Literal["ok", "failed"] = "ok"
+    failure: str | None = Field(None, description="why the model thread died, when it did")
 
 
 class Ready(BaseModel):
