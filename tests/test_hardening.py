@@ -169,3 +169,39 @@ def test_compose_never_publishes_the_ray_dashboard() -> None:
     head = compose["services"]["ray-head"]
     assert not any("8265" in str(port) for port in head.get("ports", []))
     assert "--dashboard-host=127.0.0.1" in " ".join(head["command"])
+
+
+async def test_a_request_still_tokenizing_at_shutdown_is_finished(
+    make_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM's drain finishes what was admitted; a request between admission and the queue used to get 503."""
+    import threading
+
+    async with make_client("gpt2") as client:
+        worker = client.app.state.worker
+        entered, release = threading.Event(), threading.Event()
+        real = worker.model.encoder.encode_batch
+
+        def slow_tokenizer(items: Any) -> Any:
+            entered.set()
+            release.wait(30)
+            return real(items)
+
+        monkeypatch.setattr(worker.model.encoder, "encode_batch", slow_tokenizer)
+        request = asyncio.create_task(client.post("/score", json={"items": [ITEM] * 2}))
+        await asyncio.to_thread(entered.wait, 30)
+        stopping = asyncio.create_task(asyncio.to_thread(worker.stop, 30))
+        await asyncio.sleep(0.2)
+        refused = await client.post("/score", json={"items": [ITEM]})  # new work is refused while draining
+        release.set()
+        response = await request
+        await stopping
+    assert response.status_code == 200 and len(response.json()["rewards"]) == 2
+    assert refused.status_code == 503
+
+
+def test_compose_waits_for_the_longest_deadline_before_killing() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    deadline = float(compose["x-reward-env"]["REWARD_MAX_REQUEST_TIMEOUT_S"])
+    for name in ("reward-server", "reward-server-gpu", "ray-head"):
+        assert float(compose["services"][name]["stop_grace_period"].removesuffix("s")) > deadline, name

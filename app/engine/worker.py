@@ -148,6 +148,7 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._tokenizers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         self._inflight: set[_Pending] = set()  # admitted and not yet answered: what a dying model thread fails
+        self._tokenizing = 0  # admitted requests not yet queued: a stopping model thread waits for them
         self.ready = False
         self.failure: str | None = None  # set when the model thread died: nothing is served after it
 
@@ -194,10 +195,12 @@ class Worker:
         return len(self._queue)
 
     # ---- request path (event loop) ----------------------------------------------------------------
-    def _admit(self, count: int) -> None:
+    def _admit(self, count: int, admitted: bool = False) -> None:
+        """`admitted`: the request passed this check once already (before tokenizing): shutting down since then does
+        not refuse it, it is finished."""
         if self.failure is not None:
             raise NotReady(f"the model thread died ({self.failure}); the service must be restarted")
-        if not self.ready:
+        if not self.ready and not admitted:
             raise NotReady("the model is not ready (starting or shutting down)")
         if len(self._queue) + count > self.settings.max_queue_items:
             with self._cond:  # count live work only: entries of requests that timed out or left go first
@@ -209,26 +212,33 @@ class Worker:
 
     async def score(self, inputs: list[ScoringInput], timeout: float | None = None) -> Scored:
         """Raw rewards (never normalized) for `inputs`, in order; `timeout` bounds the wait."""
-        self._admit(len(inputs))  # before tokenizing: reject cheaply
         if not inputs:
+            self._admit(0)
             return Scored([], Timing(0.0, 0.0, 0.0))
-        loop = asyncio.get_running_loop()
-        began = time.perf_counter()
-        try:
-            encoded = await loop.run_in_executor(self._tokenizers, self.model.encoder.encode_batch, inputs)
-        except UnreadableItem as exc:
-            raise InputRejected(f"item {exc.index}: {exc.reason}", param=f"items[{exc.index}]") from exc
-        tokenize_s = time.perf_counter() - began
-        self.observer.tokenized(tokenize_s)
-        empty = next((i for i, e in enumerate(encoded) if not e.input_ids), None)
-        if empty is not None:  # e.g. an empty raw query with a tokenizer that adds no special tokens
-            raise InputRejected(f"item {empty} has no tokens to score (empty text)", param=f"items[{empty}]")
-        pending = _Pending(loop, len(encoded))
         with self._cond:
-            self._admit(len(encoded))
-            self._queue.extend(_Entry(enc, i, pending) for i, enc in enumerate(encoded))
-            self._inflight.add(pending)
-            self._cond.notify()
+            self._admit(len(inputs))  # before tokenizing: reject cheaply
+            self._tokenizing += 1
+        try:
+            loop = asyncio.get_running_loop()
+            began = time.perf_counter()
+            try:
+                encoded = await loop.run_in_executor(self._tokenizers, self.model.encoder.encode_batch, inputs)
+            except UnreadableItem as exc:
+                raise InputRejected(f"item {exc.index}: {exc.reason}", param=f"items[{exc.index}]") from exc
+            tokenize_s = time.perf_counter() - began
+            self.observer.tokenized(tokenize_s)
+            empty = next((i for i, e in enumerate(encoded) if not e.input_ids), None)
+            if empty is not None:  # e.g. an empty raw query with a tokenizer that adds no special tokens
+                raise InputRejected(f"item {empty} has no tokens to score (empty text)", param=f"items[{empty}]")
+            pending = _Pending(loop, len(encoded))
+            with self._cond:
+                self._admit(len(encoded), admitted=True)
+                self._queue.extend(_Entry(enc, i, pending) for i, enc in enumerate(encoded))
+                self._inflight.add(pending)
+        finally:
+            with self._cond:
+                self._tokenizing -= 1
+                self._cond.notify_all()
         try:
             rewards = await asyncio.wait_for(pending.future, timeout)
         except TimeoutError:
@@ -270,7 +280,7 @@ class Worker:
     def _serve(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._stopping:
+                while not self._queue and (not self._stopping or self._tokenizing):
                     self._cond.wait()
                 if not self._queue:
                     return  # stopping, and everything admitted is done

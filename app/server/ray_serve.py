@@ -76,7 +76,8 @@ def deployment_options(settings: Settings) -> dict[str, Any]:
         "ray_actor_options": {"num_cpus": settings.ray_num_cpus, "num_gpus": settings.ray_num_gpus},
         "max_ongoing_requests": settings.ray_max_ongoing_requests,
         "max_constructor_retry_count": 1,  # a broken checkpoint fails the deployment at once, not after 20 tries
-        "graceful_shutdown_timeout_s": settings.request_timeout_s,  # a stopping replica finishes what it admitted
+        # a stopping replica finishes what it admitted, whatever deadline a request asked for
+        "graceful_shutdown_timeout_s": settings.max_request_timeout_s,
     }
     if settings.ray_max_replicas is None:
         options["num_replicas"] = settings.ray_replicas
