@@ -65,7 +65,8 @@ class Fake:
                 raise step
             return step
         if request.url.path == "/info":
-            return httpx.Response(200, json={"fingerprint": FP, "limits": {"max_items_per_request": self.limit}})
+            limits = {"max_items_per_request": self.limit, "max_request_timeout_s": 900}
+            return httpx.Response(200, json={"fingerprint": FP, "limits": limits})
         if request.url.path == "/ready":
             return httpx.Response(200, json={"ready": True, "queued_items": 0})
         body = json.loads(request.content)
@@ -127,7 +128,7 @@ ITEMS = [{"prompt": "p", "response": str(i)} for i in range(8)]
 # --- retries -------------------------------------------------------------------------------------------------
 
 
-def test_429_waits_what_retry_after_says_capped_by_backoff_max() -> None:
+def test_429_waits_what_retry_after_says_capped_by_backoff_max_plus_jitter() -> None:
     fake = Fake(
         script=[error(429, "overloaded", **{"Retry-After": "7"}), error(429, "overloaded", **{"Retry-After": "2"})]
     )
@@ -135,7 +136,7 @@ def test_429_waits_what_retry_after_says_capped_by_backoff_max() -> None:
     with client:
         result = client.score(ITEMS[:2])
     assert result.rewards == [0.0, 1.0]
-    assert sleeps == [5, 2]
+    assert 5 <= sleeps[0] <= 5.5 and 2 <= sleeps[1] <= 2.5  # jitter up to backoff_base: no synchronized return
     assert fake.paths() == ["/score"] * 3
 
 
@@ -144,7 +145,7 @@ def test_retry_after_as_an_http_date_is_honoured() -> None:
     client, sleeps = sync_client(fake)
     with client:
         client.score(ITEMS[:1])
-    assert sleeps == [0.0]  # a date in the past: retry at once
+    assert 0 <= sleeps[0] <= 0.5 and len(sleeps) == 1  # a date in the past: retry at once (plus jitter)
 
 
 def test_503_without_retry_after_backs_off_with_full_jitter() -> None:
@@ -159,7 +160,7 @@ def test_503_without_retry_after_backs_off_with_full_jitter() -> None:
 
 
 def test_connection_errors_are_retried_then_succeed() -> None:
-    fake = Fake(script=[httpx.ConnectError("refused"), httpx.ReadTimeout("slow")])
+    fake = Fake(script=[httpx.ConnectError("refused"), httpx.ConnectTimeout("slow")])
     client, sleeps = sync_client(fake)
     with client:
         assert client.score(ITEMS[:3]).rewards == [0.0, 1.0, 2.0]
@@ -185,7 +186,52 @@ def test_exhausted_429_raises_with_the_body() -> None:
     e = caught.value
     assert (e.status_code, e.type, e.message, e.param) == (429, "overloaded", "queue full", None)
     assert json.loads(e.body or "") == {"error": {"type": "overloaded", "message": "queue full", "param": None}}
-    assert len(fake.requests) == 3 and sleeps == [1, 1]
+    assert len(fake.requests) == 3 and all(1 <= s <= 1.5 for s in sleeps) and len(sleeps) == 2
+
+
+def test_retries_stop_at_the_budget_of_seconds_not_a_count() -> None:
+    """An overloaded server may take minutes to drain: retry for as long as the budget lasts (5 retries of ~1 s
+    used to give up after ~5 s), and no longer."""
+    fake = Fake(script=[error(429, "overloaded", **{"Retry-After": "10"})] * 10)
+    client, sleeps = sync_client(fake, retry_budget_s=25, backoff_max=60)
+    with client, pytest.raises(RewardServerError) as caught:
+        client.score(ITEMS[:1])
+    assert caught.value.status_code == 429
+    assert len(sleeps) == 2 and sum(sleeps) <= 25 and len(fake.requests) == 3  # a third wait would pass 25 s
+    patient = Fake(script=[error(503, "not_ready", **{"Retry-After": "1"})] * 12)
+    client, sleeps = sync_client(patient)  # the default budget outlasts any count of 5
+    with client:
+        assert client.score(ITEMS[:1]).rewards == [0.0]
+    assert len(sleeps) == 12
+
+
+def test_a_read_timeout_is_not_resent_unless_asked_and_says_why() -> None:
+    fake = Fake(script=[httpx.ReadTimeout("slow")])
+    client, sleeps = sync_client(fake, timeout=5)
+    with client, pytest.raises(RewardServerError) as caught:
+        client.score(ITEMS[:1])
+    assert caught.value.type == "timeout" and "may still be scoring" in caught.value.message
+    assert len(fake.requests) == 1 and sleeps == []
+    again = Fake(script=[httpx.ReadTimeout("slow")])
+    client, sleeps = sync_client(again, resend_timeouts=True)
+    with client:
+        assert client.score(ITEMS[:1]).rewards == [0.0]
+    assert len(again.requests) == 2
+
+
+def test_the_server_is_told_the_clients_deadline() -> None:
+    """A little under the client's own timeout (the server drops the items of a request the client gave up on), within
+    the server's bound once /info has told it."""
+    fake = Fake()
+    client, _ = sync_client(fake, timeout=20)
+    with client:
+        client.score(ITEMS[:1])
+    assert next(r for r in fake.requests if r.url.path == "/score").headers["x-request-timeout"] == "18"
+    bounded = Fake()
+    client, _ = sync_client(bounded, timeout=5000, max_items_per_request=None)  # reads /info first
+    with client:
+        client.score(ITEMS[:1])
+    assert next(r for r in bounded.requests if r.url.path == "/score").headers["x-request-timeout"] == "900"
 
 
 @pytest.mark.parametrize(
@@ -234,7 +280,7 @@ async def test_async_client_retries_the_same_way() -> None:
     async with client:
         result = await client.score(ITEMS[:2])
     assert result.rewards == [0.0, 1.0] and len(fake.requests) == 3
-    assert len(sleeps) == 2 and sleeps[1] == 3
+    assert len(sleeps) == 2 and 3 <= sleeps[1] <= 3.5
 
     failing = Fake(script=[error(422, "validation_error", param="items[0]")])
     client, sleeps = async_client(failing)
@@ -378,7 +424,7 @@ async def test_async_ready_and_info() -> None:
     async with client:
         assert await client.ready() is False
         assert await client.ready() is True
-        assert (await client.info())["limits"] == {"max_items_per_request": 1024}
+        assert (await client.info())["limits"] == {"max_items_per_request": 1024, "max_request_timeout_s": 900}
 
 
 def test_context_managers_close_the_pool() -> None:

@@ -205,3 +205,12 @@ def test_compose_waits_for_the_longest_deadline_before_killing() -> None:
     deadline = float(compose["x-reward-env"]["REWARD_MAX_REQUEST_TIMEOUT_S"])
     for name in ("reward-server", "reward-server-gpu", "ray-head"):
         assert float(compose["services"][name]["stop_grace_period"].removesuffix("s")) > deadline, name
+
+
+async def test_a_deadline_past_the_bound_gets_the_bound(make_client: Any) -> None:
+    """A client whose own timeout is longer than the server allows is served within the bound, not refused."""
+    async with make_client("gpt2", max_request_timeout_s=30) as client:
+        long = await client.post("/score", json={"items": [ITEM]}, headers={"X-Request-Timeout": "5000"})
+        bad = await client.post("/score", json={"items": [ITEM]}, headers={"X-Request-Timeout": "soon"})
+    assert long.status_code == 200
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "X-Request-Timeout"

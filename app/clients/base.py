@@ -71,19 +71,26 @@ class BaseClient:
         self,
         base_url: str,
         api_key: str | None,
-        max_retries: int,
+        timeout: float | httpx.Timeout,
+        max_retries: int | None,
+        retry_budget_s: float,
         backoff_base: float,
         backoff_max: float,
         max_items_per_request: int | None,
+        resend_timeouts: bool,
     ) -> None:
-        if max_retries < 0 or backoff_base < 0 or backoff_max < 0:
-            raise ValueError("max_retries, backoff_base and backoff_max must be >= 0")
+        if (max_retries is not None and max_retries < 0) or min(retry_budget_s, backoff_base, backoff_max) < 0:
+            raise ValueError("max_retries, retry_budget_s, backoff_base and backoff_max must be >= 0")
         if max_items_per_request is not None and max_items_per_request < 1:
             raise ValueError("max_items_per_request must be >= 1 (or None to ask the server)")
         self.base_url = base_url.rstrip("/")
         self.max_retries = max_retries
+        self.retry_budget_s = retry_budget_s
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
+        self.resend_timeouts = resend_timeouts
+        self._wait_s = timeout.read if isinstance(timeout, httpx.Timeout) else float(timeout)
+        self._server_max_wait_s: float | None = None
         self._headers = {"Accept": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
@@ -92,23 +99,42 @@ class BaseClient:
         self._rng = random.Random()
 
     def _delay(self, attempt: int, response: httpx.Response | None) -> float:
-        """Seconds before retry number `attempt + 1`: the server's Retry-After, else full jitter."""
+        """Seconds before retry number `attempt + 1`: the server's Retry-After plus jitter (clients told the same
+        moment must not all come back at once), else full jitter."""
         if response is not None and (seconds := _retry_after(response)) is not None:
-            return min(seconds, self.backoff_max)
+            return min(seconds, self.backoff_max) + self._rng.uniform(0, self.backoff_base)
         return self._rng.uniform(0, min(self.backoff_max, self.backoff_base * 2**attempt))
 
-    def _should_retry(self, attempt: int, outcome: httpx.Response | httpx.TransportError) -> bool:
-        if attempt >= self.max_retries:
-            return False
+    def _retries(self) -> _Retries:
+        return _Retries(self)
+
+    def _deadline_header(self) -> dict[str, str]:
+        """`X-Request-Timeout` a little under this client's own timeout, so the server drops the items of a request
+        the client is about to give up on, and says so (504), instead of computing them for no one."""
+        if self._wait_s is None:
+            return {}
+        seconds = 0.9 * self._wait_s
+        if self._server_max_wait_s is not None:
+            seconds = min(seconds, self._server_max_wait_s)
+        return {"X-Request-Timeout": f"{max(seconds, 0.001):g}"}
+
+    def _retryable(self, outcome: httpx.Response | httpx.TransportError) -> bool:
+        if isinstance(outcome, httpx.ReadTimeout | httpx.WriteTimeout):  # the server may still be scoring it
+            return self.resend_timeouts
         if isinstance(outcome, httpx.TransportError) or outcome.status_code in RETRY_STATUSES:
             return True
         # A 500 without the server's typed error body came from something in front of it, e.g. Ray Serve's proxy
         # when the replica holding the request died: every call here is an idempotent scoring call, so resend it.
         return outcome.status_code == 500 and RewardServerError.from_response(outcome).type == "http_error"
 
-    @staticmethod
-    def _outcome(outcome: httpx.Response | httpx.TransportError) -> Body:
+    def _outcome(self, outcome: httpx.Response | httpx.TransportError) -> Body:
         """The JSON body of a success, else the typed error for the last outcome."""
+        if isinstance(outcome, httpx.ReadTimeout | httpx.WriteTimeout) and not self.resend_timeouts:
+            message = (
+                f"no answer within this client's timeout ({self._wait_s:g} s); not resent, since the server may still "
+                "be scoring it (resend_timeouts=True resends; a longer timeout waits)"
+            )
+            raise RewardServerError(None, "timeout", message) from outcome
         if isinstance(outcome, httpx.TransportError):
             raise RewardServerError(None, "connection_error", f"{type(outcome).__name__}: {outcome}") from outcome
         if not outcome.is_success:
@@ -124,8 +150,11 @@ class BaseClient:
         return body
 
     def _remember_limit(self, info: Body) -> None:
+        limits = info.get("limits", {})
+        if limits.get("max_request_timeout_s"):
+            self._server_max_wait_s = float(limits["max_request_timeout_s"])
         if not self._limit_known:
-            limit = info.get("limits", {}).get("max_items_per_request")
+            limit = limits.get("max_items_per_request")
             self._limit = int(limit) if limit else None
             self._limit_known = True
 
@@ -145,3 +174,23 @@ class BaseClient:
         weights = [len(g["responses"]) if isinstance(g.get("responses"), list | tuple) else 1 for g in bodies]
         chunks = _chunks(bodies, weights, self._limit)
         return Call("/rank", [{"groups": c, "probabilities": probabilities} for c in chunks], rank_result)
+
+
+class _Retries:
+    """One request's retries: resent while the outcome is worth resending, within the client's count (if any) and its
+    budget of seconds spent waiting between tries."""
+
+    def __init__(self, client: BaseClient) -> None:
+        self.client, self.attempt, self.waited = client, 0, 0.0
+
+    def delay(self, outcome: httpx.Response | httpx.TransportError) -> float | None:
+        """Seconds to wait before resending, or None: answer with this outcome."""
+        c = self.client
+        if not c._retryable(outcome) or (c.max_retries is not None and self.attempt >= c.max_retries):
+            return None
+        seconds = c._delay(self.attempt, outcome if isinstance(outcome, httpx.Response) else None)
+        if self.waited + seconds > c.retry_budget_s:
+            return None
+        self.attempt += 1
+        self.waited += seconds
+        return seconds

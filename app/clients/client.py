@@ -30,14 +30,26 @@ class RewardClient(BaseClient):
         base_url: str = DEFAULT_BASE_URL,
         api_key: str | None = None,
         timeout: float | httpx.Timeout = 60,
-        max_retries: int = 5,
+        max_retries: int | None = None,
+        retry_budget_s: float = 300,
         backoff_base: float = 0.5,
         backoff_max: float = 30,
         max_items_per_request: int | None = None,
+        resend_timeouts: bool = False,
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        super().__init__(base_url, api_key, max_retries, backoff_base, backoff_max, max_items_per_request)
+        super().__init__(
+            base_url,
+            api_key,
+            timeout,
+            max_retries,
+            retry_budget_s,
+            backoff_base,
+            backoff_max,
+            max_items_per_request,
+            resend_timeouts,
+        )
         self._sleep = sleep
         self._http = httpx.Client(base_url=self.base_url, headers=self._headers, timeout=timeout, transport=transport)
 
@@ -52,24 +64,24 @@ class RewardClient(BaseClient):
     def close(self) -> None:
         self._http.close()
 
-    def _request(self, method: str, path: str, json: Body | None = None) -> Body:
-        attempt = 0
+    def _request(self, method: str, path: str, json: Body | None = None, headers: dict[str, str] | None = None) -> Body:
+        retries = self._retries()
         while True:
             outcome: httpx.Response | httpx.TransportError
             try:
-                outcome = self._http.request(method, path, json=json)
+                outcome = self._http.request(method, path, json=json, headers=headers)
             except httpx.TransportError as exc:
                 outcome = exc
-            if not self._should_retry(attempt, outcome):
+            if (delay := retries.delay(outcome)) is None:
                 return self._outcome(outcome)
-            self._sleep(self._delay(attempt, outcome if isinstance(outcome, httpx.Response) else None))
-            attempt += 1
+            self._sleep(delay)
 
     def _run(self, make: Callable[[], Call[R]]) -> R:
         if not self._limit_known:
             self.info()
         call = make()
-        return call.join([self._request("POST", call.path, body) for body in call.bodies])
+        headers = self._deadline_header()
+        return call.join([self._request("POST", call.path, body, headers) for body in call.bodies])
 
     def info(self) -> Body:
         """`GET /info`: the model, recipe and limits served (also caches `max_items_per_request`)."""
@@ -110,15 +122,27 @@ class AsyncRewardClient(BaseClient):
         base_url: str = DEFAULT_BASE_URL,
         api_key: str | None = None,
         timeout: float | httpx.Timeout = 60,
-        max_retries: int = 5,
+        max_retries: int | None = None,
+        retry_budget_s: float = 300,
         backoff_base: float = 0.5,
         backoff_max: float = 30,
         max_items_per_request: int | None = None,
+        resend_timeouts: bool = False,
         transport: httpx.AsyncBaseTransport | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         max_concurrency: int = 4,
     ) -> None:
-        super().__init__(base_url, api_key, max_retries, backoff_base, backoff_max, max_items_per_request)
+        super().__init__(
+            base_url,
+            api_key,
+            timeout,
+            max_retries,
+            retry_budget_s,
+            backoff_base,
+            backoff_max,
+            max_items_per_request,
+            resend_timeouts,
+        )
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be >= 1")
         self.max_concurrency = max_concurrency
@@ -138,28 +162,30 @@ class AsyncRewardClient(BaseClient):
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _request(self, method: str, path: str, json: Body | None = None) -> Body:
-        attempt = 0
+    async def _request(
+        self, method: str, path: str, json: Body | None = None, headers: dict[str, str] | None = None
+    ) -> Body:
+        retries = self._retries()
         while True:
             outcome: httpx.Response | httpx.TransportError
             try:
-                outcome = await self._http.request(method, path, json=json)
+                outcome = await self._http.request(method, path, json=json, headers=headers)
             except httpx.TransportError as exc:
                 outcome = exc
-            if not self._should_retry(attempt, outcome):
+            if (delay := retries.delay(outcome)) is None:
                 return self._outcome(outcome)
-            await self._sleep(self._delay(attempt, outcome if isinstance(outcome, httpx.Response) else None))
-            attempt += 1
+            await self._sleep(delay)
 
     async def _run(self, make: Callable[[], Call[R]]) -> R:
         if not self._limit_known:
             await self.info()
         call = make()
+        headers = self._deadline_header()
         gate = asyncio.Semaphore(self.max_concurrency)
 
         async def send(body: Body) -> Body:
             async with gate:
-                return await self._request("POST", call.path, body)
+                return await self._request("POST", call.path, body, headers)
 
         return call.join(await asyncio.gather(*(send(b) for b in call.bodies)))
 

@@ -74,21 +74,22 @@ def check_request(body: BaseModel, items: int, settings: Settings) -> None:
 
 
 def deadline(header: str | None, settings: Settings) -> float:
-    """Seconds a request may wait for its rewards: the setting, or its own `X-Request-Timeout` within the bound."""
+    """Seconds a request may wait for its rewards: the setting, or its own `X-Request-Timeout`, at most the bound
+    (a client asking for longer gets the bound: it learns it from /info, or from the 504)."""
     if header is None:
         return settings.request_timeout_s
     try:
         value = float(header)
     except ValueError:
         value = -1.0
-    if not 0 < value <= settings.max_request_timeout_s:
+    if not 0 < value < float("inf"):
         raise ServiceError(
             ErrorType.validation_error,
-            f"X-Request-Timeout must be seconds in (0, {settings.max_request_timeout_s:g}]"
-            " (REWARD_MAX_REQUEST_TIMEOUT_S)",
+            f"X-Request-Timeout must be a positive number of seconds (at most {settings.max_request_timeout_s:g} "
+            "count: REWARD_MAX_REQUEST_TIMEOUT_S)",
             param="X-Request-Timeout",
         )
-    return value
+    return min(value, settings.max_request_timeout_s)
 
 
 def described(settings: Settings) -> dict[str, int | float]:
