@@ -105,6 +105,10 @@ def _group_metrics(
     return result
 
 
+def _example(pair: PreferencePair, index: int, margin: float) -> dict[str, Any]:
+    return {"index": index, "prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected, "margin": margin}
+
+
 def evaluate(pairs: Sequence[PreferencePair], scorer: Scorer, batch: int = 256) -> dict[str, Any]:
     """Scores every pair's two sides and reports overall and per-`dataset` metrics beside the length baselines."""
     inputs = [x for pair in pairs for x in pair.inputs()]
@@ -120,12 +124,16 @@ def evaluate(pairs: Sequence[PreferencePair], scorer: Scorer, batch: int = 256) 
         )
     margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
     confident = sorted(range(len(pairs)), key=lambda i: -abs(margins[i]))
+    right = [i for i in confident if margins[i] > 0][:10]
+    wrong = [i for i in confident if margins[i] < 0][:10]
     return {
         "overall": _group_metrics(pairs, chosen, rejected),
-        # line indices (0-based) into the data file of the most confident right and wrong orderings, for spot checks
-        "examples": {
-            "right": [i for i in confident if margins[i] > 0][:10],
-            "wrong": [i for i in confident if margins[i] < 0][:10],
+        # line indices (0-based) into the data file of the most confident right and wrong orderings, for spot checks;
+        # the first few with their text, so the report checks its model without the data file
+        "examples": {"right": right, "wrong": wrong},
+        "example_pairs": {
+            "right": [_example(pairs[i], i, margins[i]) for i in right[:5]],
+            "wrong": [_example(pairs[i], i, margins[i]) for i in wrong[:3]],
         },
         "by_dataset": by_dataset,
         "reliability": reliability([c - r for c, r in zip(chosen, rejected, strict=True)]),
