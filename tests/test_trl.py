@@ -200,3 +200,18 @@ def test_client_and_client_arguments_are_exclusive() -> None:
     with pytest.raises(ValueError):
         RewardFunction(client, base_url="http://other")
     client.close()
+
+
+async def test_the_url_alone_is_the_natural_call(live_server: str) -> None:
+    """`RewardFunction("http://...")` used to fail at the first batch: 'str' object has no attribute 'score'."""
+    sync = RewardFunction(live_server, timeout=30)
+    async_reward = AsyncRewardFunction(live_server, timeout=30)
+    try:
+        batch = standard_batch()
+        assert sync(**batch) == pytest.approx(await async_reward(**batch), abs=1e-6)
+        assert sync.client.base_url == live_server
+    finally:
+        sync.close()
+        await async_reward.aclose()
+    with pytest.raises(ValueError, match="twice"):
+        RewardFunction(live_server, base_url=live_server)

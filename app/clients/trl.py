@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from app.clients.client import AsyncRewardClient, RewardClient
 from app.clients.errors import RewardServerError
@@ -29,6 +29,20 @@ FALLBACK_STATUSES = frozenset({400, 413, 422})
 def to_items(prompts: Sequence[Prompt], completions: Sequence[Prompt]) -> list[dict[str, Any]]:
     """TRL's prompts/completions as /score items: `{"prompt", "response"}` for text, `{"messages"}` for chats."""
     return [to_item(prompt, completion) for prompt, completion in zip(prompts, completions, strict=True)]
+
+
+C = TypeVar("C")
+
+
+def _client_or_url(client: C | str | None, kwargs: dict[str, Any]) -> tuple[C | None, dict[str, Any]]:
+    """`RewardFunction("http://host:8000")`, the natural call, means the base URL of a client built here."""
+    if isinstance(client, str):
+        if "base_url" in kwargs:
+            raise ValueError("the URL is given twice: positionally and as base_url")
+        return None, {**kwargs, "base_url": client}
+    if client is not None and kwargs:
+        raise ValueError("pass either a client or the arguments to build one, not both")
+    return client, kwargs
 
 
 class _RewardFunctionBase:
@@ -62,15 +76,14 @@ class RewardFunction(_RewardFunctionBase):
 
     def __init__(
         self,
-        client: RewardClient | None = None,
+        client: RewardClient | str | None = None,
         *,
         name: str = DEFAULT_NAME,
         fallback_statuses: frozenset[int] = FALLBACK_STATUSES,
         **client_kwargs: Any,
     ) -> None:
-        if client is not None and client_kwargs:
-            raise ValueError("pass either a client or the arguments to build one, not both")
         super().__init__(name, fallback_statuses)
+        client, client_kwargs = _client_or_url(client, client_kwargs)
         self._owns_client = client is None
         self.client = client if client is not None else RewardClient(**client_kwargs)
 
@@ -119,15 +132,14 @@ class AsyncRewardFunction(_RewardFunctionBase):
 
     def __init__(
         self,
-        client: AsyncRewardClient | None = None,
+        client: AsyncRewardClient | str | None = None,
         *,
         name: str = DEFAULT_NAME,
         fallback_statuses: frozenset[int] = FALLBACK_STATUSES,
         **client_kwargs: Any,
     ) -> None:
-        if client is not None and client_kwargs:
-            raise ValueError("pass either a client or the arguments to build one, not both")
         super().__init__(name, fallback_statuses)
+        client, client_kwargs = _client_or_url(client, client_kwargs)
         self._owns_client = client is None
         self.client = client if client is not None else AsyncRewardClient(**client_kwargs)
         # Function-like attributes: inspect treats such an object as a function and reads CO_COROUTINE off __code__.
