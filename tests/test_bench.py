@@ -36,3 +36,14 @@ def test_bench_runs_every_mode_and_workload(checkpoints: dict[str, Path], tmp_pa
     assert "server / engine" in table and "server / litserve" in table
     assert "| idle | server p50 of (latency - the item's forward) |" in table
     assert "| idle | server p50 of (latency - its own forward) |" in table
+
+
+def test_without_a_data_file_the_bench_generates_pairs_of_realistic_length() -> None:
+    """A user's clone has no ../shared: the workloads are drawn from generated pairs instead of failing."""
+    from app.bench.workloads import synthetic_pairs
+
+    pairs = synthetic_pairs(seed=0)
+    assert pairs == synthetic_pairs(seed=0) and len(pairs) == 48
+    words = sorted(len(p.prompt.split()) for p in pairs if isinstance(p.prompt, str))
+    assert 30 <= words[len(words) // 2] <= 80 and words[-1] > 2 * words[len(words) // 2]  # a median and a long tail
+    assert bench.build_parser().parse_args([]).data in (None, bench.DEV)

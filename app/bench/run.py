@@ -34,6 +34,7 @@ from app.bench.workloads import Result, build_workloads, run_engine
 
 MODES = ("engine", "server", "server-plain", "naive", "litserve", "ray", "ray-2")
 WORKLOADS = ("grpo", "storm", "shared", "idle")
+DEV = Path("../shared/data/preferences/dev.jsonl")
 
 
 def _fmt(value: object) -> str:
@@ -77,7 +78,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", type=Path, default=Path("models/default"), help="checkpoint directory")
-    parser.add_argument("--data", type=Path, default=Path("../shared/data/preferences/dev.jsonl"))
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=DEV if DEV.exists() else None,
+        help=f"preference pairs to draw items from (default: {DEV} when present, else generated plain-word pairs "
+        "with realistic lengths)",
+    )
     parser.add_argument("--dtype", default="auto", help="auto (bf16 where the hardware has it), float32, bfloat16")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--group", type=int, default=8, help="replies per prompt")
@@ -134,10 +141,11 @@ def run(args: argparse.Namespace) -> int:
         with Served(mode, args.model, args.dtype, args.port + i, log) as served:
             results += [served.run(model, w) for w in chosen]
         print(f"{mode}: done", file=sys.stderr)
+    source = args.data.name if args.data else "generated pairs (no --data)"
     header = (
         f"{args.model} ({model.info['architecture']}, {model.info['dtype']}, {model.info['device']}); "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-        f"{torch.get_num_threads()} threads; {args.prompts} prompts x {args.group} replies from {args.data.name}, "
+        f"{torch.get_num_threads()} threads; {args.prompts} prompts x {args.group} replies from {source}, "
         f"storm with {args.clients} clients"
     )
     text = report(results, header)

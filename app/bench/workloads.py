@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 import time
@@ -14,6 +15,7 @@ from app.engine.offline import OFFLINE, score_offline
 from app.model.collate import Batch, SharedBatch
 from app.model.recipe import ScoringInput
 from app.model.reward_model import RewardModel
+from app.training.data import PreferencePair
 
 
 @dataclass
@@ -63,12 +65,32 @@ class Result:
 # ---- workloads -------------------------------------------------------------------------------------
 
 
+_WORDS = (  # noqa: SIM905 (one sentence reads better than a list of 60 words)
+    "the model reads a prompt and a reply and returns one reward higher is better when the answer is helpful honest "
+    "and correct so a trainer can rank many samples for each question about science history code cooking travel "
+    "health money law language music sports weather and everyday life with care detail examples and clear steps"
+).split()
+
+
+def synthetic_pairs(count: int = 48, seed: int = 0) -> list[PreferencePair]:
+    """Preference pairs of plain words with the length spread of human-judged data (prompts median ~50 words, replies
+    ~30, long tails): the benchmark's workload where no data file is given and `../shared` is absent."""
+    rng = random.Random(seed)
+
+    def text(median_words: float) -> str:
+        n = max(3, int(rng.lognormvariate(math.log(median_words), 0.8)))
+        return " ".join(rng.choice(_WORDS) for _ in range(n)).capitalize() + "."
+
+    return [PreferencePair(text(50), text(30), text(30)) for _ in range(count)]
+
+
 def build_workloads(
-    model: RewardModel, data: Path, prompts: int, group: int, clients: int, idle_items: int, seed: int
+    model: RewardModel, data: Path | None, prompts: int, group: int, clients: int, idle_items: int, seed: int
 ) -> dict[str, Workload]:
+    """`data`: a preference file, or None for `synthetic_pairs`."""
     from app.training.data import load_pairs
 
-    pairs = load_pairs(data)
+    pairs = load_pairs(data) if data is not None else synthetic_pairs(seed=seed)
     rng = random.Random(seed)
     replies = [r for p in pairs for r in (p.chosen, p.rejected) if isinstance(r, str)]
     texts = [p.prompt for p in pairs if isinstance(p.prompt, str)]
