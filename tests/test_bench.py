@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from app.bench import run as bench
 from tests.conftest import free_port
@@ -47,3 +48,15 @@ def test_without_a_data_file_the_bench_generates_pairs_of_realistic_length() -> 
     words = sorted(len(p.prompt.split()) for p in pairs if isinstance(p.prompt, str))
     assert 30 <= words[len(words) // 2] <= 80 and words[-1] > 2 * words[len(words) // 2]  # a median and a long tail
     assert bench.build_parser().parse_args([]).data in (None, bench.DEV)
+
+
+def test_the_invariance_check_measures_each_way_of_batching(load: Any) -> None:
+    """What `bench --gpu-check` reports: in float32 every way of batching is within float noise of alone."""
+    from app.bench.gpu import invariance
+    from app.model.recipe import ScoringInput
+
+    model = load("llama")
+    inputs = [ScoringInput(sentence(n), sentence(m)) for n in (3, 40) for m in (1, 9, 30)]
+    diffs = invariance(model, inputs)
+    assert set(diffs) == {"batched", "reversed", "shared prompts"}
+    assert all(0 <= d <= 1e-4 for d in diffs.values())

@@ -140,9 +140,10 @@ def report(root: Path, params: float, dtype: str, device: str) -> str:
         g = generated[name]
         m = measure(g.path, dtype, device)
         bound = 1.15 * g.bytes + 0.8 * gb
+        on_device = f"; peak device memory {m['peak_device_bytes'] / gb:.2f} GB" if "peak_device_bytes" in m else ""
         lines.append(
             f"| {name} | {g.bytes / gb:.2f} | {m['peak_rss_bytes'] / gb:.2f} | {m['peak_rss_bytes'] / bound:.2f} | "
-            f"{m['load_s']:.1f} | {m['ready_s']:.1f} |"
+            f"{m['load_s']:.1f} | {m['ready_s']:.1f}{on_device} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -102,8 +102,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="measure loading instead: generate a random bf16 Llama in each format under DIR, load each in a fresh "
         "process (peak host RSS, time to ready); --dtype and --device apply",
     )
+    parser.add_argument(
+        "--gpu-check",
+        type=Path,
+        metavar="DIR",
+        help="every GPU check in one run (load, invariance, server vs naive) on a model generated under DIR; "
+        "with --device (cuda) and --load-params",
+    )
     parser.add_argument("--load-params", type=float, default=0.8e9, help="--load: parameters of the generated model")
-    parser.add_argument("--device", default="cpu", help="--load: where to load (cpu, cuda)")
+    parser.add_argument("--device", default="cpu", help="--load, --gpu-check: where to load (cpu, cuda)")
     return parser
 
 
@@ -118,11 +125,17 @@ def run(args: argparse.Namespace) -> int:
 
     from app.model.loading import load_reward_model
 
-    if args.load is not None:
+    text = None
+    if args.gpu_check is not None:
+        from app.bench.gpu import gpu_check
+
+        text = gpu_check(args.gpu_check, args.load_params, args.device, args.port)
+    elif args.load is not None:
         from app.bench.load import report as load_report
 
         dtype = "bfloat16" if args.dtype == "auto" else args.dtype
         text = load_report(args.load, args.load_params, dtype, args.device)
+    if text is not None:
         print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}\n")
         print(text)
         if args.out:

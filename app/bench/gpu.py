@@ -1,0 +1,57 @@
+"""`reward-server bench --gpu-check DIR`: every check a GPU session owes, in one run that fits 10 minutes on one GPU.
+
+1. loading: a generated ~0.8B bf16 Llama in each format, on the device in bf16 (peak host RSS and device memory, time);
+2. invariance: each item's reward alone, inside length-sorted batches, in reversed order and with prompts shared, as
+   the largest difference from alone (0.0 is bitwise invariance);
+3. throughput: this server against the naive one (grpo and storm), on the generated classifier.
+Also runs on a CPU (`--device cpu`, a smaller `--load-params`): the same numbers for that machine.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from app.bench.load import report as load_report
+from app.bench.served import Served
+from app.bench.workloads import Result, Workload, synthetic_pairs
+from app.engine.offline import OFFLINE, score_offline
+from app.model.recipe import ScoringInput
+from app.model.reward_model import RewardModel
+
+
+def invariance(model: RewardModel, inputs: list[ScoringInput]) -> dict[str, float]:
+    """Largest |reward - reward alone| over `inputs` for each way of batching them."""
+    alone = [model.score(model.encoder.encode_batch([x]), OFFLINE.pad_to_multiple_of)[0] for x in inputs]
+    ways = {
+        "batched": score_offline(model, inputs, replace(OFFLINE, share_prefixes=False)),
+        "reversed": score_offline(model, inputs[::-1], replace(OFFLINE, share_prefixes=False))[::-1],
+        "shared prompts": score_offline(model, inputs),
+    }
+    return {name: max(abs(a - b) for a, b in zip(got, alone, strict=True)) for name, got in ways.items()}
+
+
+def gpu_check(root: Path, params: float, device: str, port: int) -> str:
+    from app.model.loading import load_reward_model
+
+    lines = [load_report(root, params, "bfloat16", device)]
+    model = load_reward_model(root / "seq_cls", dtype="bfloat16", device=device)
+    pairs = synthetic_pairs(count=16)
+    prompts = [p.prompt for p in pairs if isinstance(p.prompt, str)][:8]
+    replies = [r for p in pairs for r in (p.chosen, p.rejected)][:8]
+    inputs = [ScoringInput(p, r) for p in prompts for r in replies]  # 8 prompts x 8 replies: a GRPO step
+    lines += ["", f"Invariance (bf16, {model.device}): max |reward - reward alone| over {len(inputs)} items", ""]
+    lines += [f"- {name}: {diff:.3g}" for name, diff in invariance(model, inputs).items()]
+    results: list[Result] = []
+    workloads = [Workload("grpo", [inputs], 1), Workload("storm", [[x] for x in inputs], 32)]
+    for i, mode in enumerate(("server", "naive")):
+        log = Path(os.environ.get("TMPDIR", "/tmp")) / f"reward-gpu-check-{mode}.log"
+        with Served(mode, root / "seq_cls", "bfloat16", port + i, log) as served:
+            results += [served.run(model, w) for w in workloads]
+    rate = {(r.workload, r.mode): r.items / r.seconds for r in results}
+    lines += ["", "Throughput (items/s, bf16):", ""]
+    for w in ("grpo", "storm"):
+        server, naive = rate[w, "server"], rate[w, "naive"]
+        lines.append(f"- {w}: server {server:.1f}, naive {naive:.1f} ({server / naive:.2f}x)")
+    return "\n".join(lines) + "\n"
