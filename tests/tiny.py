@@ -36,20 +36,25 @@ CHATML = (
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 
 
-def byte_level_tokenizer(*, bos: bool, chat: bool) -> PreTrainedTokenizerFast:
-    """Llama-like when `bos` (the post-processor adds BOS), GPT-2-like otherwise; ChatML template when `chat`."""
+def _byte_bpe(specials: list[str], bos: str | None) -> Tokenizer:
+    """A byte-level BPE trained on CORPUS; with `bos`, its post-processor adds that BOS (as Llama's does)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(CORPUS, trainer)
-    if bos:
-        bos_id = tok.token_to_id("<|im_start|>")
+    if bos is not None:
         tok.post_processor = processors.TemplateProcessing(
-            single="<|im_start|> $A", pair="<|im_start|> $A $B", special_tokens=[("<|im_start|>", bos_id)]
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.token_to_id(bos))]
         )
+    return tok
+
+
+def byte_level_tokenizer(*, bos: bool, chat: bool) -> PreTrainedTokenizerFast:
+    """Llama-like when `bos` (the post-processor adds BOS), GPT-2-like otherwise; ChatML template when `chat`."""
+    tok = _byte_bpe(SPECIALS, "<|im_start|>" if bos else None)
     out = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|pad|>"
     )
@@ -258,19 +263,8 @@ FAMILIES: dict[str, dict[str, object]] = {
 def build_family(path: Path, family: str) -> Path:
     """A Llama seq-cls checkpoint with the family's tokenizer conventions and chat template."""
     spec = FAMILIES[family]
-    specials = list(spec["specials"])  # type: ignore[call-overload]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(CORPUS, trainer)
     bos = spec["bos"]
-    if isinstance(bos, str):
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.token_to_id(bos))]
-        )
+    tok = _byte_bpe(list(spec["specials"]), bos if isinstance(bos, str) else None)  # type: ignore[call-overload]
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=bos, eos_token=spec["eos"], pad_token=spec["pad"]
     )
