@@ -6,6 +6,7 @@ import asyncio
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -140,6 +141,11 @@ async def test_a_dead_model_thread_fails_every_caller_at_once_and_health_says_so
     assert later.status_code == 503 and later.json()["error"]["type"] == "not_ready"
     assert ready.status_code == 503
     assert health.status_code == 503 and "illegal memory access" in health.json()["failure"]
+    from app.server.ray_serve import RewardReplica
+
+    replica = SimpleNamespace(app=client.app)  # what Ray calls on the replica every few seconds: it must fail now
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        RewardReplica.check_health(replica)  # type: ignore[arg-type]
 
 
 async def test_admission_counts_live_work_only(make_client: Any) -> None:

@@ -50,7 +50,8 @@ class RewardReplica:
         """Ray restarts a replica whose model worker stopped serving."""
         worker = getattr(self.app.state, "worker", None)  # type: ignore[attr-defined]
         if worker is None or not worker.ready:
-            raise RuntimeError("the model worker is not serving")
+            failure = getattr(worker, "failure", None)
+            raise RuntimeError(f"the model worker is not serving{f': its thread died ({failure})' if failure else ''}")
 
 
 class ReplicaHeader:
