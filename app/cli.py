@@ -93,12 +93,12 @@ def _eval(args: argparse.Namespace) -> int:
     if args.limit:
         pairs = pairs[: args.limit]
     if args.model is not None:
-        from app.engine.offline import offline_fingerprint, score_offline
+        from app.engine.offline import score_offline, served_fingerprint
         from app.model.loading import load_reward_model
 
         model = load_reward_model(args.model, dtype=args.dtype, device=args.device)
         report = evaluate(pairs, lambda inputs: score_offline(model, inputs))
-        report["fingerprint"] = offline_fingerprint(model)
+        report["fingerprint"] = served_fingerprint(model)
         report["versions"] = model.info["versions"]
         title = f"{args.model} on {args.data.name}"
     else:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from app.engine.offline import offline_fingerprint
+from app.engine.offline import served_fingerprint
 from app.model.loading import load_reward_model
 from app.model.recipe import ScoringInput
 
@@ -22,7 +22,7 @@ def test_default_model_orders_the_reports_pairs_as_the_report_says() -> None:
     model = load_reward_model(DEFAULT, device="cpu")
     assert model.info["dtype"] == "float32"  # what it was trained in, whatever the CPU
     if model.info["versions"] == report["versions"]:  # else the fingerprint rightly differs: kernels may have moved
-        assert offline_fingerprint(model) == report["fingerprint"]  # the committed files are the evaluated ones
+        assert served_fingerprint(model) == report["fingerprint"]  # the committed files are the evaluated ones
     assert model.info["recipe"]["template"] == "chat" and model.info["base_model"].startswith("smollm2-135m-instruct")
     examples = report["example_pairs"]
     assert len(examples["right"]) == 5 and len(examples["wrong"]) == 3

@@ -41,14 +41,17 @@ class Queued:
         return self.encoded.prefix
 
 
-def offline_fingerprint(model: RewardModel, policy: BatchPolicy = OFFLINE) -> str:
-    """The fingerprint of scoring `model` with `policy` and raw rewards: a server with the same policy reports it."""
+def served_fingerprint(
+    model: RewardModel, policy: BatchPolicy = OFFLINE, normalization: dict[str, float] | None = None
+) -> str:
+    """The fingerprint of scoring `model` with `policy` (fitted to it here) and this normalization: what a server
+    reports, and what an offline scorer with the same policy and raw rewards records."""
     fitted = policy.for_model(model.max_length, model.can_share_prefixes)
     return scoring_fingerprint(
         model.info["fingerprint"],
         share_prefixes=fitted.share_prefixes,
         pad_to_multiple_of=fitted.pad_to_multiple_of,
-        normalization=None,
+        normalization=normalization,
     )
 
 

@@ -199,7 +199,7 @@ class Worker:
         """`admitted`: the request passed this check once already (before tokenizing): shutting down since then does
         not refuse it, it is finished."""
         if self.failure is not None:
-            raise NotReady(f"the model thread died ({self.failure}); the service must be restarted")
+            raise self._dead()
         if not self.ready and not admitted:
             raise NotReady("the model is not ready (starting or shutting down)")
         if len(self._queue) + count > self.settings.max_queue_items:
@@ -275,7 +275,10 @@ class Worker:
             self.failure = f"{type(exc).__name__}: {exc}"
             self.ready = False
             for pending in self._inflight:
-                pending.fail(NotReady(f"the model thread died ({self.failure}); the service must be restarted"))
+                pending.fail(self._dead())
+
+    def _dead(self) -> NotReady:
+        return NotReady(f"the model thread died ({self.failure}); the service must be restarted")
 
     def _serve(self) -> None:
         while True:

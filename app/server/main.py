@@ -10,9 +10,9 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from app.engine.offline import served_fingerprint
 from app.engine.worker import Worker
 from app.model.checkpoint import Normalization
-from app.model.fingerprint import scoring_fingerprint
 from app.model.loading import load_reward_model
 from app.model.reward_model import RewardModel
 from app.server.errors import install_error_handlers
@@ -65,12 +65,7 @@ def create_app(settings: Settings | None = None, model: RewardModel | None = Non
         normalization = normalization_in_force(settings, loaded)
         worker = Worker(loaded, settings, app.state.metrics)
         await asyncio.to_thread(worker.start)  # fits the batch policy to the model
-        fingerprint = scoring_fingerprint(
-            loaded.info["fingerprint"],
-            share_prefixes=worker.policy.share_prefixes,
-            pad_to_multiple_of=worker.policy.pad_to_multiple_of,
-            normalization=normalization.model_dump() if normalization else None,
-        )
+        fingerprint = served_fingerprint(loaded, worker.policy, normalization.model_dump() if normalization else None)
         app.state.served = Served(normalization, fingerprint)
         app.state.worker = worker
         log.info("ready: %s (fingerprint %s)", settings.model_path, fingerprint)
