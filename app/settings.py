@@ -76,6 +76,18 @@ class Settings(BaseSettings):
         description="Decoder models: a prompt that several queued items share (a GRPO group, a /compare pair) runs "
         "once and its key/value cache serves every reply. Same rewards; off only to compare.",
     )
+    batch_invariant: bool = Field(
+        True,
+        description="Decoder models read at the last token: each item's reward is a function of the item alone, "
+        "bitwise, whatever its batch, padding, order or prompt sharing (linears run in fixed row blocks, attention "
+        "per item). Off: stock kernels, and in bf16 a reward moves with its batch by ~7% of the rewards' spread.",
+    )
+    block_rows: int = Field(
+        512,
+        ge=1,
+        description="Batch-invariant mode: rows per linear call. Part of the fingerprint: servers with other values "
+        "give other (equally invariant) numbers. Larger is faster for big batches, slower for a lone item.",
+    )
 
     # --- limits ------------------------------------------------------------------------------------
     max_items_per_request: int = Field(1024, ge=1, description="Larger requests get 413; clients split them.")

@@ -129,8 +129,30 @@ def test_replies_of_very_different_length_split_a_group() -> None:
 
 def test_groups_of_similar_shape_join_and_whole_items_run_apart() -> None:
     """A whole item in a shared batch would attend over every prompt's cache: it waits for a batch of whole items."""
-    q = queue(max_batch_tokens=1000)
+    q = queue(max_batch_tokens=1000, batch_invariant=False)
     q.extend(Item(40 + i, f"a{i}", prefix=30, prefix_key="a") for i in range(4))
     q.extend(Item(40 + i, f"b{i}", prefix=30, prefix_key="b") for i in range(4))
     q.extend([Item(12, "lone", prefix=10, prefix_key="c")])  # no sibling: a whole 12-token item
     assert [sorted(i.name for i in b) for b in drain(q)] == [["a0", "a1", "a2", "a3", "b0", "b1", "b2", "b3"], ["lone"]]
+
+
+def test_batch_invariant_every_prompt_runs_apart() -> None:
+    """Batch-invariant, an item's path may not depend on its neighbours: a prompt no other item shares still runs in
+    the prompt pass, so the lone item joins the shared batch."""
+    q = queue(max_batch_tokens=1000, batch_invariant=True)
+    q.extend(Item(40 + i, f"a{i}", prefix=30, prefix_key="a") for i in range(4))
+    q.extend([Item(12, "lone", prefix=10, prefix_key="c")])
+    assert [sorted(i.name for i in b) for b in drain(q)] == [["a0", "a1", "a2", "a3", "lone"]]
+    assert BatchPolicy(1000, 8, batch_invariant=True, block_rows=64).layout == (1, True, 64)
+    assert BatchPolicy(1000, 8, batch_invariant=False, block_rows=64).layout == (1, True, None)
+
+
+def test_batch_invariant_prefers_the_neighbour_that_fills_the_row_block() -> None:
+    """Linears then run in whole blocks of rows: of two neighbours the one that fills the block wastes less."""
+    items = [Item(40, "oldest"), Item(36, "least padding"), Item(64, "fills the block")]  # 2 x 64 = 128 rows
+    q = queue(max_batch_tokens=4096, max_batch_size=2, block_rows=128, batch_invariant=True)
+    q.extend(items)
+    assert [i.name for i in drain(q)[0]] == ["oldest", "fills the block"]
+    q = queue(max_batch_tokens=4096, max_batch_size=2, batch_invariant=False)
+    q.extend(items)
+    assert [i.name for i in drain(q)[0]] == ["oldest", "least padding"]

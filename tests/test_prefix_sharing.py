@@ -101,7 +101,7 @@ def test_a_model_whose_cached_path_differs_is_caught_at_the_check(load: Callable
 
 def assert_never_shares(model: RewardModel) -> None:
     """The batch policy fitted to the model shares nothing, and asking the model to share anyway is refused."""
-    assert not OFFLINE.for_model(model.max_length, model.can_share_prefixes).share_prefixes
+    assert not OFFLINE.for_model(model).share_prefixes
     with pytest.raises(ValueError, match="cannot share prompts"):
         model.plan(model.encoder.encode_batch(GROUPS[:4]), 16, share=True)
 

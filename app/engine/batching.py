@@ -11,6 +11,12 @@ items are units of one. The unit holding the oldest item always goes next (nothi
 same kind (sharing a prompt or not: measured, mixing them is slower than either) and similar suffix length, one
 neighbour at a time, while the batch stays under the token budget and the item cap and wastes little padding.
 Items whose request was abandoned are dropped here, before they are computed.
+
+Batch invariance (`batch_invariant`, the default where the model supports it): the model then computes every linear
+in calls of exactly `block_rows` rows, so a pass computes its tokens rounded up to a multiple of `block_rows` (the
+choice between neighbours counts that), and every
+prompt runs in its own pass, even one no other queued item shares (the same path for every item, so whether a prompt
+was shared cannot move a reward).
 """
 
 from __future__ import annotations
@@ -42,6 +48,19 @@ class Schedulable(Protocol):
 T = TypeVar("T", bound=Schedulable)
 
 
+class Capabilities(Protocol):
+    """What a loaded model can do, measured once (`RewardModel` has these)."""
+
+    @property
+    def max_length(self) -> int: ...
+
+    @property
+    def can_share_prefixes(self) -> bool: ...
+
+    @property
+    def can_be_invariant(self) -> bool: ...
+
+
 @dataclass(frozen=True, slots=True)
 class BatchPolicy:
     max_batch_tokens: int
@@ -50,16 +69,31 @@ class BatchPolicy:
     min_padding_efficiency: float = 0.0  # own padded tokens / batch cost, for every batch formed
     lookahead: int = 256
     share_prefixes: bool = True
+    batch_invariant: bool = True
+    block_rows: int = 512
 
-    def for_model(self, max_length: int, can_share_prefixes: bool) -> BatchPolicy:
-        """This policy for a loaded model, checked once: prompts are shared only where the setting asks and the model
-        computes the same rewards that way (the cost model must match what runs), and one full-length item fits."""
-        if padded(max_length, self.pad_to_multiple_of) > self.max_batch_tokens:
+    @property
+    def invariant_rows(self) -> int | None:
+        """The rows per linear call the model runs with (None: stock kernels, rewards move with the batch)."""
+        return self.block_rows if self.batch_invariant else None
+
+    @property
+    def layout(self) -> tuple[int, bool, int | None]:
+        """`RewardModel.plan`'s arguments after the items: how a batch this policy formed is laid out and run."""
+        return self.pad_to_multiple_of, self.share_prefixes, self.invariant_rows
+
+    def for_model(self, model: Capabilities) -> BatchPolicy:
+        """This policy for a loaded model, checked once: prompts are shared, and items computed batch-invariantly,
+        only where the settings ask and the model computes the same rewards that way (the cost model must match what
+        runs), and one full-length item fits."""
+        longest = padded(model.max_length, self.pad_to_multiple_of)
+        if longest > self.max_batch_tokens:
             raise ValueError(
-                f"max_batch_tokens ({self.max_batch_tokens}) is smaller than one full-length item ({max_length} "
-                f"tokens padded to {padded(max_length, self.pad_to_multiple_of)}); raise it or lower max_length"
+                f"max_batch_tokens ({self.max_batch_tokens}) is smaller than one full-length item ({model.max_length} "
+                f"tokens padded to {longest}); raise it or lower max_length"
             )
-        return replace(self, share_prefixes=self.share_prefixes and can_share_prefixes)
+        share = self.share_prefixes and model.can_share_prefixes
+        return replace(self, share_prefixes=share, batch_invariant=self.batch_invariant and model.can_be_invariant)
 
 
 @dataclass(slots=True)
@@ -96,6 +130,12 @@ class _Cost:
     @property
     def tokens(self) -> int:
         return self.prompts * self.longest_prefix + self.items * self.longest_suffix
+
+    def computed(self, p: BatchPolicy) -> int:
+        """`tokens` as the linears compute them, each pass rounded up to whole row blocks: what the choice between
+        neighbours minimizes (the budget bounds `tokens`, the memory)."""
+        rows = p.invariant_rows or 1
+        return padded(self.prompts * self.longest_prefix, rows) + padded(self.items * self.longest_suffix, rows)
 
     def admitted(self, p: BatchPolicy) -> bool:
         return (
@@ -152,7 +192,7 @@ class TokenBudgetQueue(Generic[T]):
                 if 0 <= i < len(units):
                     after = cost.plus(units[i])
                     if after.admitted(p):
-                        options.append(((after.tokens - after.own) - (cost.tokens - cost.own), side, after))
+                        options.append(((after.computed(p) - after.own) - (cost.computed(p) - cost.own), side, after))
             if not options:
                 break
             _, side, cost = min(options, key=lambda o: (o[0], -o[1]))  # ties: the longer side
@@ -176,7 +216,7 @@ class TokenBudgetQueue(Generic[T]):
             else:
                 groups.setdefault(key, []).append(i)
         for members in groups.values():
-            if len(members) == 1:
+            if len(members) == 1 and not p.batch_invariant:
                 units.append(_Unit(members, 0, [padded(window[members[0]].length, m)]))
                 continue
             prefix = padded(window[members[0]].prefix, m)
@@ -189,7 +229,7 @@ class TokenBudgetQueue(Generic[T]):
                     grown = _Unit([i], prefix, [suffix])
                 run = grown
             units.append(run)
-        for unit in units:  # a run of one shares nothing: run it whole
-            if unit.prefix and len(unit.members) == 1:
+        for unit in units:  # a run of one shares nothing: run it whole (batch-invariant: every prompt runs apart)
+            if unit.prefix and len(unit.members) == 1 and not p.batch_invariant:
                 unit.prefix, unit.suffixes = 0, [padded(window[unit.members[0]].length, m)]
         return units

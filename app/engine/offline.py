@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from app.engine.batching import BatchPolicy, TokenBudgetQueue
 from app.model.collate import Batch, SharedBatch
 from app.model.fingerprint import scoring_fingerprint
@@ -46,11 +48,13 @@ def served_fingerprint(
 ) -> str:
     """The fingerprint of scoring `model` with `policy` (fitted to it here) and this normalization: what a server
     reports, and what an offline scorer with the same policy and raw rewards records."""
-    fitted = policy.for_model(model.max_length, model.can_share_prefixes)
+    fitted = policy.for_model(model)
     return scoring_fingerprint(
         model.info["fingerprint"],
         share_prefixes=fitted.share_prefixes,
         pad_to_multiple_of=fitted.pad_to_multiple_of,
+        block_rows=fitted.invariant_rows,
+        threads=torch.get_num_threads() if model.device.type == "cpu" else None,
         normalization=normalization,
     )
 
@@ -63,13 +67,13 @@ def score_offline(
 ) -> list[float]:
     """Rewards of `inputs`, in order, batched shortest first as the server would batch them; `on_batch` sees each
     planned batch (the benchmark counts its tokens)."""
-    policy = policy.for_model(model.max_length, model.can_share_prefixes)
+    policy = policy.for_model(model)
     encoded = model.encoder.encode_batch(list(inputs))
     queue: TokenBudgetQueue[Queued] = TokenBudgetQueue(policy)
     queue.extend(Queued(encoded[i], i) for i in sorted(range(len(encoded)), key=lambda i: len(encoded[i])))
     rewards = [0.0] * len(encoded)
     while batch := queue.next_batch():
-        planned = model.plan([q.encoded for q in batch], policy.pad_to_multiple_of, policy.share_prefixes)
+        planned = model.plan([q.encoded for q in batch], *policy.layout)
         if on_batch is not None:
             on_batch(planned)
         for q, reward in zip(batch, model.run(planned), strict=True):

@@ -170,10 +170,10 @@ class Worker:
         first forward, which pays one-off costs."""
         if self.settings.num_threads:
             torch.set_num_threads(self.settings.num_threads)
-        self._queue.policy = self._queue.policy.for_model(self.model.max_length, self.model.can_share_prefixes)
+        self._queue.policy = self._queue.policy.for_model(self.model)
         warm = self.model.encoder.encode_batch([ScoringInput("Hello, who are you?", "I am a helpful assistant.")])
-        self.model.score(warm, self.policy.pad_to_multiple_of)
-        log.info("prompt sharing: %s", "on" if self.policy.share_prefixes else "off")
+        self.model.score(warm, *self.policy.layout)
+        log.info("prompt sharing: %s; batch invariance: %s", self.policy.share_prefixes, self.policy.batch_invariant)
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop admitting, finish every queued item, then end the thread."""
@@ -303,7 +303,7 @@ class Worker:
             if pending.started is None:
                 pending.started = began
         try:
-            planned = self.model.plan(items, self.policy.pad_to_multiple_of, self.policy.share_prefixes)
+            planned = self.model.plan(items, *self.policy.layout)
             rewards = self.model.run(planned)
         except Exception as exc:  # any backend failure: split, retry, then fail only the culprit
             if len(batch) > 1:

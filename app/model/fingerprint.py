@@ -82,9 +82,19 @@ def model_fingerprint(
 
 
 def scoring_fingerprint(
-    model: str, *, share_prefixes: bool, pad_to_multiple_of: int, normalization: dict[str, float] | None
+    model: str,
+    *,
+    share_prefixes: bool,
+    pad_to_multiple_of: int,
+    block_rows: int | None,
+    threads: int | None,
+    normalization: dict[str, float] | None,
 ) -> str:
-    """What a server (or an offline scorer) reports: the model's fingerprint with its scheduling and normalization."""
-    return fingerprint(
-        model=model, share_prefixes=share_prefixes, pad_to_multiple_of=pad_to_multiple_of, normalization=normalization
-    )
+    """What a server (or an offline scorer) reports: the model's fingerprint with its scheduling and normalization.
+    Batch-invariant (`block_rows`), padding no longer moves a reward, but the row blocks and the CPU threads do (a
+    kernel's reduction order follows its thread split)."""
+    if block_rows is None:
+        schedule: dict[str, Any] = {"pad_to_multiple_of": pad_to_multiple_of}
+    else:
+        schedule = {"block_rows": block_rows, "threads": threads}
+    return fingerprint(model=model, share_prefixes=share_prefixes, normalization=normalization, **schedule)

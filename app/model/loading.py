@@ -334,7 +334,7 @@ def load_reward_model(
             head_index=module.head_index,
             dtype=torch_dtype,
             device=inputs_device,
-            attention=getattr(config, "_attn_implementation", None),
+            attention=module.attention,
         ),
     }
     log.info("loaded %s checkpoint %s (%s, %s)", fmt, path, info["architecture"], info["dtype"])

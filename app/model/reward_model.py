@@ -13,12 +13,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from app.model import invariant
 from app.model.collate import Batch, SharedBatch, collate, collate_shared, last_real_index
 from app.model.recipe import Encoded, RecipeEncoder
 
 log = logging.getLogger(__name__)
 
 Pooling = Literal["last_token", "classifier"]
+INVARIANT_PROBE_ROWS = 64
 
 
 def sigmoid(x: float) -> float:
@@ -53,6 +55,12 @@ class RewardHeadModel(nn.Module):
         self._takes_types = "token_type_ids" in accepted
         self._takes_cache_flag = "use_cache" in accepted
         self._takes_cache = cache_argument(backbone) is not None
+        config = getattr(backbone, "config", None)
+        self.attention: str | None = getattr(config, "_attn_implementation", None)  # the stock kernel
+        # decoders read at the last token can run batch-invariantly (`block_rows`); stock kernels until asked
+        self.may_be_invariant = pooling == "last_token" and self._takes_positions and invariant.install(backbone)
+        if self.may_be_invariant and head is not None:
+            invariant.block_linears(head)
 
     @property
     def may_share_prefixes(self) -> bool:
@@ -65,7 +73,9 @@ class RewardHeadModel(nn.Module):
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        block_rows: int | None = None,
     ) -> torch.Tensor:
+        """`block_rows`: compute batch-invariantly (`invariant`), linears in calls of that many rows."""
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self._takes_positions:
             if position_ids is None:  # left or right padding: count real tokens so far
@@ -77,12 +87,23 @@ class RewardHeadModel(nn.Module):
             return self.backbone(**kwargs).logits[:, self.head_index].float()
         if self._takes_cache_flag:
             kwargs["use_cache"] = False
-        hidden = self.backbone(**kwargs).last_hidden_state
-        return self._read(hidden, last_real_index(attention_mask))
+        if block_rows is not None:
+            self._check_invariant()
+            kwargs["reward_spans"] = invariant.spans(attention_mask)
+        with invariant.block_rows(block_rows):
+            hidden = self.backbone(**kwargs).last_hidden_state
+            return self._read(hidden, last_real_index(attention_mask))
 
     def forward_shared(self, batch: SharedBatch) -> torch.Tensor:
         """`forward` for a `SharedBatch`: each prefix runs once and its keys/values serve all of its items."""
-        return self._read(shared_hidden(self.backbone, batch)[1], batch.last_index)
+        if batch.block_rows is not None:
+            self._check_invariant()
+        with invariant.block_rows(batch.block_rows):
+            return self._read(shared_hidden(self.backbone, batch)[1], batch.last_index)
+
+    def _check_invariant(self) -> None:
+        if not self.may_be_invariant:
+            raise ValueError("this model cannot run batch-invariantly: its batch policy must not ask it to")
 
     def _read(self, hidden: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index]
@@ -100,15 +121,22 @@ def cache_argument(backbone: nn.Module) -> str | None:
 def shared_hidden(backbone: nn.Module, batch: SharedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden states of a `SharedBatch` through a causal backbone: ([prefixes, Lp, H], [items, Ls, H])."""
     p = batch.prefixes
-    out = backbone(input_ids=p.input_ids, attention_mask=p.attention_mask, position_ids=p.position_ids, use_cache=True)
+    exact = batch.block_rows is not None  # then attention runs per item (`invariant`): it needs each row's spans
+    extra = {"reward_spans": invariant.spans(p.attention_mask)} if exact else {}
+    out = backbone(
+        input_ids=p.input_ids, attention_mask=p.attention_mask, position_ids=p.position_ids, use_cache=True, **extra
+    )
     cache = getattr(out, "cache", None) or out.past_key_values  # transformers 5 renamed it
     cache.reorder_cache(batch.group)  # one copy of its prefix's keys/values per item
+    if exact:
+        extra = {"reward_spans": invariant.spans(batch.attention_mask, p.input_ids.shape[1])}
     suffix = backbone(
         input_ids=batch.suffix_ids,
         attention_mask=batch.attention_mask,
         position_ids=batch.position_ids,
         use_cache=False,
         **{cache_argument(backbone) or "past_key_values": cache},
+        **extra,
     ).last_hidden_state
     return out.last_hidden_state, suffix
 
@@ -128,13 +156,22 @@ class RewardModel:
     def max_length(self) -> int:
         return self.encoder.recipe.max_length
 
-    def plan(self, items: Sequence[Encoded], pad_to_multiple_of: int = 1, share: bool = False) -> Batch | SharedBatch:
+    def plan(
+        self,
+        items: Sequence[Encoded],
+        pad_to_multiple_of: int = 1,
+        share: bool = False,
+        block_rows: int | None = None,
+    ) -> Batch | SharedBatch:
         """The padded layout `run` computes; with `share` (which the batch policy decides, from the setting and
-        `can_share_prefixes`), prompts that items share run once."""
+        `can_share_prefixes`), prompts that items share run once. With `block_rows` (the policy decides it too, from
+        the setting and `can_be_invariant`) each item's reward is a function of the item alone, and when prompts are
+        shared every prompt runs in its own pass, even one no other item shares: the same path for every item."""
         if share and not self.can_share_prefixes:
             raise ValueError("this model cannot share prompts: its batch policy must not ask it to")
-        shared = collate_shared(items, self.pad_id, pad_to_multiple_of) if share else None
-        return shared if shared is not None else collate(items, self.pad_id, pad_to_multiple_of)
+        every = block_rows is not None
+        shared = collate_shared(items, self.pad_id, pad_to_multiple_of, every, block_rows) if share else None
+        return shared if shared is not None else collate(items, self.pad_id, pad_to_multiple_of, block_rows)
 
     def run(self, batch: Batch | SharedBatch) -> list[float]:
         """One forward pass; the rewards of the batch's items, in order."""
@@ -143,13 +180,44 @@ class RewardModel:
             if isinstance(on, SharedBatch):
                 rewards = self.module.forward_shared(on)
             else:
-                rewards = self.module(on.input_ids, on.attention_mask, on.position_ids, on.token_type_ids)
+                rewards = self.module(
+                    on.input_ids, on.attention_mask, on.position_ids, on.token_type_ids, on.block_rows
+                )
         if rewards.shape[0] != len(batch):
             raise RuntimeError(f"model returned {rewards.shape[0]} rewards for {len(batch)} items")
         return rewards.cpu().tolist()
 
-    def score(self, items: Sequence[Encoded], pad_to_multiple_of: int = 1, share: bool = False) -> list[float]:
-        return self.run(self.plan(items, pad_to_multiple_of, share))
+    def score(
+        self,
+        items: Sequence[Encoded],
+        pad_to_multiple_of: int = 1,
+        share: bool = False,
+        block_rows: int | None = None,
+    ) -> list[float]:
+        return self.run(self.plan(items, pad_to_multiple_of, share, block_rows))
+
+    @cached_property
+    def can_be_invariant(self) -> bool:
+        """Checked once, on numbers: the per-item attention reached every layer (a backbone that does not pass its
+        keyword arguments down to attention keeps the stock kernel) and items alone equal the same items batched."""
+        if not self.module.may_be_invariant:
+            return False
+        texts = ["Which planet is the largest?", "Jupiter.", "Saturn, by far, if you count its rings as well."]
+        probe = [Encoded(ids, None, False) for ids in self.encoder.tokenizer(texts, add_special_tokens=False).input_ids]
+        calls = invariant.per_item_calls()
+        try:
+            alone = [self.score([item], block_rows=INVARIANT_PROBE_ROWS)[0] for item in probe]
+            together = self.score(probe, pad_to_multiple_of=16, block_rows=INVARIANT_PROBE_ROWS)
+        except Exception:
+            log.warning("batch invariance unavailable: the per-item kernels failed", exc_info=True)
+            return False
+        if invariant.per_item_calls() == calls:
+            log.warning("batch invariance unavailable: this backbone does not pass its arguments to attention")
+            return False
+        if alone != together:
+            log.warning("batch invariance unavailable: batched %s vs alone %s", together, alone)
+            return False
+        return True
 
     @cached_property
     def can_share_prefixes(self) -> bool:

@@ -149,6 +149,7 @@ async def info(worker: WorkerDep, served: ServedDep) -> Info:
         model_fingerprint=worker.model.info["fingerprint"],
         checkpoint_normalization=worker.model.info["normalization"],
         shares_prefixes=worker.policy.share_prefixes,
+        batch_invariant=worker.policy.batch_invariant,
         limits=limits.described(worker.settings),
     )
 

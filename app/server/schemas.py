@@ -284,4 +284,7 @@ class Info(BaseModel):
     dtype_source: str = Field(description="why this dtype: REWARD_DTYPE, or what the checkpoint states")
     versions: dict[str, str] = Field(description="torch and transformers major.minor, part of the fingerprint")
     shares_prefixes: bool = Field(description="items sharing a prompt compute it once (see REWARD_SHARE_PREFIXES)")
+    batch_invariant: bool = Field(
+        description="each reward is bitwise a function of its item alone, whatever its batch (REWARD_BATCH_INVARIANT)"
+    )
     limits: dict[str, int | float]
