@@ -18,7 +18,7 @@ class Item:
 
 
 def queue(**policy: object) -> TokenBudgetQueue[Item]:
-    values: dict[str, object] = {"max_batch_tokens": 1000, "max_batch_size": 100}
+    values: dict[str, object] = {"max_batch_tokens": 1000, "max_batch_size": 100, "batch_invariant": False}
     values.update(policy)
     return TokenBudgetQueue(BatchPolicy(**values))  # type: ignore[arg-type]
 
@@ -141,18 +141,11 @@ def test_batch_invariant_every_prompt_runs_apart() -> None:
     the prompt pass, so the lone item joins the shared batch."""
     q = queue(max_batch_tokens=1000, batch_invariant=True)
     q.extend(Item(40 + i, f"a{i}", prefix=30, prefix_key="a") for i in range(4))
-    q.extend([Item(12, "lone", prefix=10, prefix_key="c")])
-    assert [sorted(i.name for i in b) for b in drain(q)] == [["a0", "a1", "a2", "a3", "lone"]]
+    q.extend([Item(12, "lone", prefix=10, prefix_key="c"), Item(300, "whole")])  # packed: lengths and kinds mix
+    assert [sorted(i.name for i in b) for b in drain(q)] == [["a0", "a1", "a2", "a3", "lone", "whole"]]
+    q = queue(max_batch_tokens=400, batch_invariant=True)  # own tokens, oldest first: 76 + 12 + 300 (+ 30)
+    q.extend(Item(40 + i, f"a{i}", prefix=30, prefix_key="a") for i in range(4))
+    q.extend([Item(12, "lone", prefix=10, prefix_key="c"), Item(300, "whole"), Item(30, "next")])
+    assert [sorted(i.name for i in b) for b in drain(q)] == [["a0", "a1", "a2", "a3", "lone", "whole"], ["next"]]
     assert BatchPolicy(1000, 8, batch_invariant=True, block_rows=64).layout == (1, True, 64)
     assert BatchPolicy(1000, 8, batch_invariant=False, block_rows=64).layout == (1, True, None)
-
-
-def test_batch_invariant_prefers_the_neighbour_that_fills_the_row_block() -> None:
-    """Linears then run in whole blocks of rows: of two neighbours the one that fills the block wastes less."""
-    items = [Item(40, "oldest"), Item(36, "least padding"), Item(64, "fills the block")]  # 2 x 64 = 128 rows
-    q = queue(max_batch_tokens=4096, max_batch_size=2, block_rows=128, batch_invariant=True)
-    q.extend(items)
-    assert [i.name for i in drain(q)[0]] == ["oldest", "fills the block"]
-    q = queue(max_batch_tokens=4096, max_batch_size=2, batch_invariant=False)
-    q.extend(items)
-    assert [i.name for i in drain(q)[0]] == ["oldest", "least padding"]

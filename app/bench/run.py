@@ -9,7 +9,8 @@ Workloads (items from a preference file, so lengths are real):
 Modes, on the same checkpoint and dtype:
 - `engine`: the model forward over the workload's items, length-sorted token-budget batches, no HTTP, no prompt
   sharing: the limit the server is measured against;
-- `server`: this service over HTTP (`server-plain`: with REWARD_SHARE_PREFIXES=false);
+- `server`: this service over HTTP (`server-plain`: with REWARD_SHARE_PREFIXES=false; `server-stock`: with
+  REWARD_BATCH_INVARIANT=false, the stock kernels whose bf16 rewards move with the batch);
 - `naive`: a minimal FastAPI server running one forward per request, padded to its longest item (OpenRLHF
   `serve_rm.py`);
 - `litserve`: LitServe with its dynamic batching (max_batch_size 16, 10 ms), one padded forward per batch;
@@ -32,7 +33,7 @@ from pathlib import Path
 from app.bench.served import Served
 from app.bench.workloads import Result, build_workloads, run_engine
 
-MODES = ("engine", "server", "server-plain", "naive", "litserve", "ray", "ray-2")
+MODES = ("engine", "server", "server-plain", "server-stock", "naive", "litserve", "ray", "ray-2")
 WORKLOADS = ("grpo", "storm", "shared", "idle")
 DEV = Path("../shared/data/preferences/dev.jsonl")
 
@@ -55,7 +56,7 @@ def report(results: list[Result], header: str) -> str:
         lines += ["| " + " | ".join(_fmt(row[c]) for c in cols) + " |" for row in rows]
         lines.append("")
     lines += ["### ratios (items/s)", "", "| workload | ratio | value |", "|---|---|---|"]
-    pairs = [("server", other) for other in ("engine", "server-plain", "naive", "litserve")]
+    pairs = [("server", other) for other in ("engine", "server-plain", "server-stock", "naive", "litserve")]
     pairs += [(ray_mode, "server") for ray_mode in ("ray", "ray-2")]  # the Ray path against the single process
     for workload in dict.fromkeys(r.workload for r in results):
         for mode, other in pairs:

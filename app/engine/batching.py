@@ -12,11 +12,10 @@ same kind (sharing a prompt or not: measured, mixing them is slower than either)
 neighbour at a time, while the batch stays under the token budget and the item cap and wastes little padding.
 Items whose request was abandoned are dropped here, before they are computed.
 
-Batch invariance (`batch_invariant`, the default where the model supports it): the model then computes every linear
-in calls of exactly `block_rows` rows, so a pass computes its tokens rounded up to a multiple of `block_rows` (the
-choice between neighbours counts that), and every
-prompt runs in its own pass, even one no other queued item shares (the same path for every item, so whether a prompt
-was shared cannot move a reward).
+Batch invariance (`batch_invariant`, the default where the model supports it): the model then packs a batch's items
+with no padding (`model.packed`), so a batch costs its items' own tokens: lengths need not match and kinds may mix,
+and units simply go oldest first while they fit. Every prompt runs in the prompt pass, even one no other queued item
+shares (the same path for every item, so whether a prompt was shared cannot move a reward).
 """
 
 from __future__ import annotations
@@ -127,21 +126,18 @@ class _Cost:
             own=self.own + unit.prefix + sum(unit.suffixes),
         )
 
-    @property
-    def tokens(self) -> int:
+    def tokens(self, p: BatchPolicy) -> int:
+        """Tokens the batch holds (what the budget bounds): packed, its own; padded, rows x widths."""
+        if p.batch_invariant:
+            return self.own
         return self.prompts * self.longest_prefix + self.items * self.longest_suffix
 
-    def computed(self, p: BatchPolicy) -> int:
-        """`tokens` as the linears compute them, each pass rounded up to whole row blocks: what the choice between
-        neighbours minimizes (the budget bounds `tokens`, the memory)."""
-        rows = p.invariant_rows or 1
-        return padded(self.prompts * self.longest_prefix, rows) + padded(self.items * self.longest_suffix, rows)
-
     def admitted(self, p: BatchPolicy) -> bool:
+        tokens = self.tokens(p)
         return (
             self.items <= p.max_batch_size
-            and self.tokens <= p.max_batch_tokens
-            and self.own >= p.min_padding_efficiency * self.tokens
+            and tokens <= p.max_batch_tokens
+            and self.own >= p.min_padding_efficiency * tokens
         )
 
 
@@ -180,7 +176,23 @@ class TokenBudgetQueue(Generic[T]):
             return []
 
         units = self._units(window)
-        anchor = next(u for u in units if 0 in u.members)  # the oldest entry's unit anchors the batch
+        chosen = self._packed(units) if p.batch_invariant else self._padded(units)
+        self._entries.extendleft(reversed([e for i, e in enumerate(window) if i not in chosen]))
+        return [window[i] for i in sorted(chosen)]
+
+    def _packed(self, units: list[_Unit]) -> set[int]:
+        """Packed, there is no padding to save: units oldest first, each that still fits."""
+        cost, chosen = _Cost(), set[int]()
+        for unit in sorted(units, key=lambda u: min(u.members)):
+            after = cost.plus(unit)
+            if not chosen or after.admitted(self.policy):
+                cost, chosen = after, chosen | set(unit.members)
+        return chosen
+
+    def _padded(self, units: list[_Unit]) -> set[int]:
+        """Padded: the oldest entry's unit, joined by the neighbour (by width) that adds the least padding."""
+        p = self.policy
+        anchor = next(u for u in units if 0 in u.members)
         # a batch either shares prompts or runs whole items: a whole item riding in a shared batch would attend over
         # every prompt's padded cache and widen the suffix pass to its full length
         units = sorted((u for u in units if (u.prefix > 0) == (anchor.prefix > 0)), key=lambda u: u.widest)
@@ -192,21 +204,18 @@ class TokenBudgetQueue(Generic[T]):
                 if 0 <= i < len(units):
                     after = cost.plus(units[i])
                     if after.admitted(p):
-                        options.append(((after.computed(p) - after.own) - (cost.computed(p) - cost.own), side, after))
+                        options.append(((after.tokens(p) - after.own) - (cost.tokens(p) - cost.own), side, after))
             if not options:
                 break
             _, side, cost = min(options, key=lambda o: (o[0], -o[1]))  # ties: the longer side
             lo, hi = (lo - 1, hi) if side < 0 else (lo, hi + 1)
-
-        chosen = {i for unit in units[lo : hi + 1] for i in unit.members}
-        self._entries.extendleft(reversed([e for i, e in enumerate(window) if i not in chosen]))
-        return [window[i] for i in sorted(chosen)]
+        return {i for unit in units[lo : hi + 1] for i in unit.members}
 
     def _units(self, window: Sequence[T]) -> list[_Unit]:
         """Window entries sharing a prompt, cut into runs of similar suffix length that each fit a batch alone;
         everything else one unit per entry."""
         p = self.policy
-        m = p.pad_to_multiple_of
+        m = 1 if p.batch_invariant else p.pad_to_multiple_of  # packed: no padding
         groups: dict[Hashable, list[int]] = {}
         units: list[_Unit] = []
         for i, entry in enumerate(window):

@@ -18,7 +18,6 @@ class Batch:
     position_ids: torch.Tensor
     token_type_ids: torch.Tensor | None
     last_index: torch.Tensor  # [B], the last position whose attention mask is 1
-    block_rows: int | None = None  # run batch-invariantly, linears in calls of this many rows (`invariant`)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -35,7 +34,7 @@ class Batch:
         return Batch(*(t.to(device) if isinstance(t, torch.Tensor) else t for t in astuple_shallow(self)))
 
 
-def collate(items: Sequence[Encoded], pad_id: int, multiple: int = 1, block_rows: int | None = None) -> Batch:
+def collate(items: Sequence[Encoded], pad_id: int, multiple: int = 1) -> Batch:
     """Right padding, lengths rounded up to `multiple` (few distinct shapes: each new one costs time and memory).
 
     Every real token keeps the position it has alone, so causal models see exactly the same
@@ -59,7 +58,6 @@ def collate(items: Sequence[Encoded], pad_id: int, multiple: int = 1, block_rows
         position_ids=position_ids,
         token_type_ids=token_type_ids,
         last_index=last_real_index(attention_mask),
-        block_rows=block_rows,
     )
 
 
@@ -86,7 +84,6 @@ class SharedBatch:
     last_index: torch.Tensor  # [B] into the suffix
     real_tokens: int
     padded_tokens: int
-    block_rows: int | None = None
 
     def __len__(self) -> int:
         return self.suffix_ids.shape[0]
@@ -100,21 +97,18 @@ def astuple_shallow(obj: object) -> tuple[object, ...]:
     return tuple(getattr(obj, f.name) for f in fields(obj))  # type: ignore[arg-type]
 
 
-def prefix_groups(items: Sequence[Encoded], every: bool = False) -> list[list[int]]:
-    """Indices of items whose first `prefix` tokens are identical, for every prefix at least two items share (with
-    `every`, also for a prefix one item has alone)."""
+def prefix_groups(items: Sequence[Encoded]) -> list[list[int]]:
+    """Indices of items whose first `prefix` tokens are identical, for every prefix at least two items share."""
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, item in enumerate(items):
         if item.prefix:
             groups.setdefault(tuple(item.input_ids[: item.prefix]), []).append(i)
-    return [members for members in groups.values() if every or len(members) > 1]
+    return [members for members in groups.values() if len(members) > 1]
 
 
-def collate_shared(
-    items: Sequence[Encoded], pad_id: int, multiple: int = 1, every: bool = False, block_rows: int | None = None
-) -> SharedBatch | None:
-    """The shared-prefix layout of `items`, or None when no prefix is shared (`every`: when no item has one)."""
-    groups = prefix_groups(items, every)
+def collate_shared(items: Sequence[Encoded], pad_id: int, multiple: int = 1) -> SharedBatch | None:
+    """The shared-prefix layout of `items`, or None when no two items share a prefix."""
+    groups = prefix_groups(items)
     if not groups:
         return None
     prefix_len = [0] * len(items)
@@ -125,7 +119,7 @@ def collate_shared(
         heads.append(Encoded(first.input_ids[: first.prefix], None, False))
         for i in members:
             prefix_len[i], group[i] = first.prefix, row
-    prefixes = collate(heads, pad_id, multiple, block_rows)
+    prefixes = collate(heads, pad_id, multiple)
     width_p = prefixes.input_ids.shape[1]
     suffixes = [item.input_ids[p:] for item, p in zip(items, prefix_len, strict=True)]
     width_s = padded(max(len(s) for s in suffixes), multiple)
@@ -145,5 +139,4 @@ def collate_shared(
         last_index=torch.tensor([len(s) - 1 for s in suffixes], dtype=torch.long),
         real_tokens=prefixes.real_tokens + sum(len(s) for s in suffixes),
         padded_tokens=prefixes.padded_tokens + suffix_ids.numel(),
-        block_rows=block_rows,
     )

@@ -8,9 +8,9 @@ invariant mode:
 - every `nn.Linear` of the model runs in calls of exactly `rows` rows (the last call padded with zeros): a fixed shape
   gives every row the same arithmetic, whatever the other rows hold and wherever the row sits (measured);
 - attention runs per item over that item's own tokens only (its prompt's keys, when the prompt ran in a separate
-  pass, and its own), never over padding: the same call whether the item is alone, padded or in any batch.
-Elementwise ops and the per-row norms are row-local already. Outside the mode (`rows` unset) both kernels are the
-stock ones.
+  pass, and its own): the same call whether the item is alone or in any batch. Items are then packed with no padding
+  at all (`packed`).
+Elementwise ops and the per-row norms are row-local already. Outside `running` both kernels are the stock ones.
 """
 
 from __future__ import annotations
@@ -25,24 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 ATTENTION = "reward_rowwise"
-Spans = Sequence[tuple[int, int]]  # per row: (prompt tokens held in the cache, the row's own real tokens)
+Span = tuple[int, int, int, int]  # (cached prompt offset, its length, own offset, own length): `packed`
 
 _rows: ContextVar[int | None] = ContextVar("reward_block_rows", default=None)
 _per_item_calls = [0]  # attention calls that ran per item: the probe's proof that the spans reached every layer
 
 
-@contextmanager
-def block_rows(rows: int | None) -> Iterator[None]:
-    """Within: linears run in calls of exactly `rows` rows (None: stock kernels)."""
-    token = _rows.set(rows)
-    try:
-        yield
-    finally:
-        _rows.reset(token)
-
-
 class RowBlockLinear(nn.Linear):
-    """`nn.Linear` whose rows run in fixed-size calls inside `block_rows` (the class of an existing Linear is swapped,
+    """`nn.Linear` whose rows run in fixed-size calls inside `running` (the class of an existing Linear is swapped,
     so its parameters, hooks and state-dict names stay as they are)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,11 +41,18 @@ class RowBlockLinear(nn.Linear):
             return super().forward(x)
         flat = x.reshape(-1, x.shape[-1])
         total = flat.shape[0]
-        pad = -total % rows
-        if pad:
-            flat = torch.cat((flat, flat.new_zeros(pad, flat.shape[1])))
-        blocks = [F.linear(flat[i : i + rows], self.weight, self.bias) for i in range(0, total + pad, rows)]
-        return torch.cat(blocks)[:total].reshape(*x.shape[:-1], -1)
+        out = flat.new_empty(total, self.out_features)
+        weight = self.weight.t()
+        for start in range(0, total, rows):  # each call [rows, in] x [in, out], written in place
+            block = flat[start : start + rows]
+            if block.shape[0] < rows:  # the tail: zero rows make up the block, computed by the same call
+                tail = torch.cat((block, block.new_zeros(rows - block.shape[0], block.shape[1])))
+                out[start:] = torch.mm(tail, weight, out=out.new_empty(rows, self.out_features))[: block.shape[0]]
+            else:
+                torch.mm(block, weight, out=out[start : start + rows])
+        if self.bias is not None:
+            out += self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
 
 
 def rowwise_attention(
@@ -66,12 +63,12 @@ def rowwise_attention(
     attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
-    reward_spans: Spans | None = None,
+    reward_spans: Sequence[Span] | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' attention interface. `reward_spans` (passed through the backbone's forward) turns the per-item
-    kernel on; without it this is stock SDPA. Query rows: an item's own tokens, right-padded; key rows: its prompt's
-    cached keys (right-padded to `Lk - Lq`), then its own tokens."""
+    """transformers' attention interface, for a packed batch (`packed`): `reward_spans` (passed down through the
+    backbone's forward) says where each item's tokens are in the query row and where its prompt's are in the cache
+    (the first `keys - queries` key rows). Without spans this is stock SDPA."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     if reward_spans is None:
@@ -82,40 +79,35 @@ def rowwise_attention(
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     window = kwargs.get("sliding_window")
-    prompt_width = key.shape[2] - query.shape[2]
-    out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
-    causal = getattr(module, "is_causal", True)
-    for row, (cached, own) in enumerate(reward_spans):
-        q = query[row : row + 1, :, :own]
-        k = key[row : row + 1, :, prompt_width : prompt_width + own]
-        v = value[row : row + 1, :, prompt_width : prompt_width + own]
+    cache_width = key.shape[2] - query.shape[2]
+    out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
+    for cached_at, cached, at, own in reward_spans:
+        q = query[:, :, at : at + own]
+        k = key[:, :, cache_width + at : cache_width + at + own]
+        v = value[:, :, cache_width + at : cache_width + at + own]
         if cached:
-            k = torch.cat((key[row : row + 1, :, :cached], k), dim=2)
-            v = torch.cat((value[row : row + 1, :, :cached], v), dim=2)
+            k = torch.cat((key[:, :, cached_at : cached_at + cached], k), dim=2)
+            v = torch.cat((value[:, :, cached_at : cached_at + cached], v), dim=2)
         mask = None
-        if cached or (window and own > window):  # a causal band that ends at each query's own position
+        if cached or (window and own > window):  # a causal band ending at each query's own position
             mask = torch.ones(own, cached + own, dtype=torch.bool, device=q.device).tril(cached)
             if window:
                 mask &= ~torch.ones_like(mask).tril(cached - window)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scaling)
-        out[row, :own] = o[0].transpose(0, 1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling)
+        out[0, at : at + own] = o[0].transpose(0, 1)
     return out, None
 
 
 def install(backbone: nn.Module) -> bool:
-    """Make `backbone` able to run invariantly (stock behaviour until asked): its linears become `RowBlockLinear`,
-    its attention `rowwise_attention`. Only for SDPA models, whose masks and numbers the stock path keeps."""
+    """Make `backbone` able to run invariantly (`running`; stock behaviour outside it): its linears become
+    `RowBlockLinear`. Only for SDPA decoders: per-item attention replaces SDPA's causal attention."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 
     config = getattr(backbone, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
         return False
-    if ATTENTION not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-        AttentionInterface.register(ATTENTION, rowwise_attention)
-        AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # the stock path builds the masks SDPA would get
+    AttentionInterface.register(ATTENTION, rowwise_attention)  # no mask function: transformers then builds none
     block_linears(backbone)
-    config._attn_implementation = ATTENTION
     return True
 
 
@@ -125,12 +117,18 @@ def block_linears(module: nn.Module) -> None:
             sub.__class__ = RowBlockLinear
 
 
+@contextmanager
+def running(backbone: nn.Module, rows: int) -> Iterator[None]:
+    """Within: `backbone` (installed) and any blocked linear compute batch-invariantly."""
+    config = backbone.config
+    stock, config._attn_implementation = config._attn_implementation, ATTENTION
+    token = _rows.set(rows)
+    try:
+        yield
+    finally:
+        _rows.reset(token)
+        config._attn_implementation = stock
+
+
 def per_item_calls() -> int:
     return _per_item_calls[0]
-
-
-def spans(attention_mask: torch.Tensor, prompt_width: int = 0) -> list[tuple[int, int]]:
-    """Per row: real tokens in the first `prompt_width` columns (a cached prompt) and in the rest (the row's own)."""
-    own = attention_mask[:, prompt_width:].sum(dim=1).tolist()
-    cached = attention_mask[:, :prompt_width].sum(dim=1).tolist() if prompt_width else [0] * len(own)
-    return list(zip(cached, own, strict=True))

@@ -15,6 +15,7 @@ from torch import nn
 
 from app.model import invariant
 from app.model.collate import Batch, SharedBatch, collate, collate_shared, last_real_index
+from app.model.packed import PackedBatch, pack
 from app.model.recipe import Encoded, RecipeEncoder
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class RewardHeadModel(nn.Module):
         self._takes_cache = cache_argument(backbone) is not None
         config = getattr(backbone, "config", None)
         self.attention: str | None = getattr(config, "_attn_implementation", None)  # the stock kernel
-        # decoders read at the last token can run batch-invariantly (`block_rows`); stock kernels until asked
+        # decoders read at the last token can run batch-invariantly (`forward_packed`); stock kernels until asked
         self.may_be_invariant = pooling == "last_token" and self._takes_positions and invariant.install(backbone)
         if self.may_be_invariant and head is not None:
             invariant.block_linears(head)
@@ -73,9 +74,7 @@ class RewardHeadModel(nn.Module):
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
-        block_rows: int | None = None,
     ) -> torch.Tensor:
-        """`block_rows`: compute batch-invariantly (`invariant`), linears in calls of that many rows."""
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self._takes_positions:
             if position_ids is None:  # left or right padding: count real tokens so far
@@ -87,26 +86,39 @@ class RewardHeadModel(nn.Module):
             return self.backbone(**kwargs).logits[:, self.head_index].float()
         if self._takes_cache_flag:
             kwargs["use_cache"] = False
-        if block_rows is not None:
-            self._check_invariant()
-            kwargs["reward_spans"] = invariant.spans(attention_mask)
-        with invariant.block_rows(block_rows):
-            hidden = self.backbone(**kwargs).last_hidden_state
-            return self._read(hidden, last_real_index(attention_mask))
+        hidden = self.backbone(**kwargs).last_hidden_state
+        return self._read(hidden[torch.arange(hidden.shape[0], device=hidden.device), last_real_index(attention_mask)])
 
     def forward_shared(self, batch: SharedBatch) -> torch.Tensor:
         """`forward` for a `SharedBatch`: each prefix runs once and its keys/values serve all of its items."""
-        if batch.block_rows is not None:
-            self._check_invariant()
-        with invariant.block_rows(batch.block_rows):
-            return self._read(shared_hidden(self.backbone, batch)[1], batch.last_index)
+        hidden = shared_hidden(self.backbone, batch)[1]
+        return self._read(hidden[torch.arange(hidden.shape[0], device=hidden.device), batch.last_index])
 
-    def _check_invariant(self) -> None:
+    def forward_packed(self, batch: PackedBatch) -> torch.Tensor:
+        """`forward` for a `PackedBatch`, batch-invariantly (`invariant`): each item's reward a function of it alone."""
         if not self.may_be_invariant:
             raise ValueError("this model cannot run batch-invariantly: its batch policy must not ask it to")
+        with invariant.running(self.backbone, batch.block_rows):
+            cache: dict[str, Any] = {}
+            if batch.prompts is not None:  # the prompt pass; its cache holds every distinct prompt, packed
+                p = batch.prompts
+                out = self.backbone(
+                    input_ids=p.input_ids, position_ids=p.position_ids, use_cache=True, reward_spans=p.spans
+                )
+                cache[cache_argument(self.backbone) or "past_key_values"] = (
+                    getattr(out, "cache", None) or out.past_key_values
+                )
+            hidden = self.backbone(
+                input_ids=batch.input_ids,
+                position_ids=batch.position_ids,
+                use_cache=False,
+                reward_spans=batch.spans,
+                **cache,
+            ).last_hidden_state
+            return self._read(hidden[0, batch.last_index.to(hidden.device)])
 
-    def _read(self, hidden: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index]
+    def _read(self, last: torch.Tensor) -> torch.Tensor:
+        """The head on each item's last hidden state ([B, H])."""
         assert self.head is not None
         weight = next(self.head.parameters())  # float32, on the device the backbone's output may not share
         return self.head(last.to(device=weight.device, dtype=weight.dtype))[:, self.head_index].float()
@@ -121,22 +133,15 @@ def cache_argument(backbone: nn.Module) -> str | None:
 def shared_hidden(backbone: nn.Module, batch: SharedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden states of a `SharedBatch` through a causal backbone: ([prefixes, Lp, H], [items, Ls, H])."""
     p = batch.prefixes
-    exact = batch.block_rows is not None  # then attention runs per item (`invariant`): it needs each row's spans
-    extra = {"reward_spans": invariant.spans(p.attention_mask)} if exact else {}
-    out = backbone(
-        input_ids=p.input_ids, attention_mask=p.attention_mask, position_ids=p.position_ids, use_cache=True, **extra
-    )
+    out = backbone(input_ids=p.input_ids, attention_mask=p.attention_mask, position_ids=p.position_ids, use_cache=True)
     cache = getattr(out, "cache", None) or out.past_key_values  # transformers 5 renamed it
     cache.reorder_cache(batch.group)  # one copy of its prefix's keys/values per item
-    if exact:
-        extra = {"reward_spans": invariant.spans(batch.attention_mask, p.input_ids.shape[1])}
     suffix = backbone(
         input_ids=batch.suffix_ids,
         attention_mask=batch.attention_mask,
         position_ids=batch.position_ids,
         use_cache=False,
         **{cache_argument(backbone) or "past_key_values": cache},
-        **extra,
     ).last_hidden_state
     return out.last_hidden_state, suffix
 
@@ -162,27 +167,27 @@ class RewardModel:
         pad_to_multiple_of: int = 1,
         share: bool = False,
         block_rows: int | None = None,
-    ) -> Batch | SharedBatch:
-        """The padded layout `run` computes; with `share` (which the batch policy decides, from the setting and
+    ) -> Batch | SharedBatch | PackedBatch:
+        """The layout `run` computes; with `share` (which the batch policy decides, from the setting and
         `can_share_prefixes`), prompts that items share run once. With `block_rows` (the policy decides it too, from
-        the setting and `can_be_invariant`) each item's reward is a function of the item alone, and when prompts are
-        shared every prompt runs in its own pass, even one no other item shares: the same path for every item."""
+        the setting and `can_be_invariant`) the items are packed and each one's reward is a function of it alone."""
         if share and not self.can_share_prefixes:
             raise ValueError("this model cannot share prompts: its batch policy must not ask it to")
-        every = block_rows is not None
-        shared = collate_shared(items, self.pad_id, pad_to_multiple_of, every, block_rows) if share else None
-        return shared if shared is not None else collate(items, self.pad_id, pad_to_multiple_of, block_rows)
+        if block_rows is not None:
+            return pack(items, block_rows, share)
+        shared = collate_shared(items, self.pad_id, pad_to_multiple_of) if share else None
+        return shared if shared is not None else collate(items, self.pad_id, pad_to_multiple_of)
 
-    def run(self, batch: Batch | SharedBatch) -> list[float]:
+    def run(self, batch: Batch | SharedBatch | PackedBatch) -> list[float]:
         """One forward pass; the rewards of the batch's items, in order."""
         on = batch.to(self.device)
         with torch.inference_mode():
-            if isinstance(on, SharedBatch):
+            if isinstance(on, PackedBatch):
+                rewards = self.module.forward_packed(on)
+            elif isinstance(on, SharedBatch):
                 rewards = self.module.forward_shared(on)
             else:
-                rewards = self.module(
-                    on.input_ids, on.attention_mask, on.position_ids, on.token_type_ids, on.block_rows
-                )
+                rewards = self.module(on.input_ids, on.attention_mask, on.position_ids, on.token_type_ids)
         if rewards.shape[0] != len(batch):
             raise RuntimeError(f"model returned {rewards.shape[0]} rewards for {len(batch)} items")
         return rewards.cpu().tolist()
