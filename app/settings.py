@@ -83,10 +83,10 @@ class Settings(BaseSettings):
         "per item). Off: stock kernels, and in bf16 a reward moves with its batch by ~7% of the rewards' spread.",
     )
     block_rows: int = Field(
-        512,
-        ge=1,
-        description="Batch-invariant mode: rows per linear call. Part of the fingerprint: servers with other values "
-        "give other (equally invariant) numbers. Larger is faster for big batches, slower for a lone item.",
+        0,
+        ge=0,
+        description="Batch-invariant mode: rows per linear call (0: 512 on CPU, measured; 1024 on GPUs, not "
+        "measured). Part of the fingerprint: other values give other, equally invariant, numbers.",
     )
 
     # --- limits ------------------------------------------------------------------------------------

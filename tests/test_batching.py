@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from app.engine.batching import BatchPolicy, TokenBudgetQueue
 from app.model.shapes import padded
@@ -149,3 +149,19 @@ def test_batch_invariant_every_prompt_runs_apart() -> None:
     assert [sorted(i.name for i in b) for b in drain(q)] == [["a0", "a1", "a2", "a3", "lone", "whole"], ["next"]]
     assert BatchPolicy(1000, 8, batch_invariant=True, block_rows=64).layout == (1, True, 64)
     assert BatchPolicy(1000, 8, batch_invariant=False, block_rows=64).layout == (1, True, None)
+
+
+def test_fitting_decides_invariance_and_block_rows_once() -> None:
+    @dataclass
+    class Model:
+        device_type: str
+        can_be_invariant: bool = True
+        can_share_prefixes: bool = True
+        max_length: int = 256
+
+    policy = BatchPolicy(1000, 8)
+    assert policy.for_model(Model("cpu")).layout == (1, True, 512)
+    assert policy.for_model(Model("cuda")).layout == (1, True, 1024)
+    assert replace(policy, block_rows=96).for_model(Model("cuda")).layout == (1, True, 96)
+    assert policy.for_model(Model("cpu", can_be_invariant=False)).layout == (1, True, None)
+    assert policy.for_model(Model("cpu", can_share_prefixes=False)).layout == (1, False, 512)

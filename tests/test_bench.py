@@ -51,12 +51,15 @@ def test_without_a_data_file_the_bench_generates_pairs_of_realistic_length() -> 
 
 
 def test_the_invariance_check_measures_each_way_of_batching(load: Any) -> None:
-    """What `bench --gpu-check` reports: in float32 every way of batching is within float noise of alone."""
+    """What `bench --gpu-check` reports: in float32 every way of batching is within float noise of alone, and the
+    batch-invariant schedule is exact."""
     from app.bench.gpu import invariance
     from app.model.recipe import ScoringInput
 
     model = load("llama")
     inputs = [ScoringInput(sentence(n), sentence(m)) for n in (3, 40) for m in (1, 9, 30)]
     diffs = invariance(model, inputs)
-    assert set(diffs) == {"batched", "reversed", "shared prompts"}
+    ways = {f"{k}, {s}" for k in ("batch-invariant", "stock kernels") for s in ("prompts shared", "plain")}
+    assert set(diffs) == ways
     assert all(0 <= d <= 1e-4 for d in diffs.values())
+    assert diffs["batch-invariant, prompts shared"] == diffs["batch-invariant, plain"] == 0.0

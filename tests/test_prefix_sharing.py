@@ -132,7 +132,9 @@ async def test_a_model_that_cannot_share_is_batched_on_the_plain_cost(
     prompt = "Explain, step by step and with care, how the tides of the ocean follow the moon. " * 2
     inputs = [ScoringInput(prompt, f"Reply {i}.") for i in range(8)]  # 123 tokens each, 114 of them the prompt
     # shared, all 8 cost 128 + 8 x 16 = 256 padded tokens; plain, 8 x 128 = 1024
-    settings = test_settings(checkpoints["llama"], max_batch_tokens=256, min_padding_efficiency=0.0)
+    settings = test_settings(
+        checkpoints["llama"], max_batch_tokens=256, min_padding_efficiency=0.0, batch_invariant=False
+    )
     app = create_app(settings, model=served)
     async with LifespanManager(app) as manager:
         transport = httpx.ASGITransport(app=manager.app)

@@ -1,8 +1,8 @@
 """`reward-server bench --gpu-check DIR`: every check a GPU session owes, in one run that fits 10 minutes on one GPU.
 
 1. loading: a generated ~0.8B bf16 Llama in each format, on the device in bf16 (peak host RSS and device memory, time);
-2. invariance: each item's reward alone, inside length-sorted batches, in reversed order and with prompts shared, as
-   the largest difference from alone (0.0 is bitwise invariance);
+2. invariance: each item's reward alone, batched and in reversed order, with prompts shared and without, for the
+   batch-invariant schedule and the stock kernels, as the largest difference from alone (0.0 is bitwise);
 3. throughput: this server against the naive one (grpo and storm), on the generated classifier.
 Also runs on a CPU (`--device cpu`, a smaller `--load-params`): the same numbers for that machine.
 """
@@ -22,14 +22,18 @@ from app.model.reward_model import RewardModel
 
 
 def invariance(model: RewardModel, inputs: list[ScoringInput]) -> dict[str, float]:
-    """Largest |reward - reward alone| over `inputs` for each way of batching them."""
-    alone = [model.score(model.encoder.encode_batch([x]), OFFLINE.pad_to_multiple_of)[0] for x in inputs]
-    ways = {
-        "batched": score_offline(model, inputs, replace(OFFLINE, share_prefixes=False)),
-        "reversed": score_offline(model, inputs[::-1], replace(OFFLINE, share_prefixes=False))[::-1],
-        "shared prompts": score_offline(model, inputs),
-    }
-    return {name: max(abs(a - b) for a, b in zip(got, alone, strict=True)) for name, got in ways.items()}
+    """Largest |reward - reward alone| over `inputs` batched together and in reversed order, for the batch-invariant
+    schedule and the stock kernels, each with prompts shared and without (each against its own reading alone)."""
+    worst: dict[str, float] = {}
+    for name, invariant in (("batch-invariant", True), ("stock kernels", False)):
+        for share in (True, False):
+            policy = replace(OFFLINE, batch_invariant=invariant, share_prefixes=share)
+            alone = [score_offline(model, [x], policy)[0] for x in inputs]
+            batched = score_offline(model, inputs, policy)
+            reversed_ = score_offline(model, inputs[::-1], policy)[::-1]
+            key = f"{name}, {'prompts shared' if share else 'plain'}"
+            worst[key] = max(abs(a - b) for got in (batched, reversed_) for a, b in zip(got, alone, strict=True))
+    return worst
 
 
 def gpu_check(root: Path, params: float, device: str, port: int) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 
 from app.engine.offline import OFFLINE, score_offline
 from app.model.collate import Batch, SharedBatch
+from app.model.packed import PackedBatch
 from app.model.recipe import ScoringInput
 from app.model.reward_model import RewardModel
 from app.training.data import PreferencePair
@@ -125,7 +126,7 @@ def run_engine(model: RewardModel, workload: Workload) -> Result:
         return Result(
             "engine", workload.name, len(items), sum(latencies), tokens, latencies, tokens, tokens, len(items)
         )
-    planned: list[Batch | SharedBatch] = []
+    planned: list[Batch | SharedBatch | PackedBatch] = []
     began = time.perf_counter()
     score_offline(model, items, plain, planned.append)
     seconds = time.perf_counter() - began

@@ -46,6 +46,10 @@ class Schedulable(Protocol):
 
 T = TypeVar("T", bound=Schedulable)
 
+# Rows per linear call, batch-invariant. CPU: measured (docs/benchmarks.md): 512 keeps big batches as fast as the stock
+# kernels (128 lost a third on grpo); a lone item pays for a whole block. Accelerators: larger, not measured.
+AUTO_BLOCK_ROWS = {"cpu": 512, "cuda": 1024}
+
 
 class Capabilities(Protocol):
     """What a loaded model can do, measured once (`RewardModel` has these)."""
@@ -59,6 +63,9 @@ class Capabilities(Protocol):
     @property
     def can_be_invariant(self) -> bool: ...
 
+    @property
+    def device_type(self) -> str: ...
+
 
 @dataclass(frozen=True, slots=True)
 class BatchPolicy:
@@ -69,7 +76,7 @@ class BatchPolicy:
     lookahead: int = 256
     share_prefixes: bool = True
     batch_invariant: bool = True
-    block_rows: int = 512
+    block_rows: int = 0  # 0: chosen for the model's device by `for_model`
 
     @property
     def invariant_rows(self) -> int | None:
@@ -92,7 +99,9 @@ class BatchPolicy:
                 f"tokens padded to {longest}); raise it or lower max_length"
             )
         share = self.share_prefixes and model.can_share_prefixes
-        return replace(self, share_prefixes=share, batch_invariant=self.batch_invariant and model.can_be_invariant)
+        invariant = self.batch_invariant and model.can_be_invariant
+        rows = self.block_rows or AUTO_BLOCK_ROWS.get(model.device_type, AUTO_BLOCK_ROWS["cuda"])
+        return replace(self, share_prefixes=share, batch_invariant=invariant, block_rows=rows)
 
 
 @dataclass(slots=True)

@@ -10,6 +10,7 @@ import torch
 from app.engine.batching import BatchPolicy, TokenBudgetQueue
 from app.model.collate import Batch, SharedBatch
 from app.model.fingerprint import scoring_fingerprint
+from app.model.packed import PackedBatch
 from app.model.recipe import Encoded, ScoringInput
 from app.model.reward_model import RewardModel
 
@@ -44,17 +45,25 @@ class Queued:
 
 
 def served_fingerprint(
-    model: RewardModel, policy: BatchPolicy = OFFLINE, normalization: dict[str, float] | None = None
+    model: RewardModel,
+    policy: BatchPolicy = OFFLINE,
+    normalization: dict[str, float] | None = None,
+    threads: int | None = None,
 ) -> str:
     """The fingerprint of scoring `model` with `policy` (fitted to it here) and this normalization: what a server
-    reports, and what an offline scorer with the same policy and raw rewards records."""
+    reports, and what an offline scorer with the same policy and raw rewards records. `threads`: the CPU threads of
+    the thread that runs the model (OpenMP's count is per thread; default: this one's)."""
     fitted = policy.for_model(model)
+    if model.device.type != "cpu":
+        threads = None
+    elif threads is None:
+        threads = torch.get_num_threads()
     return scoring_fingerprint(
         model.info["fingerprint"],
         share_prefixes=fitted.share_prefixes,
         pad_to_multiple_of=fitted.pad_to_multiple_of,
         block_rows=fitted.invariant_rows,
-        threads=torch.get_num_threads() if model.device.type == "cpu" else None,
+        threads=threads,
         normalization=normalization,
     )
 
@@ -63,7 +72,7 @@ def score_offline(
     model: RewardModel,
     inputs: Sequence[ScoringInput],
     policy: BatchPolicy = OFFLINE,
-    on_batch: Callable[[Batch | SharedBatch], None] | None = None,
+    on_batch: Callable[[Batch | SharedBatch | PackedBatch], None] | None = None,
 ) -> list[float]:
     """Rewards of `inputs`, in order, batched shortest first as the server would batch them; `on_batch` sees each
     planned batch (the benchmark counts its tokens)."""

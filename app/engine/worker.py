@@ -150,6 +150,7 @@ class Worker:
         self._inflight: set[_Pending] = set()  # admitted and not yet answered: what a dying model thread fails
         self._tokenizing = 0  # admitted requests not yet queued: a stopping model thread waits for them
         self.ready = False
+        self.threads = 0  # the model thread's CPU threads, known once it warmed up
         self.failure: str | None = None  # set when the model thread died: nothing is served after it
 
     # ---- lifecycle --------------------------------------------------------------------------------
@@ -170,6 +171,7 @@ class Worker:
         first forward, which pays one-off costs."""
         if self.settings.num_threads:
             torch.set_num_threads(self.settings.num_threads)
+        self.threads = torch.get_num_threads()  # OpenMP's count is per thread: this one's is the model's
         self._queue.policy = self._queue.policy.for_model(self.model)
         warm = self.model.encoder.encode_batch([ScoringInput("Hello, who are you?", "I am a helpful assistant.")])
         self.model.score(warm, *self.policy.layout)

@@ -161,6 +161,10 @@ class RewardModel:
     def max_length(self) -> int:
         return self.encoder.recipe.max_length
 
+    @property
+    def device_type(self) -> str:
+        return self.device.type
+
     def plan(
         self,
         items: Sequence[Encoded],

@@ -65,7 +65,8 @@ def create_app(settings: Settings | None = None, model: RewardModel | None = Non
         normalization = normalization_in_force(settings, loaded)
         worker = Worker(loaded, settings, app.state.metrics)
         await asyncio.to_thread(worker.start)  # fits the batch policy to the model
-        fingerprint = served_fingerprint(loaded, worker.policy, normalization.model_dump() if normalization else None)
+        raw = normalization.model_dump() if normalization else None
+        fingerprint = served_fingerprint(loaded, worker.policy, raw, worker.threads)
         app.state.served = Served(normalization, fingerprint)
         app.state.worker = worker
         log.info("ready: %s (fingerprint %s)", settings.model_path, fingerprint)
