@@ -26,20 +26,17 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PretrainedConfig,
-    PreTrainedTokenizerBase,
 )
 from transformers.utils import logging as hf_logging
 
 from app.model import backbones
 from app.model.checkpoint import CheckpointError, Manifest, Normalization, detect_format, read_json, read_manifest
 from app.model.fingerprint import content_digest, model_fingerprint, versions
-from app.model.recipe import RecipeEncoder, ScoringRecipe
+from app.model.recipe import RecipeEncoder, inferred_recipe, openrlhf_recipe
 from app.model.reward_model import RewardHeadModel, RewardModel
 
 log = logging.getLogger(__name__)
 hf_logging.disable_progress_bar()
-
-DEFAULT_MAX_LENGTH = 2048
 
 
 # ---- small helpers ---------------------------------------------------------------------------------
@@ -193,20 +190,6 @@ def _merge_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
     return peft_model.merge_and_unload()
 
 
-def _infer_recipe(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, pooling: str) -> ScoringRecipe:
-    """A checkpoint without a manifest: encoders read a text pair, chat models their template, others plain text."""
-    limits = [DEFAULT_MAX_LENGTH]
-    for value in (getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)):
-        if isinstance(value, int) and 0 < value < 1_000_000:
-            limits.append(value)
-    max_length = min(limits)
-    if pooling == "classifier":
-        return ScoringRecipe(template="text_pair", max_length=max_length)
-    if getattr(tokenizer, "chat_template", None):
-        return ScoringRecipe(template="chat", max_length=max_length)
-    return ScoringRecipe(template="concat", max_length=max_length)
-
-
 def load_reward_model(
     path: Path | str,
     *,
@@ -289,7 +272,12 @@ def load_reward_model(
         module = RewardHeadModel(backbone, head, "last_token", head_index or 0)
 
     tokenizer = _from_pretrained(AutoTokenizer, tokenizer_dir, trust_remote_code=trust_remote_code)
-    recipe = (manifest.recipe if manifest else None) or _infer_recipe(tokenizer, config, module.pooling)
+    if manifest is not None and manifest.recipe is not None:
+        recipe = manifest.recipe
+    elif fmt == "openrlhf":
+        recipe = openrlhf_recipe(tokenizer, config)
+    else:
+        recipe = inferred_recipe(tokenizer, config, module.pooling)
     if max_length is not None:
         recipe = recipe.model_copy(update={"max_length": max_length})
     positions = getattr(config, "max_position_embeddings", None)

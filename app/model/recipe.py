@@ -23,7 +23,7 @@ from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Encoding as RustEncoding
 from tokenizers import Tokenizer
-from transformers import PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 Template = Literal["concat", "text_pair", "chat"]
 
@@ -84,12 +84,47 @@ class ScoringRecipe(BaseModel):
     separator: str = Field("", description="concat only: put between prompt and response")
     add_special_tokens: bool = Field(True, description="let the tokenizer add its BOS/CLS/SEP (never doubled)")
     append_eos: bool = Field(False, description="end every sequence with EOS, as training did")
+    eos_separator: str | None = Field(
+        None,
+        description="append_eos as text, OpenRLHF's way: trailing newlines stripped, then this and the EOS token's "
+        "text unless the text already ends with it (None: the EOS id after the last token)",
+    )
     system_prompt: str | None = Field(None, description="chat only: prepended when a conversation has none")
     parse_transcripts: bool = Field(
         True, description="read `Human: ... Assistant: ...` prompts as conversations (HH-RLHF style)"
     )
-    truncation: Literal["left"] = Field("left", description="drop the prompt's start first, keep the response end")
+    truncation: Literal["left", "right"] = Field(
+        "left",
+        description="left: drop the prompt's start first, keep the response end; right: keep the start and end "
+        "on EOS (OpenRLHF's training truncation)",
+    )
     read_token: Literal["last_real"] = Field("last_real", description="the head reads the last unpadded token")
+
+
+DEFAULT_MAX_LENGTH = 2048
+
+
+def inferred_recipe(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, pooling: str) -> ScoringRecipe:
+    """A checkpoint without a manifest: encoders read a text pair, chat models their template, others plain text."""
+    limits = [DEFAULT_MAX_LENGTH]
+    for value in (getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)):
+        if isinstance(value, int) and 0 < value < 1_000_000:
+            limits.append(value)
+    max_length = min(limits)
+    if pooling == "classifier":
+        return ScoringRecipe(template="text_pair", max_length=max_length)
+    if getattr(tokenizer, "chat_template", None):
+        return ScoringRecipe(template="chat", max_length=max_length)
+    return ScoringRecipe(template="concat", max_length=max_length)
+
+
+def openrlhf_recipe(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig) -> ScoringRecipe:
+    """A sequence as OpenRLHF's RewardDataset (0.11) builds it in training: the chat template (or prompt + reply),
+    trailing newlines stripped, " " + EOS unless it already ends with EOS, no tokenizer special tokens, truncated on
+    the right with EOS last; the head reads that last token."""
+    inferred = inferred_recipe(tokenizer, config, "last_token")
+    changes = {"add_special_tokens": False, "append_eos": True, "eos_separator": " ", "truncation": "right"}
+    return inferred.model_copy(update=changes)
 
 
 _TURN = re.compile(r"(?:^|\n\n)(Human|Assistant|System): ")
@@ -127,7 +162,7 @@ class RecipeEncoder:
         self._rust.no_padding()
         self.bos_id: int | None = tokenizer.bos_token_id
         self.eos_id: int | None = tokenizer.eos_token_id
-        if recipe.append_eos and self.eos_id is None:
+        if (recipe.append_eos or recipe.truncation == "right") and self.eos_id is None:
             raise ValueError("the recipe appends EOS but the tokenizer has no eos_token")
         self.special_tokens: tuple[str, ...] = tuple(tokenizer.all_special_tokens)
 
@@ -155,12 +190,22 @@ class RecipeEncoder:
                 if item.raw
                 else self.tokenizer.apply_chat_template(self._conversation(item), tokenize=False)
             )
-            return text.rstrip() if recipe.append_eos else text  # the EOS closing the reply is the last token
+            return self._end(text)
         if item.raw:
             return item.response
         if recipe.template == "text_pair":
             return (self._prompt_text(item.prompt), item.response)
-        return self._prompt_text(item.prompt) + recipe.separator + item.response
+        return self._end(self._prompt_text(item.prompt) + recipe.separator + item.response)
+
+    def _end(self, text: str) -> str:
+        """The text's end as training wrote it before tokenizing (the EOS closing the reply is the last token)."""
+        recipe, eos = self.recipe, self.tokenizer.eos_token
+        if not recipe.append_eos:
+            return text
+        if recipe.eos_separator is None:
+            return text.rstrip() if recipe.template == "chat" else text
+        text = text.rstrip("\n")  # OpenRLHF's RewardDataset (0.11): rstrip("\n"), then " " + eos unless it ends so
+        return text if text.endswith(eos) else text + recipe.eos_separator + eos
 
     def render_prompt(self, item: ScoringInput) -> str | None:
         """The text that precedes the response in `render(item)`, when there is one a causal model could share."""
@@ -216,7 +261,11 @@ class RecipeEncoder:
             seq[0] = None  # a BOS the chat template wrote is kept through truncation, as one the tokenizer added
         excess = len(ids) - self.recipe.max_length
         truncated = excess > 0
-        if truncated:
+        if truncated and self.recipe.truncation == "right":  # keep the start; the last token is EOS
+            ids, types = ids[: self.recipe.max_length], types[: self.recipe.max_length]
+            ids[-1] = self.eos_id  # type: ignore[call-overload]  # append_eos recipes only (checked in __init__)
+            prefix = min(prefix, len(ids) - 1)
+        elif truncated:
             drop: set[int] = set()
             for side in (0, 1):  # prompt side first, then the response, each from the left
                 for i, s in enumerate(seq):
