@@ -257,8 +257,10 @@ class RecipeEncoder:
             ids.append(self.eos_id)  # type: ignore[arg-type]  # checked in __init__
             seq.append(None)
             types.append(types[-1] if types else 0)
-        if self.bos_id is not None and ids and ids[0] == self.bos_id:
-            seq[0] = None  # a BOS the chat template wrote is kept through truncation, as one the tokenizer added
+        if self.bos_id is not None and ids and ids[0] == self.bos_id and self.bos_id not in ids[1:]:
+            # a BOS the chat template wrote is kept through truncation, as one the tokenizer added; a "BOS" that
+            # recurs is a turn marker (SmolLM2's bos_token is ChatML's <|im_start|>) and is cut like the text
+            seq[0] = None
         excess = len(ids) - self.recipe.max_length
         truncated = excess > 0
         if truncated and self.recipe.truncation == "right":  # keep the start; the last token is EOS
