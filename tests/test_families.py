@@ -51,3 +51,20 @@ def test_scored_as_the_card_reads_it(family: tuple[str, Path], max_length: int |
     bos = model.encoder.bos_id
     assert sum(t == bos for t in encoded.input_ids) == (0 if name == "chatml" else 1)  # one BOS, truncated or not
     assert model.score([encoded])[0] == pytest.approx(want, abs=1e-5)
+
+
+def test_a_bos_that_recurs_is_a_turn_marker_and_is_cut_like_text(tmp_path: Path) -> None:
+    """SmolLM2 (the default model's base) names ChatML's `<|im_start|>` its bos_token: it opens every turn, so it is
+    not a BOS to keep through truncation; the default model was trained with it cut like the rest of the text."""
+    path = tiny.build_family(tmp_path / "smol", "chatml")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.bos_token = "<|im_start|>"
+    tokenizer.save_pretrained(path)
+    full = load_reward_model(path, dtype="float32", device="cpu").encoder.encode(
+        ScoringInput(CONVERSATION[:1], CONVERSATION[1]["content"])  # type: ignore[arg-type]
+    )
+    short = load_reward_model(path, dtype="float32", device="cpu", max_length=24).encoder.encode(
+        ScoringInput(CONVERSATION[:1], CONVERSATION[1]["content"])  # type: ignore[arg-type]
+    )
+    assert full.input_ids.count(tokenizer.bos_token_id) >= 2  # system, user, assistant turns
+    assert short.truncated and short.input_ids == full.input_ids[-24:]
