@@ -28,7 +28,7 @@ ATTENTION = "reward_rowwise"
 Span = tuple[int, int, int, int]  # (cached prompt offset, its length, own offset, own length): `packed`
 
 _rows: ContextVar[int | None] = ContextVar("reward_block_rows", default=None)
-_per_item_calls = [0]  # attention calls that ran per item: the probe's proof that the spans reached every layer
+_per_item_calls = [0]  # attention calls that ran per item: the probe's proof that the spans reach attention
 
 
 class RowBlockLinear(nn.Linear):
