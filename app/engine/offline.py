@@ -54,7 +54,7 @@ def served_fingerprint(
     reports, and what an offline scorer with the same policy and raw rewards records. `threads`: the CPU threads of
     the thread that runs the model (OpenMP's count is per thread; default: this one's)."""
     fitted = policy.for_model(model)
-    if model.device.type != "cpu":
+    if model.device_type != "cpu":
         threads = None
     elif threads is None:
         threads = torch.get_num_threads()

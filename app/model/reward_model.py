@@ -86,13 +86,11 @@ class RewardHeadModel(nn.Module):
             return self.backbone(**kwargs).logits[:, self.head_index].float()
         if self._takes_cache_flag:
             kwargs["use_cache"] = False
-        hidden = self.backbone(**kwargs).last_hidden_state
-        return self._read(hidden[torch.arange(hidden.shape[0], device=hidden.device), last_real_index(attention_mask)])
+        return self._read(self.backbone(**kwargs).last_hidden_state, last_real_index(attention_mask))
 
     def forward_shared(self, batch: SharedBatch) -> torch.Tensor:
         """`forward` for a `SharedBatch`: each prefix runs once and its keys/values serve all of its items."""
-        hidden = shared_hidden(self.backbone, batch)[1]
-        return self._read(hidden[torch.arange(hidden.shape[0], device=hidden.device), batch.last_index])
+        return self._read(shared_hidden(self.backbone, batch)[1], batch.last_index)
 
     def forward_packed(self, batch: PackedBatch) -> torch.Tensor:
         """`forward` for a `PackedBatch`, batch-invariantly (`invariant`): each item's reward a function of it alone."""
@@ -115,10 +113,10 @@ class RewardHeadModel(nn.Module):
                 reward_spans=batch.spans,
                 **cache,
             ).last_hidden_state
-            return self._read(hidden[0, batch.last_index.to(hidden.device)])
+            return self._read(hidden.expand(len(batch), -1, -1), batch.last_index)  # one packed row, read per item
 
-    def _read(self, last: torch.Tensor) -> torch.Tensor:
-        """The head on each item's last hidden state ([B, H])."""
+    def _read(self, hidden: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index.to(hidden.device)]
         assert self.head is not None
         weight = next(self.head.parameters())  # float32, on the device the backbone's output may not share
         return self.head(last.to(device=weight.device, dtype=weight.dtype))[:, self.head_index].float()
@@ -207,8 +205,8 @@ class RewardModel:
 
     @cached_property
     def can_be_invariant(self) -> bool:
-        """Checked once, on numbers: the per-item attention reached every layer (a backbone that does not pass its
-        keyword arguments down to attention keeps the stock kernel) and items alone equal the same items batched."""
+        """Checked once, on numbers: the per-item attention was reached (a backbone that does not pass its keyword
+        arguments down to attention keeps the stock kernel) and items alone equal the same items batched."""
         if not self.module.may_be_invariant:
             return False
         texts = ["Which planet is the largest?", "Jupiter.", "Saturn, by far, if you count its rings as well."]
@@ -216,7 +214,7 @@ class RewardModel:
         calls = invariant.per_item_calls()
         try:
             alone = [self.score([item], block_rows=INVARIANT_PROBE_ROWS)[0] for item in probe]
-            together = self.score(probe, pad_to_multiple_of=16, block_rows=INVARIANT_PROBE_ROWS)
+            together = self.score(probe, block_rows=INVARIANT_PROBE_ROWS)
         except Exception:
             log.warning("batch invariance unavailable: the per-item kernels failed", exc_info=True)
             return False
