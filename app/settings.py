@@ -19,6 +19,9 @@ class Settings(BaseSettings):
 
     # --- model -------------------------------------------------------------------------------------
     model_path: Path = Field(Path("models/default"), description="Checkpoint directory to serve.")
+    served_model_name: str | None = Field(
+        None, description="The model id `/v1/models` and `/classify` report (vLLM's --served-model-name); default: path"
+    )
     device: str = Field("auto", description="`auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:1`...")
     device_map: str | None = Field(
         None,

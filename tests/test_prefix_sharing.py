@@ -12,7 +12,7 @@ from asgi_lifespan import LifespanManager
 
 from app.engine.offline import OFFLINE, score_offline
 from app.model.collate import Batch, SharedBatch, collate_shared
-from app.model.recipe import ScoringInput
+from app.model.recipe import Formatted, ScoringInput
 from app.model.reward_model import RewardModel
 from app.server.main import create_app
 from tests.conftest import test_settings
@@ -51,7 +51,7 @@ def test_a_token_merging_prompt_and_reply_is_not_shared(load: Callable[..., Rewa
     the tokens identical in the whole sequence count as shared, so such items still score exactly."""
     model = load("llama")
     tokens = model.encoder.tokenizer.convert_ids_to_tokens
-    items = [ScoringInput("the qui", "the quick " + sentence(n), raw=True) for n in (3, 9)]
+    items = [Formatted("the quick " + sentence(n), prompt="the qui") for n in (3, 9)]
     encoded = model.encoder.encode_batch(items)
     assert [tokens(e.input_ids[: e.prefix]) for e in encoded] == [["t", "he", "Ġqu"]] * 2  # not "i", not "ick"
     want = alone(model, items)
@@ -72,11 +72,11 @@ def test_truncated_items_share_only_what_survives(load: Callable[..., RewardMode
 def test_raw_queries_share_a_templated_prompt_they_start_with(load: Callable[..., RewardModel]) -> None:
     model = load("llama")
     prompt = "<|im_start|>user\nWhere is Paris?<|im_end|>\n<|im_start|>assistant\n"
-    raw = [ScoringInput(prompt, prompt + reply, raw=True) for reply in ("In France.", "No idea, sorry.")]
+    raw = [Formatted(prompt + reply, prompt=prompt) for reply in ("In France.", "No idea, sorry.")]
     encoded = model.encoder.encode_batch(raw)
     assert all(e.prefix > 0 for e in encoded)
     assert collate_shared(encoded, model.pad_id) is not None
-    assert model.encoder.encode(ScoringInput("", prompt + "x", raw=True)).prefix == 0  # no prompt given
+    assert model.encoder.encode(Formatted(prompt + "x")).prefix == 0  # no prompt given
     want = alone(model, raw)
     assert max(abs(a - b) for a, b in zip(model.score(encoded, share=True), want, strict=True)) <= TOL
 

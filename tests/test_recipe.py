@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from app.model.recipe import RecipeEncoder, ScoringInput, ScoringRecipe, parse_transcript, render_transcript
+from app.model.conversations import parse_transcript, render_transcript
+from app.model.recipe import RecipeEncoder, ScoringInput, ScoringRecipe
 from tests import tiny
 
 HH = "Human: What is the capital of France?\n\nAssistant: Paris.\n\nHuman: And of Spain?"

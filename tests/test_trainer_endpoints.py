@@ -64,11 +64,18 @@ async def test_get_reward_splits_the_prompt_off_the_query(make_client: Any) -> N
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["rewards"] == pytest.approx(want, abs=1e-5) and body["scores"] == body["rewards"]
-    assert set(body["extra_logs"]) == {"reward_num_tokens", "reward_truncated"}
+    readings = client.app.state.served.reader.readings
+    logs = {"reward_num_tokens", "reward_truncated", *(f"reward_read_as_{r}" for r in readings)}
+    assert set(body["extra_logs"]) == logs and body["read_as"] == ["text", "text"]
+    assert body["extra_logs"]["reward_read_as_text"] == [1.0, 1.0] and body["extra_logs"]["reward_read_as_raw"] == [
+        0,
+        0,
+    ]
     assert empty.status_code == 200 and empty.json() == {
         "rewards": [],
         "scores": [],
-        "extra_logs": {"reward_num_tokens": [], "reward_truncated": []},
+        "extra_logs": {key: [] for key in logs},
+        "read_as": [],
         "normalization": None,
     }
 

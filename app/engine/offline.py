@@ -11,7 +11,7 @@ from app.engine.batching import BatchPolicy, TokenBudgetQueue
 from app.model.collate import Batch, SharedBatch
 from app.model.fingerprint import scoring_fingerprint
 from app.model.packed import PackedBatch
-from app.model.recipe import Encoded, ScoringInput
+from app.model.recipe import Encoded, Item
 from app.model.reward_model import RewardModel
 
 OFFLINE = BatchPolicy(
@@ -70,7 +70,7 @@ def served_fingerprint(
 
 def score_offline(
     model: RewardModel,
-    inputs: Sequence[ScoringInput],
+    inputs: Sequence[Item],
     policy: BatchPolicy = OFFLINE,
     on_batch: Callable[[Batch | SharedBatch | PackedBatch], None] | None = None,
 ) -> list[float]:

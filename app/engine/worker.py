@@ -23,7 +23,7 @@ import torch
 from app.engine.batching import BatchPolicy, TokenBudgetQueue
 from app.engine.errors import BackendFailed, DeadlineExceeded, EngineError, InputRejected, NotReady, Overloaded
 from app.engine.offline import Queued
-from app.model.recipe import ScoringInput, UnreadableItem
+from app.model.recipe import Item, ScoringInput, UnreadableItem
 from app.model.reward_model import RewardModel
 from app.settings import Settings
 
@@ -212,7 +212,7 @@ class Worker:
         if len(self._queue) + count > self.settings.max_queue_items:
             raise Overloaded(f"the queue is full ({len(self._queue)} items waiting); retry later")
 
-    async def score(self, inputs: list[ScoringInput], timeout: float | None = None) -> Scored:
+    async def score(self, inputs: list[Item], timeout: float | None = None) -> Scored:
         """Raw rewards (never normalized) for `inputs`, in order; `timeout` bounds the wait."""
         if not inputs:
             self._admit(0)

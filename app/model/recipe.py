@@ -14,10 +14,9 @@ The rules, fixed here and stored with every checkpoint:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, TypedDict
+from typing import Any, Literal
 
 from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field
@@ -25,15 +24,9 @@ from tokenizers import Encoding as RustEncoding
 from tokenizers import Tokenizer
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
+from app.model.conversations import Message, Prompt, parse_transcript, render_transcript
+
 Template = Literal["concat", "text_pair", "chat"]
-
-
-class Message(TypedDict):
-    role: str
-    content: str
-
-
-Prompt = str | list[Message]
 
 
 class UnreadableItem(ValueError):
@@ -47,16 +40,32 @@ class UnreadableItem(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class ScoringInput:
-    """One thing to score: a prompt (text or the conversation so far) and the reply to it.
-
-    `raw`: `response` is already the whole formatted sequence (an OpenRLHF query with its template and special
-    tokens); it is tokenized as is, with the recipe's BOS/EOS and truncation rules but no template. A text `prompt`
-    that the raw sequence starts with marks the part it may share with other items (see `Encoded.prefix`).
-    """
+    """One thing to score: a prompt (text or the conversation so far) and the reply to it, formatted by the recipe."""
 
     prompt: Prompt
     response: str
-    raw: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Formatted:
+    """A sequence its client formatted itself: an OpenRLHF query in no known template, vLLM's `input`.
+
+    `text` is tokenized as is and finished by the recipe's rules (the EOS training ended on, the recipe's
+    truncation); `ids` are the exact tokens, never changed unless `keep` asks. `add_special_tokens`: the tokenizer's
+    own BOS/CLS (never doubled); None: the recipe's choice. `keep` (vLLM's `truncate_prompt_tokens`, -1: the
+    recipe's max_length) keeps at most that many tokens, cutting on the `cut` side (left keeps the end), in place of
+    the recipe's truncation. `prompt`: a leading part of `text` that other items may share (see `Encoded.prefix`).
+    """
+
+    text: str = ""
+    ids: tuple[int, ...] | None = None
+    add_special_tokens: bool | None = None
+    keep: int | None = None
+    cut: Literal["left", "right"] = "left"
+    prompt: str | None = None
+
+
+Item = ScoringInput | Formatted
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,25 +136,6 @@ def openrlhf_recipe(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig
     return inferred.model_copy(update=changes)
 
 
-_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant|System): ")
-_ROLE_OF = {"Human": "user", "Assistant": "assistant", "System": "system"}
-_NAME_OF = {v: k for k, v in _ROLE_OF.items()}
-
-
-def parse_transcript(text: str) -> list[Message] | None:
-    """`Human: a\\n\\nAssistant: b\\n\\nHuman: c` -> messages; None when the text is not such a transcript."""
-    if not text.startswith(("Human: ", "System: ")):
-        return None
-    parts = _TURN.split(text)
-    # parts = ['', 'Human', 'a', 'Assistant', 'b', ...]
-    return [Message(role=_ROLE_OF[parts[i]], content=parts[i + 1].strip()) for i in range(1, len(parts) - 1, 2)]
-
-
-def render_transcript(messages: list[Message]) -> str:
-    """The inverse of `parse_transcript`, for recipes without a chat template."""
-    return "\n\n".join(f"{_NAME_OF.get(m['role'], m['role'].capitalize())}: {m['content']}" for m in messages)
-
-
 class RecipeEncoder:
     """A recipe bound to a tokenizer. Thread-safe: encoding uses a private Rust tokenizer with no side state."""
 
@@ -181,18 +171,13 @@ class RecipeEncoder:
     def _prompt_text(self, prompt: Prompt) -> str:
         return prompt if isinstance(prompt, str) else render_transcript(prompt)
 
-    def render(self, item: ScoringInput) -> str | tuple[str, str]:
+    def render(self, item: Item) -> str | tuple[str, str]:
         """The text (or text pair) handed to the tokenizer; `encode_batch` tokenizes exactly this."""
         recipe = self.recipe
+        if isinstance(item, Formatted):
+            return self._end(item.text) if recipe.template != "text_pair" else item.text
         if recipe.template == "chat":
-            text = (
-                item.response
-                if item.raw
-                else self.tokenizer.apply_chat_template(self._conversation(item), tokenize=False)
-            )
-            return self._end(text)
-        if item.raw:
-            return item.response
+            return self._end(self.tokenizer.apply_chat_template(self._conversation(item), tokenize=False))
         if recipe.template == "text_pair":
             return (self._prompt_text(item.prompt), item.response)
         return self._end(self._prompt_text(item.prompt) + recipe.separator + item.response)
@@ -207,12 +192,11 @@ class RecipeEncoder:
         text = text.rstrip("\n")  # OpenRLHF's RewardDataset (0.11): rstrip("\n"), then " " + eos unless it ends so
         return text if text.endswith(eos) else text + recipe.eos_separator + eos
 
-    def render_prompt(self, item: ScoringInput) -> str | None:
+    def render_prompt(self, item: Item) -> str | None:
         """The text that precedes the response in `render(item)`, when there is one a causal model could share."""
         recipe = self.recipe
-        if item.raw:
-            prompt = item.prompt
-            return prompt if isinstance(prompt, str) and prompt and item.response.startswith(prompt) else None
+        if isinstance(item, Formatted):
+            return item.prompt if item.prompt and item.text.startswith(item.prompt) else None
         if recipe.template == "chat":
             return self.tokenizer.apply_chat_template(
                 self._conversation(item)[:-1], tokenize=False, add_generation_prompt=True
@@ -222,10 +206,16 @@ class RecipeEncoder:
         return None  # text_pair: encoders read both ways, nothing is a prefix
 
     # ---- tokens -----------------------------------------------------------------------------------
-    def _rendered(self, items: list[ScoringInput]) -> tuple[list[str | tuple[str, str]], list[str | None]]:
-        """Every item's text and prompt text; a conversation its chat template refuses names the item."""
-        texts, prompts = [], []
+    def _rendered(self, items: Sequence[Item]) -> tuple[list[str | tuple[str, str] | None], list[str | None]]:
+        """Every item's text and prompt text (None for exact ids); a conversation its chat template refuses names
+        the item."""
+        texts: list[str | tuple[str, str] | None] = []
+        prompts: list[str | None] = []
         for index, item in enumerate(items):
+            if isinstance(item, Formatted) and item.ids is not None:
+                texts.append(None)
+                prompts.append(None)
+                continue
             try:
                 texts.append(self.render(item))
                 prompts.append(self.render_prompt(item))
@@ -233,18 +223,64 @@ class RecipeEncoder:
                 raise UnreadableItem(index, f"the chat template refused it: {exc}") from exc
         return texts, prompts
 
-    def encode_batch(self, items: list[ScoringInput]) -> list[Encoded]:
-        add_special = self.recipe.add_special_tokens and self.recipe.template != "chat"
-        texts, prompts = self._rendered(items)
-        encodings = self._rust.encode_batch(texts, add_special_tokens=add_special)
-        unique = list(dict.fromkeys(p for p in prompts if p))  # a GRPO group's prompt is tokenized once
-        prompt_ids = dict(zip(unique, self._rust.encode_batch(unique, add_special_tokens=add_special), strict=True))
-        return [self._finish(enc, prompt_ids[p].ids if p else None) for enc, p in zip(encodings, prompts, strict=True)]
+    def _tokenized(self, texts: Sequence[str | tuple[str, str] | None], special: Sequence[bool]) -> list[Any]:
+        """One Rust batch call per special-tokens choice; None stays None."""
+        out: list[Any] = [None] * len(texts)
+        for flag in (True, False):
+            todo = [i for i, t in enumerate(texts) if t is not None and special[i] == flag]
+            if todo:
+                encoded = self._rust.encode_batch([texts[i] for i in todo], add_special_tokens=flag)
+                for i, enc in zip(todo, encoded, strict=True):
+                    out[i] = enc
+        return out
 
-    def encode(self, item: ScoringInput) -> Encoded:
+    def encode_batch(self, items: Sequence[Item]) -> list[Encoded]:
+        default = self.recipe.add_special_tokens and self.recipe.template != "chat"
+        special = [
+            item.add_special_tokens if isinstance(item, Formatted) and item.add_special_tokens is not None else default
+            for item in items
+        ]
+        texts, prompts = self._rendered(items)
+        encodings = self._tokenized(texts, special)
+        unique = list(dict.fromkeys((p, f) for p, f in zip(prompts, special, strict=True) if p))
+        tokenized = self._tokenized([p for p, _ in unique], [f for _, f in unique])  # a GRPO group's prompt: once
+        prompt_ids = {key: enc.ids for key, enc in zip(unique, tokenized, strict=True)}
+        out = []
+        for index, (item, enc, p, f) in enumerate(zip(items, encodings, prompts, special, strict=True)):
+            limit, cut = self._limit(index, item)
+            if enc is None:
+                out.append(self._exact(index, item.ids, limit, cut))  # type: ignore[union-attr]
+            else:
+                out.append(self._finish(enc, prompt_ids.get((p, f)) if p else None, limit, cut))
+        return out
+
+    def encode(self, item: Item) -> Encoded:
         return self.encode_batch([item])[0]
 
-    def _finish(self, enc: RustEncoding, prompt_ids: list[int] | None) -> Encoded:
+    def _limit(self, index: int, item: Item) -> tuple[int, str]:
+        """Where an item is cut: the recipe's max_length and side, or the client's own `keep` (at most max_length)."""
+        max_length = self.recipe.max_length
+        if not isinstance(item, Formatted) or item.keep is None:
+            return max_length, self.recipe.truncation
+        keep = max_length if item.keep == -1 else item.keep
+        if not 0 < keep <= max_length:
+            raise UnreadableItem(index, f"truncate_prompt_tokens={item.keep}: give 1..{max_length} (or -1)")
+        return keep, f"keep-{item.cut}"
+
+    def _exact(self, index: int, ids: Sequence[int], limit: int, cut: str) -> Encoded:
+        """Token ids as given: checked against the vocabulary, cut only where the client asked."""
+        vocab = len(self.tokenizer)
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise UnreadableItem(index, f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        if len(ids) > limit and not cut.startswith("keep-"):
+            raise UnreadableItem(
+                index, f"{len(ids)} tokens; the model reads at most {limit}: set truncate_prompt_tokens to cut them"
+            )
+        kept = list(ids[-limit:] if cut == "keep-left" else ids[:limit])
+        return Encoded(input_ids=kept, token_type_ids=None, truncated=len(kept) < len(ids))
+
+    def _finish(self, enc: RustEncoding, prompt_ids: list[int] | None, limit: int, cut: str) -> Encoded:
         ids = list(enc.ids)
         seq = list(enc.sequence_ids)
         types = list(enc.type_ids)
@@ -261,19 +297,23 @@ class RecipeEncoder:
             # a BOS the chat template wrote is kept through truncation, as one the tokenizer added; a "BOS" that
             # recurs is a turn marker (SmolLM2's bos_token is ChatML's <|im_start|>) and is cut like the text
             seq[0] = None
-        excess = len(ids) - self.recipe.max_length
+        excess = len(ids) - limit
         truncated = excess > 0
-        if truncated and self.recipe.truncation == "right":  # keep the start; the last token is EOS
-            ids, types = ids[: self.recipe.max_length], types[: self.recipe.max_length]
+        if truncated and cut == "right":  # the recipe's right truncation: keep the start; the last token is EOS
+            ids, types = ids[:limit], types[:limit]
             ids[-1] = self.eos_id  # type: ignore[call-overload]  # append_eos recipes only (checked in __init__)
             prefix = min(prefix, len(ids) - 1)
         elif truncated:
+            # left (the recipe's): the prompt side first, then the response, each from the left; a client's
+            # keep-left / keep-right: its text from that side. Special tokens the tokenizer added stay.
             drop: set[int] = set()
-            for side in (0, 1):  # prompt side first, then the response, each from the left
-                for i, s in enumerate(seq):
+            sides = (0,) if cut.startswith("keep-") else (0, 1)
+            order = list(range(len(ids)))[:: -1 if cut == "keep-right" else 1]
+            for side in sides:
+                for i in order:
                     if excess == 0:
                         break
-                    if s == side:
+                    if seq[i] == side:
                         drop.add(i)
                         excess -= 1
             keep = [i for i in range(len(ids)) if i not in drop]

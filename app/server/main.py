@@ -18,6 +18,7 @@ from app.model.reward_model import RewardModel
 from app.server.errors import install_error_handlers
 from app.server.metrics import Metrics
 from app.server.middleware import RequestContext
+from app.server.openrlhf import QueryReader
 from app.server.routes import Served, open_router, router
 from app.settings import Settings, get_settings
 
@@ -67,7 +68,8 @@ def create_app(settings: Settings | None = None, model: RewardModel | None = Non
         await asyncio.to_thread(worker.start)  # fits the batch policy to the model
         raw = normalization.model_dump() if normalization else None
         fingerprint = served_fingerprint(loaded, worker.policy, raw, worker.threads)
-        app.state.served = Served(normalization, fingerprint)
+        model_id = settings.served_model_name or str(settings.model_path)
+        app.state.served = Served(normalization, fingerprint, QueryReader.for_encoder(loaded.encoder), model_id)
         app.state.worker = worker
         log.info("ready: %s (fingerprint %s)", settings.model_path, fingerprint)
         try:

@@ -11,14 +11,13 @@ from fastapi.responses import JSONResponse
 
 from app.engine.worker import ItemResult, Worker
 from app.model.checkpoint import Normalization
-from app.model.recipe import ScoringInput
+from app.model.recipe import Item
 from app.server import limits
 from app.server.errors import ErrorType, ServiceError, openapi_responses
+from app.server.openrlhf import GetRewardRequest, GetRewardResponse, QueryReader
 from app.server.schemas import (
     CompareRequest,
     CompareResponse,
-    GetRewardRequest,
-    GetRewardResponse,
     Health,
     Info,
     RankRequest,
@@ -56,10 +55,13 @@ def get_worker(request: Request) -> Worker:
 
 @dataclass(frozen=True)
 class Served:
-    """What start-up decided and every route reports: the normalization in force and the scoring fingerprint."""
+    """What start-up decided and every route reports: the normalization in force, the scoring fingerprint, how
+    OpenRLHF queries are read and the id the vLLM-style routes report."""
 
     normalization: Normalization | None
     fingerprint: str
+    reader: QueryReader
+    model_id: str
 
 
 def get_served(request: Request) -> Served:
@@ -78,7 +80,7 @@ async def _until_disconnected(request: Request) -> None:
 
 
 async def _scored(
-    request: Request, response: Response, worker: Worker, body: Any, inputs: list[ScoringInput]
+    request: Request, response: Response, worker: Worker, body: Any, inputs: list[Item]
 ) -> list[ItemResult]:
     """The one path every scoring route takes: limits, deadline, the worker call, dropping the work of a client
     that went away, timing headers."""
@@ -136,9 +138,9 @@ async def get_reward(
     body: GetRewardRequest, request: Request, response: Response, worker: WorkerDep, served: ServedDep
 ) -> GetRewardResponse:
     """OpenRLHF's remote reward model protocol (`--remote_rm_url http://host:port/get_reward`)."""
-    inputs = body.to_inputs(worker.model.encoder.special_tokens)
+    read_as, inputs = body.to_inputs(served.reader)
     results = await _scored(request, response, worker, body, inputs)
-    return GetRewardResponse.build(results, served.normalization)
+    return GetRewardResponse.build(results, read_as, served.reader.readings, served.normalization)
 
 
 @router.get("/info", responses=ERRORS)

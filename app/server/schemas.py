@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 
 from app.model.checkpoint import Normalization
-from app.model.recipe import Message as RecipeMessage
+from app.model.conversations import Message as RecipeMessage
 from app.model.recipe import ScoringInput
 from app.model.reward_model import sigmoid
 
@@ -199,56 +199,6 @@ class RankResponse(BaseModel):
                 )
             )
         return cls(groups=groups, fingerprint=fingerprint, normalization=normalization)
-
-
-class GetRewardRequest(BaseModel):
-    """OpenRLHF's `--remote_rm_url` body; unknown fields are ignored as OpenRLHF may add some."""
-
-    query: list[StrictStr]
-    prompts: list[StrictStr] | None = None
-    labels: list[Any] | None = None
-
-    @model_validator(mode="after")
-    def _aligned(self) -> GetRewardRequest:
-        if self.prompts is not None and len(self.prompts) != len(self.query):
-            raise ValueError(f"prompts has {len(self.prompts)} entries for {len(self.query)} queries")
-        return self
-
-    def to_inputs(self, special_tokens: Sequence[str]) -> list[ScoringInput]:
-        """Split each response off its query when the prompt is a plain-text prefix, so the recipe (template, EOS)
-        applies; a query whose prompt is already templated (holds special tokens) is scored as the raw sequence."""
-        inputs = []
-        for i, query in enumerate(self.query):
-            prompt = self.prompts[i] if self.prompts is not None else None
-            if prompt and query.startswith(prompt) and not any(t in prompt for t in special_tokens):
-                response = query[len(prompt) :]
-                while trailing := next((t for t in special_tokens if response.endswith(t)), None):
-                    response = response.removesuffix(trailing)  # EOS/pad: the recipe adds its own EOS back
-                inputs.append(ScoringInput(prompt, response))
-            else:
-                inputs.append(ScoringInput("", query, raw=True))
-        return inputs
-
-
-class GetRewardResponse(BaseModel):
-    rewards: list[float]
-    scores: list[float]
-    extra_logs: dict[str, list[float]]
-    normalization: Normalization | None = Field(None, description="when set, rewards are (raw - mean) / std")
-
-    @classmethod
-    def build(cls, results: Sequence[ItemResult], normalization: Normalization | None) -> GetRewardResponse:
-        items = item_scores(results, normalization)
-        rewards = [i.reward for i in items]
-        return cls(
-            rewards=rewards,
-            scores=rewards,
-            normalization=normalization,
-            extra_logs={
-                "reward_num_tokens": [float(i.num_tokens) for i in items],
-                "reward_truncated": [float(i.truncated) for i in items],
-            },
-        )
 
 
 class Health(BaseModel):

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.model.recipe import Message, Prompt, ScoringInput
+from app.model.conversations import Message, Prompt
+from app.model.recipe import ScoringInput
 
 
 class DataError(ValueError):
