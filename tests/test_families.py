@@ -6,13 +6,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
+from asgi_lifespan import LifespanManager
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from app.model.loading import load_reward_model
 from app.model.recipe import ScoringInput
+from app.server.main import create_app
 from tests import tiny
+from tests.conftest import test_settings
 
 CONVERSATION = [
     {"role": "user", "content": "What is the capital of France? Please answer in one short sentence."},
@@ -68,3 +72,22 @@ def test_a_bos_that_recurs_is_a_turn_marker_and_is_cut_like_text(tmp_path: Path)
     )
     assert full.input_ids.count(tokenizer.bos_token_id) >= 2  # system, user, assistant turns
     assert short.truncated and short.input_ids == full.input_ids[-24:]
+
+
+async def test_verls_discriminative_request_gets_the_card_reading(family: tuple[str, Path]) -> None:
+    """verl's reward loop renders the conversation with the reward model's template, strips a leading BOS and posts
+    `/classify {"model", "input": text, "use_activation": false}`, reading `data[-1].probs[-1]`: the tokenizer's
+    BOS comes back (add_special_tokens defaults to true), the sequence is the card's."""
+    name, path = family
+    want, _ = card_reading(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    text = tokenizer.apply_chat_template(CONVERSATION, add_generation_prompt=False, tokenize=False)
+    if tokenizer.bos_token is not None and text.startswith(tokenizer.bos_token):
+        text = text[len(tokenizer.bos_token) :]
+    app = create_app(test_settings(path))
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            r = await client.post("/classify", json={"model": str(path), "input": text, "use_activation": False})
+    assert r.status_code == 200, r.text
+    assert r.json()["data"][-1]["probs"][-1] == pytest.approx(want, abs=1e-5), name

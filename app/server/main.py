@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -69,7 +70,9 @@ def create_app(settings: Settings | None = None, model: RewardModel | None = Non
         raw = normalization.model_dump() if normalization else None
         fingerprint = served_fingerprint(loaded, worker.policy, raw, worker.threads)
         model_id = settings.served_model_name or str(settings.model_path)
-        app.state.served = Served(normalization, fingerprint, QueryReader.for_encoder(loaded.encoder), model_id)
+        app.state.served = Served(
+            normalization, fingerprint, QueryReader.for_encoder(loaded.encoder), model_id, int(time.time())
+        )
         app.state.worker = worker
         log.info("ready: %s (fingerprint %s)", settings.model_path, fingerprint)
         try:

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
+from app.engine.errors import EngineError
 from app.engine.worker import ItemResult, Worker
 from app.model.checkpoint import Normalization
 from app.model.recipe import Item
@@ -26,6 +27,7 @@ from app.server.schemas import (
     ScoreRequest,
     ScoreResponse,
 )
+from app.server.vllm import ClassifyRequest, ClassifyResponse, ModelCard, ModelList
 from app.settings import Settings
 
 ERRORS = openapi_responses(  # what a scoring route can answer besides 200
@@ -62,6 +64,7 @@ class Served:
     fingerprint: str
     reader: QueryReader
     model_id: str
+    created: int  # when it started serving, as /v1/models reports it
 
 
 def get_served(request: Request) -> Served:
@@ -80,10 +83,10 @@ async def _until_disconnected(request: Request) -> None:
 
 
 async def _scored(
-    request: Request, response: Response, worker: Worker, body: Any, inputs: list[Item]
+    request: Request, response: Response, worker: Worker, body: Any, inputs: list[Item], field: str = "items"
 ) -> list[ItemResult]:
     """The one path every scoring route takes: limits, deadline, the worker call, dropping the work of a client
-    that went away, timing headers."""
+    that went away, timing headers. `field`: the body's list an item's error names (`input[2]`)."""
     settings = worker.settings
     limits.check_request(body, len(inputs), settings)
     timeout = limits.deadline(request.headers.get("x-request-timeout"), settings)
@@ -96,7 +99,12 @@ async def _scored(
     if not task.done():  # the client disconnected: its queued items are skipped, not computed
         task.cancel()
         raise ServiceError(ErrorType.client_closed, "the client closed the connection before its result")
-    scored = task.result()
+    try:
+        scored = task.result()
+    except EngineError as exc:
+        if exc.param and exc.param.startswith("items["):
+            exc.param = field + exc.param.removeprefix("items")
+        raise
     t = scored.timing
     response.headers["x-tokenize-time-ms"] = f"{t.tokenize_s * 1000:.1f}"
     response.headers["x-queue-time-ms"] = f"{t.queue_s * 1000:.1f}"
@@ -139,8 +147,39 @@ async def get_reward(
 ) -> GetRewardResponse:
     """OpenRLHF's remote reward model protocol (`--remote_rm_url http://host:port/get_reward`)."""
     read_as, inputs = body.to_inputs(served.reader)
-    results = await _scored(request, response, worker, body, inputs)
+    results = await _scored(request, response, worker, body, inputs, field="query")
     return GetRewardResponse.build(results, read_as, served.reader.readings, served.normalization)
+
+
+@router.post("/classify", responses=ERRORS)
+@router.post("/v1/classify", responses=ERRORS, include_in_schema=False)
+async def classify(
+    body: ClassifyRequest, request: Request, response: Response, worker: WorkerDep, served: ServedDep
+) -> ClassifyResponse:
+    """vLLM's classify API: `probs` per input (sigmoid of the reward; `use_activation: false` for the reward)."""
+    results = await _scored(request, response, worker, body, body.to_inputs(), field="input")
+    return ClassifyResponse.build(body, results, served.model_id, served.normalization)
+
+
+@router.post("/pooling", responses=ERRORS)
+async def pooling(
+    body: ClassifyRequest, request: Request, response: Response, worker: WorkerDep, served: ServedDep
+) -> ClassifyResponse:
+    """vLLM's pooling API with `task: classify` (the default): the same values as /classify, in pooling's shape."""
+    results = await _scored(request, response, worker, body, body.to_inputs(), field="input")
+    return ClassifyResponse.build(body, results, served.model_id, served.normalization, pooling=True)
+
+
+@router.get("/v1/models", responses=ERRORS)
+async def models(worker: WorkerDep, served: ServedDep) -> ModelList:
+    """The one served model, as vLLM lists it (the id from REWARD_SERVED_MODEL_NAME)."""
+    card = ModelCard(
+        id=served.model_id,
+        created=served.created,
+        root=str(worker.settings.model_path),
+        max_model_len=worker.model.encoder.recipe.max_length,
+    )
+    return ModelList(data=[card])
 
 
 @router.get("/info", responses=ERRORS)
