@@ -22,3 +22,19 @@ lock() {
 lock deploy/lock/serve.txt --extra backbones
 lock deploy/lock/ray.txt --extra backbones --extra ray
 lock deploy/lock/dev.txt --extra test --extra backbones --extra tools --extra bench --extra ray
+# deploy/lock/trainers.txt: the trainers' own reward code the tests call (verl's reward loop, OpenRLHF's reward
+# fetcher), installed with --no-deps: their full dependency trees are GPU stacks (vLLM, DeepSpeed); these pins are
+# what their reward modules import on top of the dev lock. Hashes of the files pip downloads for this machine.
+trainers=(verl==0.9.1 openrlhf==0.11.2 omegaconf==2.4.0 antlr4-python3-runtime==4.9.3 tensordict==0.15.3
+  pyvers==0.2.3 codetiming==1.4.0 cloudpickle==3.1.3 orjson==3.13.0)
+downloads=$(mktemp -d)
+"$python" -m pip download -q --no-deps -d "$downloads" "${trainers[@]}"
+{
+  echo "# bash deploy/lock.sh; installed with --no-deps --require-hashes (see the comment there)"
+  for pin in "${trainers[@]}"; do
+    name=${pin%%==*}
+    file=$(ls "$downloads" | grep -i "^${name//-/[-_]}-" | head -1)
+    echo "$pin --hash=sha256:$(sha256sum "$downloads/$file" | cut -d' ' -f1)"
+  done
+} >deploy/lock/trainers.txt
+rm -rf "$downloads"

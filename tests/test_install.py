@@ -44,5 +44,7 @@ def test_every_declared_dependency_is_locked_with_hashes(lock: str, extras: list
 
 
 def test_the_installs_use_the_locks() -> None:
-    assert "--require-hashes -r deploy/lock/dev.txt" in (ROOT / ".ci" / "install").read_text()
+    install = (ROOT / ".ci" / "install").read_text()
+    assert "--require-hashes -r deploy/lock/dev.txt" in install
+    assert "--no-deps --require-hashes -r deploy/lock/trainers.txt" in install
     assert '--require-hashes -r "${LOCK}"' in (ROOT / "Dockerfile").read_text()
