@@ -142,9 +142,12 @@ def test_the_reward_manager_loaded_and_run_as_verls_reward_loop_does(live_server
     assert [o["reward_score"] for o in outputs] == pytest.approx(want, abs=1e-6)
     assert all(set(o["reward_extra_info"]) == KEYS for o in outputs)
     from verl import DataProto
+    from verl.experimental.reward_loop.reward_manager.base import RewardManagerBase
 
     batch = DataProto.concat(samples)
-    rm_scores = adapter.ServerRewardManager.assemble_rm_scores(batch, [o["reward_score"] for o in outputs])
+    scores = [o["reward_score"] for o in outputs]
+    rm_scores = adapter.ServerRewardManager.assemble_rm_scores(batch, scores)
+    assert torch.equal(rm_scores, RewardManagerBase.assemble_rm_scores(batch, scores))  # verl's own placement
     lengths = batch.batch["attention_mask"][:, 12:].sum(1)
     assert rm_scores[torch.arange(2), lengths - 1].tolist() == pytest.approx(want, abs=1e-6)
 

@@ -25,11 +25,6 @@ from typing import Any
 from app.clients.client import AsyncRewardClient
 from app.clients.results import ItemScore
 
-try:  # inside verl, the manager is one of its own (its event loop, `assemble_rm_scores`)
-    from verl.experimental.reward_loop.reward_manager.base import RewardManagerBase as _ManagerBase
-except ImportError:  # verl is not installed: `compute_score` still works; the manager needs verl to run
-    _ManagerBase = object  # type: ignore[assignment,misc]
-
 DEFAULT_TIMEOUT_S = 180.0
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, str | None, float], AsyncRewardClient]]
 _clients = weakref.WeakKeyDictionary()
@@ -94,11 +89,13 @@ async def compute_score(
     return await _score(conversation(prompt, solution_str), url, api_key, timeout_s)
 
 
-class ServerRewardManager(_ManagerBase):
+class ServerRewardManager:
     """verl's reward-loop manager: each sample's `raw_prompt` messages plus its decoded reply, scored by the server.
 
     Options from `reward.reward_kwargs` (`url`, `api_key`, `timeout_s`). Built by verl as
-    `(config, tokenizer, compute_score, reward_router_address=None, reward_model_tokenizer=None)`."""
+    `(config, tokenizer, compute_score, reward_router_address=None, reward_model_tokenizer=None)`. It has the
+    interface of verl's `RewardManagerBase` without subclassing it, so this module imports no torch (verl's tensors
+    come in through `data`)."""
 
     def __init__(
         self,
@@ -109,9 +106,7 @@ class ServerRewardManager(_ManagerBase):
         reward_model_tokenizer: Any = None,
         **kwargs: Any,
     ) -> None:
-        if _ManagerBase is object:
-            raise ImportError("ServerRewardManager runs inside verl: `pip install verl`")
-        super().__init__(config, tokenizer, compute_score)
+        self.config, self.tokenizer = config, tokenizer
         options = dict(config.reward.get("reward_kwargs") or {})
         if not options.get("url"):
             raise ValueError("set the reward server's URL: +reward.reward_kwargs.url=http://host:8000")
@@ -130,3 +125,13 @@ class ServerRewardManager(_ManagerBase):
         fields = await _score(conversation(prompt, reply), self.url, self.api_key, self.timeout_s)
         score = fields.pop("score")
         return {"reward_score": score, "reward_extra_info": {"score": score, **fields}}
+
+    @classmethod
+    def assemble_rm_scores(cls, data: Any, scores: list[float]) -> Any:
+        """The batch's `rm_scores` as verl's base class builds them: each score on its last response token."""
+        prompt_length = data.batch["prompts"].size(1)
+        lengths = data.batch["attention_mask"][:, prompt_length:].sum(dim=1).tolist()
+        rm_scores = data.batch["responses"].new_zeros(data.batch["responses"].shape).float()
+        for row, (length, value) in enumerate(zip(lengths, scores, strict=True)):
+            rm_scores[row, length - 1] = value
+        return rm_scores

@@ -227,7 +227,7 @@ class Info(BaseModel):
     device_map: str | None = Field(description="the device map the backbone was spread with, if any")
     max_length: int
     recipe: dict[str, Any]
-    normalization: Normalization | None = Field(description="applied to /score, /rank and /get_reward; null: raw")
+    normalization: Normalization | None = Field(description="every reward route but /compare; null: raw")
     checkpoint_normalization: Normalization | None = Field(description="the mean/std the checkpoint stores")
     fingerprint: str = Field(description="equal fingerprints give equal rewards: model, scheduling, normalization")
     model_fingerprint: str = Field(description="the loaded model's part of it: files, base, recipe, dtype, device")
