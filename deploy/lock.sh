@@ -22,11 +22,13 @@ lock() {
 lock deploy/lock/serve.txt --extra backbones
 lock deploy/lock/ray.txt --extra backbones --extra ray
 lock deploy/lock/dev.txt --extra test --extra backbones --extra tools --extra bench --extra ray
-# deploy/lock/trainers.txt: the trainers' own reward code the tests call (verl's reward loop, OpenRLHF's reward
-# fetcher), installed with --no-deps: their full dependency trees are GPU stacks (vLLM, DeepSpeed); these pins are
-# what their reward modules import on top of the dev lock. Hashes of the files pip downloads for this machine.
+# deploy/lock/trainers.txt: the trainers' own code the tests run against the server (verl's reward loop,
+# OpenRLHF's reward fetcher, a TRL GRPOTrainer step), installed with --no-deps: their full dependency trees are GPU
+# stacks (vLLM, DeepSpeed); these pins are what that code imports on top of the dev lock. Hashes of the files pip
+# downloads for this machine.
 trainers=(verl==0.9.1 openrlhf==0.11.2 omegaconf==2.4.0 antlr4-python3-runtime==4.9.3 tensordict==0.15.3
-  pyvers==0.2.3 codetiming==1.4.0 cloudpickle==3.1.3 orjson==3.13.0)
+  pyvers==0.2.3 codetiming==1.4.0 cloudpickle==3.1.3 orjson==3.13.0
+  trl==1.16.0 datasets==5.2.0 pyarrow==26.0.1 pandas==3.1.1 dill==0.4.1 multiprocess==0.70.19 xxhash==4.1.0)
 downloads=$(mktemp -d)
 "$python" -m pip download -q --no-deps -d "$downloads" "${trainers[@]}"
 {

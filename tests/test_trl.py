@@ -215,3 +215,59 @@ async def test_the_url_alone_is_the_natural_call(live_server: str) -> None:
         await async_reward.aclose()
     with pytest.raises(ValueError, match="twice"):
         RewardFunction(live_server, base_url=live_server)
+
+
+def test_a_grpo_trainer_step_against_the_live_server(live_server: str, tmp_path: Any) -> None:
+    """TRL's own GRPOTrainer (1.16) runs one step with `RewardFunction(url)` as its reward function: it generates
+    G completions per prompt with a tiny policy, calls the function as it calls any, and logs the rewards' mean."""
+    pytest.importorskip("trl", reason="TRL is not installed (.ci/install adds it)")
+    import pyarrow as pa
+    import torch
+    from datasets import Dataset
+    from transformers import LlamaForCausalLM
+    from trl import GRPOConfig, GRPOTrainer
+
+    from tests import tiny
+
+    tokenizer = tiny.byte_level_tokenizer(bos=False, chat=True)
+    torch.manual_seed(0)
+    config = tiny.llama_config(tokenizer)
+    config.architectures = None
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "policy")
+    tokenizer.save_pretrained(tmp_path / "policy")
+    calls: list[tuple[list[str], list[str], list[float | None]]] = []
+
+    class Recorded(RewardFunction):
+        def __call__(self, prompts: Any, completions: Any, completion_ids: Any = None, **kwargs: Any) -> Any:
+            rewards = super().__call__(prompts, completions, completion_ids, **kwargs)
+            calls.append((list(prompts), list(completions), rewards))
+            return rewards
+
+    reward = Recorded(live_server, timeout=30)
+    # a fixed fingerprint: hashing this pyarrow build's table fails in datasets (its MonthDayNano type says it is
+    # `builtins.MonthDayNano`, which dill cannot find); nothing here depends on the hash
+    dataset = Dataset(pa.table({"prompt": PROMPTS * 2}), fingerprint="prompts")
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2 * G,
+        num_generations=G,
+        max_completion_length=8,
+        max_steps=1,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        save_strategy="no",
+    )
+    try:
+        trainer = GRPOTrainer(model=str(tmp_path / "policy"), reward_funcs=[reward], args=args, train_dataset=dataset)
+        trainer.train()
+    finally:
+        reward.close()
+    [(prompts, completions, rewards)] = calls
+    assert len(completions) == 2 * G and all(r is not None for r in rewards)
+    with RewardClient(live_server) as client:
+        want = client.score(list(zip(prompts, completions, strict=True))).rewards
+    assert rewards == pytest.approx(want, abs=1e-6)
+    logged = next(h for h in trainer.state.log_history if "rewards/reward_server/mean" in h)
+    assert logged["rewards/reward_server/mean"] == pytest.approx(sum(want) / len(want), abs=1e-5)
