@@ -4,6 +4,7 @@ conversation it encodes and scores that with the reward model's own recipe, equa
 from __future__ import annotations
 
 import asyncio
+import copy
 import importlib.metadata
 import importlib.util
 import sys
@@ -15,7 +16,7 @@ import httpx
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from app.model.conversations import KNOWN_FORMATS, Message, own_format, read_query
+from app.model.conversations import KNOWN_FORMATS, Message, chat_formats, own_format, read_query
 from app.model.recipe import Formatted
 from tests import tiny
 
@@ -162,3 +163,33 @@ def test_openrlhfs_own_reward_fetcher(live_server: str, policies: dict[str, PreT
         want = client.post("/score", json={"items": [item]}).json()["rewards"][0]
     assert info["rewards"] == [pytest.approx(want, abs=1e-6)] and info["scores"] == info["rewards"]
     assert info["extra_logs"]["reward_read_as_llama3"] == [1.0]
+
+
+LLAMA31 = (  # Llama-3.1's shape: a system turn always written, a preamble before the system prompt's text
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] %}"
+    "{% set rest = messages[1:] %}{% else %}{% set sys = '' %}{% set rest = messages %}{% endif %}"
+    "{{ '<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n\n' }}"
+    "{{ sys + '<|eot_id|>' }}{% for m in rest %}"
+    "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("with_system", [True, False])
+def test_the_checkpoints_own_template_goes_first_when_it_is_not_a_known_one(
+    with_system: bool, policies: dict[str, PreTrainedTokenizerBase]
+) -> None:
+    """Read with the generic Llama-3 format, a Llama-3.1 query's system text would carry the template's preamble and
+    get it twice when re-rendered; the checkpoint's own format reads it back to the conversation that renders it."""
+    tokenizer = copy.deepcopy(policies["llama3"])
+    tokenizer.chat_template = LLAMA31
+    formats = chat_formats(tokenizer)
+    assert [f.name for f in formats] == ["checkpoint", *(f.name for f in KNOWN_FORMATS)]
+    given = [{"role": "system", "content": SYSTEM}] if with_system else []
+    given.append({"role": "user", "content": USER})
+    query, _ = openrlhf_query(tokenizer, given, REPLY)
+    name, messages = read_query(query, formats) or ("", [])
+    assert name == "checkpoint"
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert rendered == query  # the conversation read back renders the query itself (its EOS closes the turn)
+    assert chat_formats(tiny.byte_level_tokenizer(bos=False, chat=True)) == KNOWN_FORMATS  # ChatML: a known one

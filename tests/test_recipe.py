@@ -40,6 +40,14 @@ def test_chat_renders_transcript_as_conversation_with_reply_last() -> None:
     assert ids.count(enc.bos_id) == 4 and ids[1] != enc.bos_id  # the template's BOS only, never doubled
 
 
+def test_a_reply_with_no_prompt_turn_encodes_with_nothing_to_share() -> None:
+    """A conversation that is only the assistant's reply (found by the fuzzer: the chat template refuses an empty
+    conversation, so its "prompt" cannot be rendered) is read as the template writes it, with no shared prefix."""
+    enc = encoder("chat")
+    encoded = enc.encode(ScoringInput([], "Hello"))
+    assert encoded.prefix == 0 and enc.tokenizer.decode(encoded.input_ids) == "<|im_start|>assistant\nHello<|im_end|>\n"
+
+
 def test_chat_messages_and_system_prompt() -> None:
     enc = encoder("chat", system_prompt="Be brief.")
     text = enc.render(ScoringInput([{"role": "user", "content": "Hi"}], "Hello"))

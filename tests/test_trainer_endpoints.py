@@ -170,4 +170,4 @@ async def test_empty_text_is_422_not_a_model_error(make_client: Any) -> None:
     """Found by schemathesis: an empty raw query has no tokens at all with a template-only chat recipe."""
     async with make_client("llama") as client:
         r = await client.post("/get_reward", json={"query": ["fine", ""]})
-    assert r.status_code == 422 and r.json()["error"]["param"] == "items[1]"
+    assert r.status_code == 422 and r.json()["error"]["param"] == "query[1]"  # the body's own field

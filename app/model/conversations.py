@@ -183,6 +183,15 @@ def own_format(tokenizer: PreTrainedTokenizerBase) -> ChatFormat | None:
     return derived if turns["user"][1] and read is not None and read[-2:] == expected else None
 
 
+def chat_formats(tokenizer: PreTrainedTokenizerBase) -> tuple[ChatFormat, ...]:
+    """The formats a checkpoint tries, in order: its own first (it reads its own rendering exactly, a system preamble
+    the template always writes included, e.g. Llama-3.1's dates) unless it is one of the known ones, then those."""
+    own = own_format(tokenizer)
+    if own is None or any(all(f.turns.get(r) == t for r, t in own.turns.items()) for f in KNOWN_FORMATS):
+        return KNOWN_FORMATS
+    return (own, *KNOWN_FORMATS)
+
+
 def read_query(text: str, formats: Sequence[ChatFormat], pads: Sequence[str] = ()) -> tuple[str, list[Message]] | None:
     """The first format that reads `text` as a conversation ending in the assistant's reply, and that conversation."""
     for chat_format in formats:

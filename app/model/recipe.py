@@ -198,8 +198,11 @@ class RecipeEncoder:
         if isinstance(item, Formatted):
             return item.prompt if item.prompt and item.text.startswith(item.prompt) else None
         if recipe.template == "chat":
-            return self.tokenizer.apply_chat_template(
-                self._conversation(item)[:-1], tokenize=False, add_generation_prompt=True
+            before = self._conversation(item)[:-1]  # none: a reply with no prompt turn has nothing to share
+            return (
+                self.tokenizer.apply_chat_template(before, tokenize=False, add_generation_prompt=True)
+                if before
+                else None
             )
         if recipe.template == "concat":
             return self._prompt_text(item.prompt) + recipe.separator

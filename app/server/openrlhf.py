@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, Field, StrictStr, model_validator
 
 from app.model.checkpoint import Normalization
-from app.model.conversations import KNOWN_FORMATS, ChatFormat, own_format, read_query
+from app.model.conversations import ChatFormat, chat_formats, read_query
 from app.model.recipe import Formatted, Item, RecipeEncoder, ScoringInput
 from app.server.schemas import item_scores
 
@@ -27,8 +27,8 @@ TEXT, RAW = "text", "raw"  # a plain-text prompt split off its reply; a sequence
 
 @dataclass(frozen=True)
 class QueryReader:
-    """How one checkpoint reads queries, decided at start-up: the chat formats tried in order (the common ones, then
-    the checkpoint's own), its special tokens (a prompt holding one is not plain text) and its pad/EOS strings."""
+    """How one checkpoint reads queries, decided at start-up: the chat formats tried in order (`chat_formats`), its
+    special tokens (a prompt holding one is not plain text) and its pad/EOS strings."""
 
     formats: tuple[ChatFormat, ...]
     special_tokens: tuple[str, ...]
@@ -38,10 +38,7 @@ class QueryReader:
     def for_encoder(cls, encoder: RecipeEncoder) -> QueryReader:
         """Conversations are read back only for a recipe that renders them with a chat template."""
         tokenizer = encoder.tokenizer
-        formats: tuple[ChatFormat, ...] = ()
-        if encoder.recipe.template == "chat":
-            own = own_format(tokenizer)
-            formats = (*KNOWN_FORMATS, own) if own else KNOWN_FORMATS
+        formats = chat_formats(tokenizer) if encoder.recipe.template == "chat" else ()
         pads = tuple(t for t in (tokenizer.pad_token, tokenizer.eos_token) if isinstance(t, str) and t)
         return cls(formats=formats, special_tokens=encoder.special_tokens, pads=pads)
 
