@@ -10,13 +10,15 @@ The rules, fixed here and stored with every checkpoint:
   from the left; tokens the tokenizer added (BOS, CLS, SEP, the appended EOS) and a leading BOS that a chat template
   wrote are never dropped. Reported per item.
 - the value head reads the last token whose attention mask is 1 (see `collate.py`).
+A `Formatted` item (a sequence its client formatted: vLLM's `input`, an OpenRLHF query in no known template) skips
+the template only; given as token ids it is the exact sequence.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field
@@ -66,6 +68,7 @@ class Formatted:
 
 
 Item = ScoringInput | Formatted
+Cut = Literal["left", "right", "keep-left", "keep-right"]  # the recipe's truncation, or a client's `keep` side
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,9 +229,11 @@ class RecipeEncoder:
                 raise UnreadableItem(index, f"the chat template refused it: {exc}") from exc
         return texts, prompts
 
-    def _tokenized(self, texts: Sequence[str | tuple[str, str] | None], special: Sequence[bool]) -> list[Any]:
+    def _tokenized(
+        self, texts: Sequence[str | tuple[str, str] | None], special: Sequence[bool]
+    ) -> list[RustEncoding | None]:
         """One Rust batch call per special-tokens choice; None stays None."""
-        out: list[Any] = [None] * len(texts)
+        out: list[RustEncoding | None] = [None] * len(texts)
         for flag in (True, False):
             todo = [i for i, t in enumerate(texts) if t is not None and special[i] == flag]
             if todo:
@@ -260,7 +265,7 @@ class RecipeEncoder:
     def encode(self, item: Item) -> Encoded:
         return self.encode_batch([item])[0]
 
-    def _limit(self, index: int, item: Item) -> tuple[int, str]:
+    def _limit(self, index: int, item: Item) -> tuple[int, Cut]:
         """Where an item is cut: the recipe's max_length and side, or the client's own `keep` (at most max_length)."""
         max_length = self.recipe.max_length
         if not isinstance(item, Formatted) or item.keep is None:
@@ -268,9 +273,9 @@ class RecipeEncoder:
         keep = max_length if item.keep == -1 else item.keep
         if not 0 < keep <= max_length:
             raise UnreadableItem(index, f"truncate_prompt_tokens={item.keep}: give 1..{max_length} (or -1)")
-        return keep, f"keep-{item.cut}"
+        return keep, "keep-left" if item.cut == "left" else "keep-right"
 
-    def _exact(self, index: int, ids: Sequence[int], limit: int, cut: str) -> Encoded:
+    def _exact(self, index: int, ids: Sequence[int], limit: int, cut: Cut) -> Encoded:
         """Token ids as given: checked against the vocabulary, cut only where the client asked."""
         vocab = len(self.tokenizer)
         bad = next((t for t in ids if not 0 <= t < vocab), None)
@@ -283,7 +288,7 @@ class RecipeEncoder:
         kept = list(ids[-limit:] if cut == "keep-left" else ids[:limit])
         return Encoded(input_ids=kept, token_type_ids=None, truncated=len(kept) < len(ids))
 
-    def _finish(self, enc: RustEncoding, prompt_ids: list[int] | None, limit: int, cut: str) -> Encoded:
+    def _finish(self, enc: RustEncoding, prompt_ids: list[int] | None, limit: int, cut: Cut) -> Encoded:
         ids = list(enc.ids)
         seq = list(enc.sequence_ids)
         types = list(enc.type_ids)
