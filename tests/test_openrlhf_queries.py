@@ -193,3 +193,13 @@ def test_the_checkpoints_own_template_goes_first_when_it_is_not_a_known_one(
     rendered = tokenizer.apply_chat_template(messages, tokenize=False)
     assert rendered == query  # the conversation read back renders the query itself (its EOS closes the turn)
     assert chat_formats(tiny.byte_level_tokenizer(bos=False, chat=True)) == KNOWN_FORMATS  # ChatML: a known one
+
+
+def test_a_bos_that_opens_every_turn_stays_in_the_headers(policies: dict[str, PreTrainedTokenizerBase]) -> None:
+    """SmolLM2 names ChatML's `<|im_start|>` its bos_token: the derived format keeps it in every header (it is not a
+    leading token to strip), so it equals ChatML and the query reads as `chatml`."""
+    tokenizer = copy.deepcopy(policies["chatml"])
+    tokenizer.bos_token = "<|im_start|>"
+    own = own_format(tokenizer)
+    assert own is not None and own.turns["system"] == ("<|im_start|>system\n", "<|im_end|>")
+    assert chat_formats(tokenizer) == KNOWN_FORMATS

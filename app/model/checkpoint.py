@@ -1,5 +1,6 @@
-"""Checkpoint formats on disk: the manifest we write, how a directory says which format it is, and writing a
-value-head checkpoint (what `reward-server train` saves and the `value_head` loader reads)."""
+"""Checkpoint formats on disk: the manifest we write, how a directory says which format it is, writing a
+value-head checkpoint (what `reward-server train` saves and the `value_head` loader reads), and the recipe a
+checkpoint without a manifest implies (a hub RM, an OpenRLHF checkpoint)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from app.model import backbones
 from app.model.recipe import ScoringRecipe
@@ -151,3 +152,29 @@ def fold_temperature(checkpoint: Path, temperature: float) -> None:
     manifest = json.loads((checkpoint / MANIFEST).read_text())
     manifest["extra"]["temperature"] = temperature
     (checkpoint / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+DEFAULT_MAX_LENGTH = 2048
+
+
+def inferred_recipe(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, pooling: str) -> ScoringRecipe:
+    """A checkpoint without a manifest: encoders read a text pair, chat models their template, others plain text."""
+    limits = [DEFAULT_MAX_LENGTH]
+    for value in (getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)):
+        if isinstance(value, int) and 0 < value < 1_000_000:
+            limits.append(value)
+    max_length = min(limits)
+    if pooling == "classifier":
+        return ScoringRecipe(template="text_pair", max_length=max_length)
+    if getattr(tokenizer, "chat_template", None):
+        return ScoringRecipe(template="chat", max_length=max_length)
+    return ScoringRecipe(template="concat", max_length=max_length)
+
+
+def openrlhf_recipe(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig) -> ScoringRecipe:
+    """A sequence as OpenRLHF's RewardDataset (0.11) builds it in training: the chat template (or prompt + reply),
+    trailing newlines stripped, " " + EOS unless it already ends with EOS, no tokenizer special tokens, truncated on
+    the right with EOS last; the head reads that last token."""
+    inferred = inferred_recipe(tokenizer, config, "last_token")
+    changes = {"add_special_tokens": False, "append_eos": True, "eos_separator": " ", "truncation": "right"}
+    return inferred.model_copy(update=changes)

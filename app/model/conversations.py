@@ -159,12 +159,14 @@ def own_format(tokenizer: PreTrainedTokenizerBase) -> ChatFormat | None:
         pair, three = render(["user", "assistant"]), render(["user", "assistant", "next"])
     except Exception:  # noqa: BLE001 (a template that cannot render this conversation: nothing to derive)
         return None
-    bos = tokenizer.bos_token or ""
     reply_end = after(pair, "assistant").rstrip("\n")
     # the header of a user turn, read off the second one (the first may follow a default system prompt)
     user_header = after(three, "assistant").partition(mark["next"])[0].removeprefix(reply_end).lstrip("\n")
     if not (prompted.startswith(plain) and user_header and reply_end):
         return None
+    bos = tokenizer.bos_token or ""
+    if bos in user_header:  # a "BOS" that opens every turn (SmolLM2's <|im_start|>) is part of each header
+        bos = ""
     turns = {
         "user": (user_header, after(plain, "user").rstrip("\n")),
         "assistant": (prompted[len(plain) :], reply_end),

@@ -30,9 +30,18 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from app.model import backbones
-from app.model.checkpoint import CheckpointError, Manifest, Normalization, detect_format, read_json, read_manifest
+from app.model.checkpoint import (
+    CheckpointError,
+    Manifest,
+    Normalization,
+    detect_format,
+    inferred_recipe,
+    openrlhf_recipe,
+    read_json,
+    read_manifest,
+)
 from app.model.fingerprint import content_digest, model_fingerprint, versions
-from app.model.recipe import RecipeEncoder, inferred_recipe, openrlhf_recipe
+from app.model.recipe import RecipeEncoder
 from app.model.reward_model import RewardHeadModel, RewardModel
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Encoding as RustEncoding
 from tokenizers import Tokenizer
-from transformers import PretrainedConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from app.model.conversations import Message, Prompt, parse_transcript, render_transcript
 
@@ -113,32 +113,6 @@ class ScoringRecipe(BaseModel):
     read_token: Literal["last_real"] = Field("last_real", description="the head reads the last unpadded token")
 
 
-DEFAULT_MAX_LENGTH = 2048
-
-
-def inferred_recipe(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, pooling: str) -> ScoringRecipe:
-    """A checkpoint without a manifest: encoders read a text pair, chat models their template, others plain text."""
-    limits = [DEFAULT_MAX_LENGTH]
-    for value in (getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)):
-        if isinstance(value, int) and 0 < value < 1_000_000:
-            limits.append(value)
-    max_length = min(limits)
-    if pooling == "classifier":
-        return ScoringRecipe(template="text_pair", max_length=max_length)
-    if getattr(tokenizer, "chat_template", None):
-        return ScoringRecipe(template="chat", max_length=max_length)
-    return ScoringRecipe(template="concat", max_length=max_length)
-
-
-def openrlhf_recipe(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig) -> ScoringRecipe:
-    """A sequence as OpenRLHF's RewardDataset (0.11) builds it in training: the chat template (or prompt + reply),
-    trailing newlines stripped, " " + EOS unless it already ends with EOS, no tokenizer special tokens, truncated on
-    the right with EOS last; the head reads that last token."""
-    inferred = inferred_recipe(tokenizer, config, "last_token")
-    changes = {"add_special_tokens": False, "append_eos": True, "eos_separator": " ", "truncation": "right"}
-    return inferred.model_copy(update=changes)
-
-
 class RecipeEncoder:
     """A recipe bound to a tokenizer. Thread-safe: encoding uses a private Rust tokenizer with no side state."""
 
@@ -158,6 +132,19 @@ class RecipeEncoder:
         if (recipe.append_eos or recipe.truncation == "right") and self.eos_id is None:
             raise ValueError("the recipe appends EOS but the tokenizer has no eos_token")
         self.special_tokens: tuple[str, ...] = tuple(tokenizer.all_special_tokens)
+        self.template_bos = self._template_bos()
+
+    def _template_bos(self) -> str | None:
+        """The BOS text every chat rendering starts with, when the template writes one itself: a client asking for
+        special tokens gets it back on a text that lacks it (verl strips it; a tokenizer like SmolLM2's adds none)."""
+        bos = self.tokenizer.bos_token
+        if self.recipe.template != "chat" or not bos:
+            return None
+        probe = [Message(role="user", content="x"), Message(role="assistant", content="y")]
+        try:
+            return bos if str(self.tokenizer.apply_chat_template(probe, tokenize=False)).startswith(bos) else None
+        except (TemplateError, ValueError):
+            return None
 
     # ---- text -------------------------------------------------------------------------------------
     def _conversation(self, item: ScoringInput) -> list[Message]:
@@ -178,7 +165,10 @@ class RecipeEncoder:
         """The text (or text pair) handed to the tokenizer; `encode_batch` tokenizes exactly this."""
         recipe = self.recipe
         if isinstance(item, Formatted):
-            return self._end(item.text) if recipe.template != "text_pair" else item.text
+            text = item.text
+            if item.add_special_tokens and self.template_bos and not text.startswith(self.template_bos):
+                text = self.template_bos + text  # never doubled: `_finish` drops a BOS the tokenizer adds again
+            return self._end(text) if recipe.template != "text_pair" else text
         if recipe.template == "chat":
             return self._end(self.tokenizer.apply_chat_template(self._conversation(item), tokenize=False))
         if recipe.template == "text_pair":
