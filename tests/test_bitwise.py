@@ -105,3 +105,20 @@ def test_the_fingerprint_names_the_schedule(load: Callable[..., RewardModel]) ->
     assert served_fingerprint(model, replace(POLICY, block_rows=128)) != base
     assert served_fingerprint(model, replace(POLICY, batch_invariant=False)) != base
     assert served_fingerprint(model, replace(POLICY, share_prefixes=False)) != base
+
+
+def test_shared_prompts_and_replies_run_in_one_packed_pass(load: Callable[..., RewardModel]) -> None:
+    """A lone item computes one block of rows, not one for its prompt and one for its reply (its idle latency); a
+    GRPO group lays its prompt out once, at the row's front, and each reply attends to it there."""
+    from app.model.packed import pack
+
+    model = load("llama")
+    group = model.encoder.encode_batch([ScoringInput("Where is Paris? " * 3, f"reply {i}") for i in range(4)])
+    lone = pack(group[:1], 64, share=True)
+    assert group[0].prefix > 0 and lone.real_tokens == len(group[0]) and lone.padded_tokens == 64
+    packed = pack(group, 64, share=True)
+    prefix = group[0].prefix
+    assert len(packed.spans) == 5 and packed.spans[0] == (0, 0, 0, prefix)  # the prompt once, then each reply
+    assert all(span[:2] == (0, prefix) for span in packed.spans[1:])
+    assert packed.real_tokens == prefix + sum(len(e) - prefix for e in group)
+    assert model.run(packed) == [model.run(pack([e], 64, share=True))[0] for e in group]

@@ -14,8 +14,8 @@ Items whose request was abandoned are dropped here, before they are computed.
 
 Batch invariance (`batch_invariant`, the default where the model supports it): the model then packs a batch's items
 with no padding (`model.packed`), so a batch costs its items' own tokens: lengths need not match and kinds may mix,
-and units simply go oldest first while they fit. Every prompt runs in the prompt pass, even one no other queued item
-shares (the same path for every item, so whether a prompt was shared cannot move a reward).
+and units simply go oldest first while they fit. Every prompt is laid out once at the row's front, even one no other
+queued item shares (the same path for every item, so whether a prompt was shared cannot move a reward).
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ and the attention kernel's depends on the padded length and on whether a padding
 invariant mode:
 - every `nn.Linear` of the model runs in calls of exactly `rows` rows (the last call padded with zeros): a fixed shape
   gives every row the same arithmetic, whatever the other rows hold and wherever the row sits (measured);
-- attention runs per item over that item's own tokens only (its prompt's keys, when the prompt ran in a separate
-  pass, and its own): the same call whether the item is alone or in any batch. Items are then packed with no padding
+- attention runs per item over that item's own tokens only (its shared prompt's keys, at the front of the packed
+  row, and its own): the same call whether the item is alone or in any batch. Items are then packed with no padding
   at all (`packed`).
 Elementwise ops and the per-row norms are row-local already. Outside `running` both kernels are the stock ones.
 """
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 ATTENTION = "reward_rowwise"
-Span = tuple[int, int, int, int]  # (cached prompt offset, its length, own offset, own length): `packed`
+Span = tuple[int, int, int, int]  # (its prompt's offset in the row, that length, own offset, own length): `packed`
 
 _rows: ContextVar[int | None] = ContextVar("reward_block_rows", default=None)
 _per_item_calls = [0]  # attention calls that ran per item: the probe's proof that the spans reach attention
@@ -67,8 +67,8 @@ def rowwise_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention interface, for a packed batch (`packed`): `reward_spans` (passed down through the
-    backbone's forward) says where each item's tokens are in the query row and where its prompt's are in the cache
-    (the first `keys - queries` key rows). Without spans this is stock SDPA."""
+    backbone's forward) says where each item's own tokens and its shared prompt's are in the row. Without spans this
+    is stock SDPA."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     if reward_spans is None:
@@ -79,12 +79,10 @@ def rowwise_attention(
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     window = kwargs.get("sliding_window")
-    cache_width = key.shape[2] - query.shape[2]
     out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
     for cached_at, cached, at, own in reward_spans:
         q = query[:, :, at : at + own]
-        k = key[:, :, cache_width + at : cache_width + at + own]
-        v = value[:, :, cache_width + at : cache_width + at + own]
+        k, v = key[:, :, at : at + own], value[:, :, at : at + own]
         if cached:
             k = torch.cat((key[:, :, cached_at : cached_at + cached], k), dim=2)
             v = torch.cat((value[:, :, cached_at : cached_at + cached], v), dim=2)

@@ -97,21 +97,8 @@ class RewardHeadModel(nn.Module):
         if not self.may_be_invariant:
             raise ValueError("this model cannot run batch-invariantly: its batch policy must not ask it to")
         with invariant.running(self.backbone, batch.block_rows):
-            cache: dict[str, Any] = {}
-            if batch.prompts is not None:  # the prompt pass; its cache holds every distinct prompt, packed
-                p = batch.prompts
-                out = self.backbone(
-                    input_ids=p.input_ids, position_ids=p.position_ids, use_cache=True, reward_spans=p.spans
-                )
-                cache[cache_argument(self.backbone) or "past_key_values"] = (
-                    getattr(out, "cache", None) or out.past_key_values
-                )
             hidden = self.backbone(
-                input_ids=batch.input_ids,
-                position_ids=batch.position_ids,
-                use_cache=False,
-                reward_spans=batch.spans,
-                **cache,
+                input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, reward_spans=batch.spans
             ).last_hidden_state
             return self._read(hidden.expand(len(batch), -1, -1), batch.last_index)  # one packed row, read per item
 
