@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_v
 from app.model.checkpoint import Normalization
 from app.model.recipe import Formatted, Item, ScoringInput
 from app.model.reward_model import sigmoid
-from app.server.schemas import Message
+from app.server.schemas import Message, item_scores
 
 if TYPE_CHECKING:
     from app.engine.worker import ItemResult
@@ -139,8 +139,8 @@ class ClassifyResponse(BaseModel):
         normalization: Normalization | None,
         pooling: bool = False,
     ) -> ClassifyResponse:
-        norm = normalization.apply if normalization else float
-        values = [norm(r.reward) for r in results]
+        items = item_scores(results, normalization)  # the rewards /score would report
+        values = [i.reward for i in items]
         if request.activated:
             values = [sigmoid(v) for v in values]
         data: list[ClassifyData] | list[PoolingData] = (
@@ -148,7 +148,7 @@ class ClassifyResponse(BaseModel):
             if pooling
             else [ClassifyData(index=i, label="LABEL_0", probs=[v], num_classes=1) for i, v in enumerate(values)]
         )
-        tokens = sum(r.num_tokens for r in results)
+        tokens = sum(i.num_tokens for i in items)
         prefix = "pool" if pooling else "classify"
         return cls(
             id=f"{prefix}-{request.request_id or uuid.uuid4().hex}",
