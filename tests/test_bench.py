@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from app.bench import run as bench
 from tests.conftest import free_port
 from tests.test_invariance import sentence
@@ -33,10 +35,27 @@ def test_bench_runs_every_mode_and_workload(checkpoints: dict[str, Path], tmp_pa
     plain = {r["workload"]: r for r in results if r["mode"] == "server-plain"}
     assert server["shared"]["real_tokens"] < plain["shared"]["real_tokens"]  # the prompt ran once per group
     assert server["storm"]["latencies"] and len(server["storm"]["latencies"]) == 6
+    limit = json.loads(out.with_suffix(".json").read_text())["roofline"]
+    assert limit["roofline_tokens_per_s"] == max(limit["matmul_flops"]) / limit["flops_per_token"]
+    for r in results:  # useful work over the probe's rate
+        assert abs(r["roofline"] - r["tokens/s"] / limit["roofline_tokens_per_s"]) < 1e-9 * r["tokens/s"]
     table = out.with_suffix(".md").read_text()
+    assert "| tokens/s | roofline |" in table and "GFLOP/s (probes " in table
     assert "server / engine" in table and "server / litserve" in table
     assert "| idle | server p50 of (latency - the item's forward) |" in table
     assert "| idle | server p50 of (latency - its own forward) |" in table
+
+
+def test_flops_per_token_counts_every_linear_weight_of_the_backbone(load: Any) -> None:
+    """2 FLOPs per weight a token passes through: from the config, attention and MLP projections of every layer."""
+    from app.bench.roofline import flops_per_token, matmul_probe
+
+    model = load("llama")
+    c = model.module.backbone.config
+    kv = c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+    per_layer = c.hidden_size * (2 * c.hidden_size + 2 * kv) + 3 * c.hidden_size * c.intermediate_size
+    assert flops_per_token(model.module.backbone) == 2 * c.num_hidden_layers * per_layer
+    assert matmul_probe(torch.float32, size=64, repeats=2) > 0
 
 
 def test_without_a_data_file_the_bench_generates_pairs_of_realistic_length() -> None:

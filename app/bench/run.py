@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from app.bench.roofline import PROBE_SIZE, flops_per_token, matmul_probe
 from app.bench.served import Served
 from app.bench.workloads import Result, build_workloads, run_engine
 
@@ -46,11 +47,12 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
-def report(results: list[Result], header: str) -> str:
+def report(results: list[Result], header: str, roofline_tokens: float | None = None) -> str:
+    """`roofline_tokens`: the items' own tokens per second that would do the matmul probe's FLOP/s (`roofline`)."""
     lines = [header, ""]
     by = {(r.workload, r.mode): r for r in results}
     for workload in dict.fromkeys(r.workload for r in results):
-        rows = [by[workload, m].row() for m in MODES if (workload, m) in by]
+        rows = [by[workload, m].row(roofline_tokens) for m in MODES if (workload, m) in by]
         cols = list(rows[0])
         lines += [f"### {workload}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(_fmt(row[c]) for c in cols) + " |" for row in rows]
@@ -143,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
             args.out.with_suffix(".md").write_text(text)
         return 0
     model = load_reward_model(args.model, dtype=args.dtype)
+    probes = [matmul_probe(model.dtype)]  # before and after the modes: the roofline is the better of the two
     workloads = build_workloads(model, args.data, args.prompts, args.group, args.clients, args.idle_items, args.seed)
     chosen = [workloads[w] for w in args.workloads.split(",")]
     modes = args.modes.split(",")
@@ -155,19 +158,26 @@ def run(args: argparse.Namespace) -> int:
         with Served(mode, args.model, args.dtype, args.port + i, log) as served:
             results += [served.run(model, w) for w in chosen]
         print(f"{mode}: done", file=sys.stderr)
+    probes.append(matmul_probe(model.dtype))
+    per_token = flops_per_token(model.module.backbone)
+    roofline_tokens = max(probes) / per_token
     source = args.data.name if args.data else "generated pairs (no --data)"
     header = (
         f"{args.model} ({model.info['architecture']}, {model.info['dtype']}, {model.info['device']}); "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
         f"{torch.get_num_threads()} threads; {args.prompts} prompts x {args.group} replies from {source}, "
-        f"storm with {args.clients} clients"
+        f"storm with {args.clients} clients; roofline: a {PROBE_SIZE}x{PROBE_SIZE} {model.info['dtype']} matmul at "
+        f"{max(probes) / 1e9:.0f} GFLOP/s (probes {', '.join(f'{p / 1e9:.0f}' for p in probes)}) / "
+        f"{per_token / 1e6:.0f} MFLOP per token = {roofline_tokens:.0f} tokens/s"
     )
-    text = report(results, header)
+    text = report(results, header, roofline_tokens)
     print(text)
     if args.out:
         args.out.with_suffix(".md").write_text(text)
-        raw = [{**asdict(r), **r.row()} for r in results]
-        args.out.with_suffix(".json").write_text(json.dumps({"header": header, "results": raw}, indent=1) + "\n")
+        raw = [{**asdict(r), **r.row(roofline_tokens)} for r in results]
+        limit = {"matmul_flops": probes, "flops_per_token": per_token, "roofline_tokens_per_s": roofline_tokens}
+        document = {"header": header, "roofline": limit, "results": raw}
+        args.out.with_suffix(".json").write_text(json.dumps(document, indent=1) + "\n")
     return 0
 
 

@@ -49,12 +49,14 @@ class Result:
     forwards: list[float] = field(default_factory=list)  # `idle`: the item's in-process forward, just before each
     served_forwards: list[float] = field(default_factory=list)  # the server's own forward time (x-inference-time-ms)
 
-    def row(self) -> dict[str, Any]:
+    def row(self, roofline_tokens: float | None = None) -> dict[str, Any]:
+        """`roofline_tokens`: own tokens/s at the matmul roofline (`roofline`), for the useful-work fraction."""
         q = statistics.quantiles(self.latencies, n=100, method="inclusive") if len(self.latencies) > 1 else None
         return {
             "mode": self.mode,
             "items/s": self.items / self.seconds,
             "tokens/s": self.item_tokens / self.seconds,
+            "roofline": self.item_tokens / self.seconds / roofline_tokens if roofline_tokens else None,
             "padding efficiency": self.real_tokens / self.padded_tokens if self.padded_tokens else None,
             "mean batch": self.items / self.batches if self.batches else None,
             "p50 ms": 1000 * (q[49] if q else self.latencies[0]) if self.latencies else None,
