@@ -15,6 +15,7 @@ Elementwise ops and the per-row norms are row-local already. Outside `running` b
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -76,24 +77,38 @@ def rowwise_attention(
     if kwargs.get("softcap") is not None:
         raise ValueError("batch-invariant attention does not support logit soft-capping (nor does sdpa)")
     _per_item_calls[0] += 1
+    index, starts, masks = _layout(tuple(reward_spans), kwargs.get("sliding_window"), query.dtype, key.device)
     groups = getattr(module, "num_key_value_groups", 1)
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    window = kwargs.get("sliding_window")
+    key, value = repeat_kv(key.index_select(2, index), groups), repeat_kv(value.index_select(2, index), groups)
     out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
-    for cached_at, cached, at, own in reward_spans:
+    for (_, cached, at, own), start, mask in zip(reward_spans, starts, masks, strict=True):
         q = query[:, :, at : at + own]
-        k, v = key[:, :, at : at + own], value[:, :, at : at + own]
-        if cached:
-            k = torch.cat((key[:, :, cached_at : cached_at + cached], k), dim=2)
-            v = torch.cat((value[:, :, cached_at : cached_at + cached], v), dim=2)
-        mask = None
-        if cached or (window and own > window):  # a causal band ending at each query's own position
-            mask = torch.ones(own, cached + own, dtype=torch.bool, device=q.device).tril(cached)
-            if window:
-                mask &= ~torch.ones_like(mask).tril(cached - window)
+        k, v = key[:, :, start : start + cached + own], value[:, :, start : start + cached + own]
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling)
         out[0, at : at + own] = o[0].transpose(0, 1)
     return out, None
+
+
+@functools.lru_cache(maxsize=4)  # the batch in flight, asked again by every layer (per window, where layers differ)
+def _layout(
+    spans: tuple[Span, ...], window: int | None, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, list[int], list[torch.Tensor | None]]:
+    """For one gather of the row's keys: each span's prompt tokens then its own (the index), where each span's start
+    there, and each span's causal mask (None where SDPA's own causal flag says the same), additive in `dtype` as SDPA
+    would turn a boolean one (so it is turned once per batch, not once per layer)."""
+    parts, starts, masks, start = [], [], [], 0
+    for cached_at, cached, at, own in spans:
+        parts += [torch.arange(cached_at, cached_at + cached), torch.arange(at, at + own)]
+        starts.append(start)
+        start += cached + own
+        mask = None
+        if cached or (window and own > window):  # a causal band ending at each query's own position
+            mask = torch.ones(own, cached + own, dtype=torch.bool).tril(cached)
+            if window:
+                mask &= ~torch.ones_like(mask).tril(cached - window)
+            mask = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf")).to(device)
+        masks.append(mask)
+    return torch.cat(parts).to(device), starts, masks
 
 
 def install(backbone: nn.Module) -> bool:
