@@ -86,6 +86,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     if (args.model is None) == (args.url is None):
         raise SystemExit("reward-server eval: give exactly one of --model PATH or --url URL")
+    if args.url is not None and args.max_length is not None:
+        raise SystemExit("reward-server eval: --max-length applies to --model (a server reads with its own)")
     try:
         pairs = load_pairs(args.data)
     except DataError as exc:
@@ -96,8 +98,9 @@ def _eval(args: argparse.Namespace) -> int:
         from app.engine.offline import score_offline, served_fingerprint
         from app.model.loading import load_reward_model
 
-        model = load_reward_model(args.model, dtype=args.dtype, device=args.device)
-        report = evaluate(pairs, lambda inputs: score_offline(model, inputs))
+        model = load_reward_model(args.model, dtype=args.dtype, device=args.device, max_length=args.max_length)
+        report = evaluate(pairs, lambda inputs: score_offline(model, inputs), progress=True)
+        report["max_length"] = model.max_length
         report["fingerprint"] = served_fingerprint(model)
         report["versions"] = model.info["versions"]
         title = f"{args.model} on {args.data.name}"
@@ -105,8 +108,10 @@ def _eval(args: argparse.Namespace) -> int:
         from app.clients import RewardClient
 
         with RewardClient(args.url, api_key=args.api_key, timeout=600) as client:
-            report = evaluate(pairs, lambda inputs: client.score([(x.prompt, x.response) for x in inputs]).rewards)
+            score = lambda inputs: client.score([(x.prompt, x.response) for x in inputs]).rewards  # noqa: E731
+            report = evaluate(pairs, score, progress=True)
             info = client.info()
+            report["max_length"] = info["max_length"]
             report["fingerprint"], report["versions"] = info["fingerprint"], info["versions"]
         title = f"{args.url} on {args.data.name}"
     report["data"] = str(args.data)
@@ -158,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, help="only the first N pairs")
     ev.add_argument("--dtype", default="auto", help="in-process dtype (default: what the checkpoint states)")
     ev.add_argument("--device", default="auto")
+    ev.add_argument(
+        "--max-length", type=int, help="in-process: read items with this context instead of the checkpoint's recipe"
+    )
     ev.set_defaults(func=_eval)
 
     ex = sub.add_parser("export", help="write any loadable checkpoint as a merged AutoModelForSequenceClassification")

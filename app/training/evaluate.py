@@ -1,21 +1,27 @@
 """`reward-server eval`: how well rewards order human preference pairs, and how they are calibrated and biased.
 
 The scorer is any `list[ScoringInput] -> list[float]`: a checkpoint in-process or a running server over HTTP give
-the same numbers. Writes `report.json`, `summary.md` and PNG plots.
+the same numbers. Writes `report.json`, `summary.md` and PNG plots (`plots`); the reward-hacking figures
+are `hacking`'s.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from app.model.recipe import ScoringInput
 from app.model.reward_model import sigmoid
 from app.training.data import PreferencePair
+from app.training.hacking import hacking_markdown, length_section
+from app.training.plots import PLOTS, plot_report
 
 Scorer = Callable[[list[ScoringInput]], list[float]]
 
@@ -85,14 +91,6 @@ def fit_temperature(margins: Sequence[float]) -> float:
     return math.exp((lo + hi) / 2)
 
 
-def pearson(xs: Sequence[float], ys: Sequence[float]) -> float:
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    sx = math.sqrt(sum((x - mx) ** 2 for x in xs))
-    sy = math.sqrt(sum((y - my) ** 2 for y in ys))
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / (sx * sy) if sx and sy else 0.0
-
-
 def _group_metrics(
     pairs: Sequence[PreferencePair], chosen: Sequence[float], rejected: Sequence[float]
 ) -> dict[str, Any]:
@@ -100,8 +98,8 @@ def _group_metrics(
     result = evaluate_margins(margins).to_dict()
     result["longer_wins"] = sum(len(p.chosen) > len(p.rejected) for p in pairs) / len(pairs)
     result["shorter_wins"] = sum(len(p.chosen) < len(p.rejected) for p in pairs) / len(pairs)
-    lengths = [len(p.chosen) for p in pairs] + [len(p.rejected) for p in pairs]
-    result["reward_length_correlation"] = pearson(list(chosen) + list(rejected), [float(n) for n in lengths])
+    result["reward_hacking"] = length_section(pairs, chosen, rejected)
+    result["reward_length_correlation"] = result["reward_hacking"]["reward_length_correlation"]
     return result
 
 
@@ -109,12 +107,17 @@ def _example(pair: PreferencePair, index: int, margin: float) -> dict[str, Any]:
     return {"index": index, "prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected, "margin": margin}
 
 
-def evaluate(pairs: Sequence[PreferencePair], scorer: Scorer, batch: int = 256) -> dict[str, Any]:
-    """Scores every pair's two sides and reports overall and per-`dataset` metrics beside the length baselines."""
-    inputs = [x for pair in pairs for x in pair.inputs()]
+def evaluate(
+    pairs: Sequence[PreferencePair], scorer: Scorer, batch: int = 64, progress: bool = False
+) -> dict[str, Any]:
+    """Scores every pair's two sides, `batch` pairs per call to `scorer`, and reports overall and per-`dataset`
+    metrics beside the length baselines. `progress`: a bar on stderr (pairs/s, ETA)."""
     rewards: list[float] = []
-    for start in range(0, len(inputs), batch):
-        rewards += scorer(inputs[start : start + batch])
+    with tqdm(total=len(pairs), unit="pair", desc="scoring", disable=not progress, file=sys.stderr) as bar:
+        for start in range(0, len(pairs), batch):
+            chunk = pairs[start : start + batch]
+            rewards += scorer([x for pair in chunk for x in pair.inputs()])
+            bar.update(len(chunk))
     chosen, rejected = rewards[0::2], rewards[1::2]
     by_dataset: dict[str, Any] = {}
     for name in sorted({p.dataset for p in pairs}):
@@ -155,7 +158,8 @@ def summary_markdown(report: dict[str, Any], title: str) -> str:
             f"| {name} | {m['pairs']} | {m['accuracy']:.3f} | {m['longer_wins']:.3f} | {m['shorter_wins']:.3f} | "
             f"{m['mean_margin']:.3f} | {m['log_loss']:.3f} | {m['ece']:.3f} | {m['reward_length_correlation']:.3f} |"
         )
-    lines += ["", "Plots: `reliability.png`, `reward_distributions.png`, `reward_vs_length.png`.", ""]
+    lines += ["", *hacking_markdown([(name, m["reward_hacking"]) for name, m in rows])]
+    lines += ["", f"Plots: {', '.join(f'`{name}`' for name in PLOTS)}.", ""]
     return "\n".join(lines)
 
 
@@ -165,57 +169,4 @@ def write_report(report: dict[str, Any], out: Path, title: str) -> None:
     compact = {k: v for k, v in report.items() if k not in ("rewards", "lengths")}
     (out / "report.json").write_text(json.dumps(compact, indent=2) + "\n")
     (out / "summary.md").write_text(summary_markdown(report, title))
-    _plots(report, out)
-
-
-def _plots(report: dict[str, Any], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    table = report["reliability"]
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
-    ax.bar(
-        [b["lo"] for b in table],
-        [b["frequency"] for b in table],
-        width=0.1,
-        align="edge",
-        alpha=0.6,
-        edgecolor="black",
-        label="observed frequency",
-    )
-    ax.plot([b["confidence"] for b in table], [b["frequency"] for b in table], "o-", color="C1", label="bin mean")
-    ax.set(
-        xlabel="predicted P(preferred) = sigmoid(r_a - r_b)",
-        ylabel="observed frequency",
-        xlim=(0, 1),
-        ylim=(0, 1),
-        title=f"Reliability (ECE {report['overall']['ece']:.3f})",
-    )
-    ax.legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(out / "reliability.png", dpi=110)
-    plt.close(fig)
-
-    chosen, rejected = report["rewards"]["chosen"], report["rewards"]["rejected"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.hist(chosen, bins=40, alpha=0.55, label="chosen", color="C2")
-    ax.hist(rejected, bins=40, alpha=0.55, label="rejected", color="C3")
-    ax.set(xlabel="reward", ylabel="pairs", title=f"Rewards (accuracy {report['overall']['accuracy']:.3f})")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "reward_distributions.png", dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter(report["lengths"]["chosen"], chosen, s=6, alpha=0.5, label="chosen", color="C2")
-    ax.scatter(report["lengths"]["rejected"], rejected, s=6, alpha=0.5, label="rejected", color="C3")
-    ax.set_xscale("log")
-    corr = report["overall"]["reward_length_correlation"]
-    ax.set(xlabel="response length (characters)", ylabel="reward", title=f"Reward vs length (r = {corr:.2f})")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "reward_vs_length.png", dpi=110)
-    plt.close(fig)
+    plot_report(report, out)
