@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from app.model.loading import load_reward_model
 from app.training.data import DataError, PreferencePair, load_pairs
 from app.training.evaluate import evaluate_margins, fit_temperature
 from app.training.features import FeatureStore, PairFeatures, pair_features
-from app.training.optim import WeightAverage, preference_loss
+from app.training.optim import WeightAverage, length_gap, length_weights, preference_loss
 from app.training.train import TrainConfig, Trainer, trainable_prefixes
 from tests import tiny
 
@@ -287,3 +288,49 @@ def test_averaged_training_evaluates_and_saves_the_mean(base: Path, tmp_path: Pa
     recorded = summary["history"][-1]["dev_log_loss"]  # type: ignore[index]
     assert evaluate_margins(saved).log_loss == pytest.approx(recorded, abs=1e-5)  # dev was scored on the mean
     assert live != pytest.approx(saved, abs=1e-3)  # so the checkpoint holds the mean, not the last step
+
+
+def test_the_length_term_takes_what_length_alone_predicts_out_of_the_served_reward(base: Path, tmp_path: Path) -> None:
+    """Pairs whose only difference is length: the fitted length weight explains them, so the training logit (which
+    has the term) is right from the first step, while the served reward (which has none) is what dev scored."""
+    row = {"chosen": "yes " * 12, "rejected": "yes " * 3, "dataset": "toy"}
+    rows = [{"prompt": f"Say it. ({i})", **row} for i in range(24)]
+    data = tmp_path / "length.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    losses = {}
+    for term in (False, True):
+        config = TrainConfig(
+            base_model=str(base),
+            train_file=data,
+            dev_file=data,
+            output=tmp_path / f"term-{term}",
+            top_k=1,
+            epochs=2,
+            batch_pairs=8,
+            lr=1e-2,
+            head_lr=5e-2,
+            max_length=64,
+            calibrate=False,
+            length_term=term,
+        )
+        trainer = Trainer(config)
+        summary = trainer.train()
+        pairs = load_pairs(data)
+        kept = summary["history"][summary["best_epoch"] - 1]  # type: ignore[index,operator]
+        served = evaluate_margins(served_margins(config.output, trainer, pairs))
+        assert served.log_loss == pytest.approx(kept["dev_log_loss"], rel=1e-3)
+        losses[term] = summary["history"][0]["train_loss"]  # type: ignore[index]
+        assert (summary["length_weights"] is not None) == term
+    assert summary["length_weights"]["toy"] > 5  # type: ignore[index]  # every chosen reply is the longer one
+    assert losses[True] < 0.1 * losses[False]
+
+
+def test_length_weights_fit_each_datasets_length_preference() -> None:
+    longer = [PreferencePair("p", "x" * 40, "x" * 20, dataset="long") for _ in range(6)]
+    longer += [PreferencePair("p", "x" * 20, "x" * 40, dataset="long") for _ in range(2)]  # 3 of 4 prefer longer
+    shorter = [PreferencePair("p", "x" * 10, "x" * 30, dataset="short") for _ in range(3)]
+    shorter += [PreferencePair("p", "x" * 30, "x" * 10, dataset="short")]
+    weights = length_weights(longer + shorter)
+    gap = length_gap(longer[0])  # the fit puts P(longer) = 3/4 where the data does
+    assert 1 / (1 + math.exp(-weights["long"] * gap)) == pytest.approx(0.75, abs=1e-4)
+    assert weights["short"] < 0 and 1 / (1 + math.exp(weights["short"] * length_gap(shorter[0]))) < 0.5

@@ -1,7 +1,9 @@
-"""The pieces of one optimizer step: the Bradley-Terry loss, the order pairs are batched in, and weight averaging."""
+"""The pieces of one optimizer step: the Bradley-Terry loss (and its length prior), the order pairs are batched in,
+and weight averaging."""
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -9,6 +11,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from app.training.data import PreferencePair
 
 
 def preference_loss(
@@ -24,6 +28,29 @@ def preference_loss(
     diff = chosen - rejected - margin
     bt = -(1 - label_smoothing) * F.logsigmoid(diff) - label_smoothing * F.logsigmoid(-diff)
     return bt.mean() + center_coef * ((chosen + rejected) ** 2).mean()
+
+
+def length_gap(pair: PreferencePair) -> float:
+    """log(characters of the chosen reply / of the rejected one): the length term's input."""
+    return math.log((len(pair.chosen) + 1) / (len(pair.rejected) + 1))
+
+
+def length_weights(pairs: Sequence[PreferencePair]) -> dict[str, float]:
+    """Per dataset, the w of P(chosen) = sigmoid(w x `length_gap`) that fits its pairs best: a judge of length
+    alone (its annotators may favour long replies, or short ones). The log-loss is convex in w: golden-section."""
+
+    def loss(w: float, gaps: list[float]) -> float:
+        return sum(math.log1p(math.exp(-w * g)) if w * g > -30 else -w * g for g in gaps)
+
+    out = {}
+    for name in sorted({p.dataset for p in pairs}):
+        gaps = [length_gap(p) for p in pairs if p.dataset == name]
+        lo, hi, g = -10.0, 10.0, (math.sqrt(5) - 1) / 2
+        for _ in range(60):
+            a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+            lo, hi = (lo, b) if loss(a, gaps) < loss(b, gaps) else (a, hi)
+        out[name] = (lo + hi) / 2
+    return out
 
 
 def length_grouped_batches(lengths: Sequence[int], batch: int, rng: random.Random) -> list[list[int]]:

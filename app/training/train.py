@@ -33,7 +33,7 @@ from app.training.card import model_card
 from app.training.data import PreferencePair, load_pairs
 from app.training.evaluate import evaluate_margins, fit_temperature
 from app.training.features import DecoderSplit, FeatureStore, PairFeatures, can_split, pair_features, top_rewards
-from app.training.optim import WeightAverage, length_grouped_batches, preference_loss
+from app.training.optim import WeightAverage, length_gap, length_grouped_batches, length_weights, preference_loss
 
 Mode = Literal["head", "top_k", "full", "lora"]
 
@@ -68,6 +68,11 @@ class TrainConfig(BaseModel):
         lt=1,
         description="average the weights of every step past this fraction of training (SWA); dev and the checkpoint"
         " use the mean",
+    )
+    length_term: bool = Field(
+        False,
+        description="add w x log(len chosen / len rejected) to the training logit only, w fitted per dataset on the "
+        "train pairs beforehand: what length alone predicts is explained, so the served reward learns the rest",
     )
     max_length: int = Field(512, ge=8)
     system_prompt: str | None = None
@@ -215,6 +220,8 @@ class Trainer:
         dev_enc = self.examples(dev_pairs, "dev") if dev_pairs else []
         reused = self.store.reused_seconds if self.store else 0.0  # times below are from scratch: they add it
         margins_wanted = torch.tensor([p.margin for p in train_pairs])
+        weights = length_weights(train_pairs) if cfg.length_term else {}
+        length_prior = torch.tensor([weights.get(p.dataset, 0.0) * length_gap(p) for p in train_pairs])
         lengths = [example_length(ex) for ex in train_enc]
         params = [p for n, p in self.module.named_parameters() if p.requires_grad and not n.startswith("head.")]
         optim = torch.optim.AdamW(
@@ -243,7 +250,8 @@ class Trainer:
             for step, idx in enumerate(bar, start=1):
                 r = self.pair_rewards([train_enc[i] for i in idx])
                 chosen, rejected = r[0::2], r[1::2]
-                loss = preference_loss(chosen, rejected, margins_wanted[idx], cfg.label_smoothing, cfg.center_coef)
+                wanted = margins_wanted[idx] - length_prior[idx]  # the logit: r_c - r_r + w x gap - margin
+                loss = preference_loss(chosen, rejected, wanted, cfg.label_smoothing, cfg.center_coef)
                 (loss / cfg.grad_accum).backward()
                 if step % cfg.grad_accum == 0 or step == len(batches):
                     torch.nn.utils.clip_grad_norm_(trained, 1.0)
@@ -287,6 +295,7 @@ class Trainer:
             "train_seconds": wall + reused,  # from scratch, slightly over: the wall time includes reading entries back
             "wall_seconds": wall,
             "reused_feature_seconds": reused,
+            "length_weights": weights or None,
         }
         (cfg.output / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         card = model_card(cfg, self.recipe, summary, len(train_pairs), len(dev_pairs), self.command)
