@@ -73,6 +73,15 @@ def evaluate_margins(margins: Sequence[float], bins: int = 10) -> EvalResult:
     )
 
 
+def golden_section(f: Callable[[float], float], lo: float, hi: float, steps: int = 60) -> float:
+    """The minimum of a unimodal `f` on [lo, hi]."""
+    g = (math.sqrt(5) - 1) / 2
+    for _ in range(steps):
+        a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+        lo, hi = (lo, b) if f(a) < f(b) else (a, hi)
+    return (lo + hi) / 2
+
+
 def fit_temperature(margins: Sequence[float]) -> float:
     """The T minimizing the log-loss of sigmoid(margin / T) (golden-section search on log T)."""
 
@@ -80,15 +89,7 @@ def fit_temperature(margins: Sequence[float]) -> float:
         t = math.exp(log_t)
         return sum(math.log1p(math.exp(-m / t)) if m / t > -30 else -m / t for m in margins)
 
-    lo, hi = math.log(0.05), math.log(20.0)
-    g = (math.sqrt(5) - 1) / 2
-    for _ in range(60):
-        a, b = hi - g * (hi - lo), lo + g * (hi - lo)
-        if nll(a) < nll(b):
-            hi = b
-        else:
-            lo = a
-    return math.exp((lo + hi) / 2)
+    return math.exp(golden_section(nll, math.log(0.05), math.log(20.0)))
 
 
 def _group_metrics(

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from app.training.data import PreferencePair
+from app.training.evaluate import golden_section
 
 
 def preference_loss(
@@ -45,11 +46,7 @@ def length_weights(pairs: Sequence[PreferencePair]) -> dict[str, float]:
     out = {}
     for name in sorted({p.dataset for p in pairs}):
         gaps = [length_gap(p) for p in pairs if p.dataset == name]
-        lo, hi, g = -10.0, 10.0, (math.sqrt(5) - 1) / 2
-        for _ in range(60):
-            a, b = hi - g * (hi - lo), lo + g * (hi - lo)
-            lo, hi = (lo, b) if loss(a, gaps) < loss(b, gaps) else (a, hi)
-        out[name] = (lo + hi) / 2
+        out[name] = golden_section(lambda w, gaps=gaps: loss(w, gaps), -10.0, 10.0)
     return out
 
 
