@@ -298,7 +298,7 @@ def test_the_length_term_takes_what_length_alone_predicts_out_of_the_served_rewa
     data = tmp_path / "length.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     losses = {}
-    for term in (False, True):
+    for term in (0.0, 1.0):
         config = TrainConfig(
             base_model=str(base),
             train_file=data,
@@ -320,9 +320,9 @@ def test_the_length_term_takes_what_length_alone_predicts_out_of_the_served_rewa
         served = evaluate_margins(served_margins(config.output, trainer, pairs))
         assert served.log_loss == pytest.approx(kept["dev_log_loss"], rel=1e-3)
         losses[term] = summary["history"][0]["train_loss"]  # type: ignore[index]
-        assert (summary["length_weights"] is not None) == term
+        assert (summary["length_weights"] is not None) == bool(term)
     assert summary["length_weights"]["toy"] > 5  # type: ignore[index]  # every chosen reply is the longer one
-    assert losses[True] < 0.1 * losses[False]
+    assert losses[1.0] < 0.1 * losses[0.0]
 
 
 def test_length_weights_fit_each_datasets_length_preference() -> None:

@@ -75,17 +75,17 @@ def _hacking_plot(report: dict[str, Any], path: Path, plt: Any) -> None:
     ax.bar([x - 0.2 for x in xs], model, width=0.4, label="this model", color="C0")
     ax.bar([x + 0.2 for x in xs], longer, width=0.4, label="longer wins", color="C7")
     for x, b in zip(xs, bins, strict=True):
-        ax.annotate(str(b["pairs"]), (x, 1.02), ha="center", fontsize=8)
+        ax.annotate(str(b["pairs"]), (x, 1.03), ha="center", fontsize=8)
     ax.axhline(0.5, ls="--", color="grey", lw=0.8)
     controlled = report["overall"]["reward_hacking"]["length_controlled"]["accuracy"]
     ax.set_xticks(list(xs), names)
     ax.set(
         xlabel="chosen length / rejected length (pairs above each bar)",
         ylabel="accuracy",
-        ylim=(0, 1.1),
+        ylim=(0, 1.3),
         title=f"Accuracy by length ratio (length-controlled {controlled or 0:.3f})",
     )
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper center", ncols=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

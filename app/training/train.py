@@ -69,10 +69,12 @@ class TrainConfig(BaseModel):
         description="average the weights of every step past this fraction of training (SWA); dev and the checkpoint"
         " use the mean",
     )
-    length_term: bool = Field(
-        False,
-        description="add w x log(len chosen / len rejected) to the training logit only, w fitted per dataset on the "
-        "train pairs beforehand: what length alone predicts is explained, so the served reward learns the rest",
+    length_term: float = Field(
+        0.0,
+        ge=0,
+        description="add this x w x log(len chosen / len rejected) to the training logit only, w fitted per dataset "
+        "on the train pairs beforehand: what length alone predicts is explained, so the served reward learns the rest "
+        "(0: off, 1: all of it)",
     )
     max_length: int = Field(512, ge=8)
     system_prompt: str | None = None
@@ -220,7 +222,7 @@ class Trainer:
         dev_enc = self.examples(dev_pairs, "dev") if dev_pairs else []
         reused = self.store.reused_seconds if self.store else 0.0  # times below are from scratch: they add it
         margins_wanted = torch.tensor([p.margin for p in train_pairs])
-        weights = length_weights(train_pairs) if cfg.length_term else {}
+        weights = {k: cfg.length_term * w for k, w in length_weights(train_pairs).items()} if cfg.length_term else {}
         length_prior = torch.tensor([weights.get(p.dataset, 0.0) * length_gap(p) for p in train_pairs])
         lengths = [example_length(ex) for ex in train_enc]
         params = [p for n, p in self.module.named_parameters() if p.requires_grad and not n.startswith("head.")]
