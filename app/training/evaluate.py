@@ -20,7 +20,7 @@ from tqdm import tqdm
 from app.model.recipe import ScoringInput
 from app.model.reward_model import sigmoid
 from app.training.data import PreferencePair
-from app.training.hacking import hacking_markdown, length_section
+from app.training.hacking import hacking_markdown, length_section, rates
 from app.training.plots import PLOTS, plot_report
 
 Scorer = Callable[[list[ScoringInput]], list[float]]
@@ -73,6 +73,11 @@ def evaluate_margins(margins: Sequence[float], bins: int = 10) -> EvalResult:
     )
 
 
+def neg_log_sigmoid(x: float) -> float:
+    """-log sigmoid(x), without overflow: the Bradley-Terry loss of one pair at logit x."""
+    return math.log1p(math.exp(-x)) if x > -30 else -x
+
+
 def golden_section(f: Callable[[float], float], lo: float, hi: float, steps: int = 60) -> float:
     """The minimum of a unimodal `f` on [lo, hi]."""
     g = (math.sqrt(5) - 1) / 2
@@ -87,7 +92,7 @@ def fit_temperature(margins: Sequence[float]) -> float:
 
     def nll(log_t: float) -> float:
         t = math.exp(log_t)
-        return sum(math.log1p(math.exp(-m / t)) if m / t > -30 else -m / t for m in margins)
+        return sum(neg_log_sigmoid(m / t) for m in margins)
 
     return math.exp(golden_section(nll, math.log(0.05), math.log(20.0)))
 
@@ -97,8 +102,8 @@ def _group_metrics(
 ) -> dict[str, Any]:
     margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
     result = evaluate_margins(margins).to_dict()
-    result["longer_wins"] = sum(len(p.chosen) > len(p.rejected) for p in pairs) / len(pairs)
-    result["shorter_wins"] = sum(len(p.chosen) < len(p.rejected) for p in pairs) / len(pairs)
+    baselines = rates(pairs, margins)
+    result["longer_wins"], result["shorter_wins"] = baselines["longer_wins"], baselines["shorter_wins"]
     result["reward_hacking"] = length_section(pairs, chosen, rejected)
     result["reward_length_correlation"] = result["reward_hacking"]["reward_length_correlation"]
     return result

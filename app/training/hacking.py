@@ -29,7 +29,7 @@ def pearson(xs: Sequence[float], ys: Sequence[float]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / (sx * sy) if sx and sy else 0.0
 
 
-def _rates(pairs: Sequence[PreferencePair], margins: Sequence[float]) -> dict[str, Any]:
+def rates(pairs: Sequence[PreferencePair], margins: Sequence[float]) -> dict[str, Any]:
     """Accuracy and the two length baselines on these pairs (None where there are none)."""
     n = len(pairs)
     if not n:
@@ -55,7 +55,7 @@ def length_section(
 
     def where(keep: Any) -> dict[str, Any]:
         idx = [i for i, p in enumerate(pairs) if keep(p)]
-        return _rates([pairs[i] for i in idx], [margins[i] for i in idx])
+        return rates([pairs[i] for i in idx], [margins[i] for i in idx])
 
     bins = []
     for b in range(len(RATIO_EDGES) + 1):

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from app.training.data import PreferencePair
-from app.training.evaluate import golden_section
+from app.training.evaluate import golden_section, neg_log_sigmoid
 
 
 def preference_loss(
@@ -41,7 +41,7 @@ def length_weights(pairs: Sequence[PreferencePair]) -> dict[str, float]:
     alone (its annotators may favour long replies, or short ones). The log-loss is convex in w: golden-section."""
 
     def loss(w: float, gaps: list[float]) -> float:
-        return sum(math.log1p(math.exp(-w * g)) if w * g > -30 else -w * g for g in gaps)
+        return sum(neg_log_sigmoid(w * g) for g in gaps)
 
     out = {}
     for name in sorted({p.dataset for p in pairs}):
