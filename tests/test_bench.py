@@ -41,6 +41,8 @@ def test_bench_runs_every_mode_and_workload(checkpoints: dict[str, Path], tmp_pa
         assert abs(r["roofline"] - r["tokens/s"] / limit["roofline_tokens_per_s"]) < 1e-9 * r["tokens/s"]
     table = out.with_suffix(".md").read_text()
     assert "| tokens/s | roofline |" in table and "GFLOP/s (probes " in table
+    assert "the model's linears at 512 rows: " in table
+    assert {k.split("x", 1)[0] for k in limit["linear_flops"]} == {"512"}  # the rows the invariant forward uses
     assert "server / engine" in table and "server / litserve" in table
     assert "| idle | server p50 of (latency - the item's forward) |" in table
     assert "| idle | server p50 of (latency - its own forward) |" in table
@@ -48,7 +50,7 @@ def test_bench_runs_every_mode_and_workload(checkpoints: dict[str, Path], tmp_pa
 
 def test_flops_per_token_counts_every_linear_weight_of_the_backbone(load: Any) -> None:
     """2 FLOPs per weight a token passes through: from the config, attention and MLP projections of every layer."""
-    from app.bench.roofline import flops_per_token, matmul_probe
+    from app.bench.roofline import flops_per_token, linear_rates, matmul_probe
 
     model = load("llama")
     c = model.module.backbone.config
@@ -56,6 +58,9 @@ def test_flops_per_token_counts_every_linear_weight_of_the_backbone(load: Any) -
     per_layer = c.hidden_size * (2 * c.hidden_size + 2 * kv) + 3 * c.hidden_size * c.intermediate_size
     assert flops_per_token(model.module.backbone) == 2 * c.num_hidden_layers * per_layer
     assert matmul_probe(torch.float32, size=64, repeats=2) > 0
+    rates = linear_rates(model.module.backbone, 16, torch.float32, repeats=1)
+    h, i = c.hidden_size, c.intermediate_size
+    assert set(rates) == {(h, h), (h, kv), (h, i), (i, h)} and all(r > 0 for r in rates.values())
 
 
 def test_without_a_data_file_the_bench_generates_pairs_of_realistic_length() -> None:

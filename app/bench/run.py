@@ -30,9 +30,10 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from app.bench.roofline import PROBE_SIZE, flops_per_token, matmul_probe
+from app.bench.roofline import PROBE_SIZE, flops_per_token, linear_rates, matmul_probe
 from app.bench.served import Served
 from app.bench.workloads import Result, build_workloads, run_engine
+from app.engine.offline import OFFLINE
 
 MODES = ("engine", "server", "server-plain", "server-stock", "naive", "litserve", "ray", "ray-2")
 WORKLOADS = ("grpo", "storm", "shared", "idle")
@@ -159,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
             results += [served.run(model, w) for w in chosen]
         print(f"{mode}: done", file=sys.stderr)
     probes.append(matmul_probe(model.dtype))
+    rows = OFFLINE.for_model(model).block_rows  # what a batch-invariant forward calls each linear with
+    linears = linear_rates(model.module.backbone, rows, model.dtype)
     per_token = flops_per_token(model.module.backbone)
     roofline_tokens = max(probes) / per_token
     source = args.data.name if args.data else "generated pairs (no --data)"
@@ -168,7 +171,9 @@ def run(args: argparse.Namespace) -> int:
         f"{torch.get_num_threads()} threads; {args.prompts} prompts x {args.group} replies from {source}, "
         f"storm with {args.clients} clients; roofline: a {PROBE_SIZE}x{PROBE_SIZE} {model.info['dtype']} matmul at "
         f"{max(probes) / 1e9:.0f} GFLOP/s (probes {', '.join(f'{p / 1e9:.0f}' for p in probes)}) / "
-        f"{per_token / 1e6:.0f} MFLOP per token = {roofline_tokens:.0f} tokens/s"
+        f"{per_token / 1e6:.0f} MFLOP per token = {roofline_tokens:.0f} tokens/s; the model's linears at {rows} rows: "
+        + ", ".join(f"{k}->{n} {r / 1e9:.0f}" for (k, n), r in linears.items())
+        + " GFLOP/s"
     )
     text = report(results, header, roofline_tokens)
     print(text)
@@ -176,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
         args.out.with_suffix(".md").write_text(text)
         raw = [{**asdict(r), **r.row(roofline_tokens)} for r in results]
         limit = {"matmul_flops": probes, "flops_per_token": per_token, "roofline_tokens_per_s": roofline_tokens}
+        limit["linear_flops"] = {f"{rows}x{k}x{n}": r for (k, n), r in linears.items()}
         document = {"header": header, "roofline": limit, "results": raw}
         args.out.with_suffix(".json").write_text(json.dumps(document, indent=1) + "\n")
     return 0
