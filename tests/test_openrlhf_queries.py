@@ -16,9 +16,11 @@ import httpx
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from app.engine.worker import settings_policy
 from app.model.conversations import KNOWN_FORMATS, Message, chat_formats, own_format, read_query
 from app.model.recipe import Formatted
 from tests import tiny
+from tests.conftest import test_settings
 
 SYSTEM, USER, REPLY = "You are a careful assistant.", "Where is Paris?", "In France, on the Seine."
 ZEPHYR = (  # a template none of the known formats is: read through the checkpoint's own
@@ -85,10 +87,13 @@ async def test_a_mistral_query_scores_as_its_conversation(make_client: Any) -> N
     assert r.json()["read_as"] == ["mistral"] and r.json()["rewards"][0] == pytest.approx(want, abs=1e-6)
 
 
-async def test_text_in_no_template_is_scored_as_the_sequence_it_is(make_client: Any, load: Any) -> None:
+async def test_text_in_no_template_is_scored_as_the_sequence_it_is(
+    make_client: Any, load: Any, checkpoints: dict[str, Path]
+) -> None:
     query = "<|im_start|>user\nunterminated <|im_start|>weird"
     model = load("llama")
-    [want] = model.score([model.encoder.encode(Formatted(query))], share=False)
+    layout = settings_policy(test_settings(checkpoints["llama"])).for_model(model).layout  # the server's kernels
+    [want] = model.score([model.encoder.encode(Formatted(query))], *layout)
     async with make_client("llama") as client:
         r = await client.post("/get_reward", json={"query": [query]})
     assert r.json()["read_as"] == ["raw"] and r.json()["rewards"][0] == pytest.approx(want, abs=1e-6)

@@ -5,8 +5,9 @@ how many rows the call has (oneDNN and MKL choose their blocking, and whether th
 measured: a [M, 576] x [576, 1536] bf16 product differs in the last bit for one row between M = 256 and M = 768),
 and the attention kernel's depends on the padded length and on whether a padding mask is given at all. So, in the
 invariant mode:
-- every `nn.Linear` of the model runs in calls of exactly `rows` rows (the last call padded with zeros): a fixed shape
-  gives every row the same arithmetic, whatever the other rows hold and wherever the row sits (measured);
+- every linear of the model (`nn.Linear`, GPT-2's `Conv1D`) runs in calls of exactly `rows` rows (the last call
+  padded with zeros): a fixed shape gives every row the same arithmetic, whatever the other rows hold and wherever
+  the row sits (measured);
 - attention runs per item over that item's own tokens only (its shared prompt's keys, at the front of the packed
   row, and its own): the same call whether the item is alone or in any batch. Items are then packed with no padding
   at all (`packed`).
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 ATTENTION = "reward_rowwise"
 Span = tuple[int, int, int, int]  # (its prompt's offset in the row, that length, own offset, own length): `packed`
@@ -32,28 +34,38 @@ _rows: ContextVar[int | None] = ContextVar("reward_block_rows", default=None)
 _per_item_calls = [0]  # attention calls that ran per item: the probe's proof that the spans reach attention
 
 
+def _in_row_blocks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> torch.Tensor:
+    """`x @ weight + bias` in calls of exactly [rows, in] x [in, out], written in place."""
+    flat = x.reshape(-1, x.shape[-1])
+    total = flat.shape[0]
+    out = flat.new_empty(total, weight.shape[1])
+    for start in range(0, total, rows):
+        block = flat[start : start + rows]
+        if block.shape[0] < rows:  # the tail: zero rows make up the block, computed by the same call
+            tail = torch.cat((block, block.new_zeros(rows - block.shape[0], block.shape[1])))
+            out[start:] = torch.mm(tail, weight, out=out.new_empty(rows, weight.shape[1]))[: block.shape[0]]
+        else:
+            torch.mm(block, weight, out=out[start : start + rows])
+    if bias is not None:
+        out += bias
+    return out.reshape(*x.shape[:-1], weight.shape[1])
+
+
 class RowBlockLinear(nn.Linear):
     """`nn.Linear` whose rows run in fixed-size calls inside `running` (the class of an existing Linear is swapped,
     so its parameters, hooks and state-dict names stay as they are)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = _rows.get()
-        if rows is None:
-            return super().forward(x)
-        flat = x.reshape(-1, x.shape[-1])
-        total = flat.shape[0]
-        out = flat.new_empty(total, self.out_features)
-        weight = self.weight.t()
-        for start in range(0, total, rows):  # each call [rows, in] x [in, out], written in place
-            block = flat[start : start + rows]
-            if block.shape[0] < rows:  # the tail: zero rows make up the block, computed by the same call
-                tail = torch.cat((block, block.new_zeros(rows - block.shape[0], block.shape[1])))
-                out[start:] = torch.mm(tail, weight, out=out.new_empty(rows, self.out_features))[: block.shape[0]]
-            else:
-                torch.mm(block, weight, out=out[start : start + rows])
-        if self.bias is not None:
-            out += self.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return super().forward(x) if rows is None else _in_row_blocks(x, self.weight.t(), self.bias, rows)
+
+
+class RowBlockConv1D(Conv1D):
+    """GPT-2's transposed linear (`x @ weight + bias` by `addmm` over every row at once), the same way."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = _rows.get()
+        return super().forward(x) if rows is None else _in_row_blocks(x, self.weight, self.bias, rows)
 
 
 def rowwise_attention(
@@ -111,9 +123,13 @@ def _layout(
     return torch.cat(parts).to(device), starts, masks
 
 
+BLOCKED: dict[type[nn.Module], type[nn.Module]] = {nn.Linear: RowBlockLinear, Conv1D: RowBlockConv1D}
+
+
 def install(backbone: nn.Module) -> bool:
     """Make `backbone` able to run invariantly (`running`; stock behaviour outside it): its linears become
-    `RowBlockLinear`. Only for SDPA decoders: per-item attention replaces SDPA's causal attention."""
+    blocked (`RowBlockLinear`, `RowBlockConv1D`). Only for SDPA decoders: per-item attention replaces SDPA's causal
+    attention."""
     from transformers import AttentionInterface
 
     config = getattr(backbone, "config", None)
@@ -126,8 +142,8 @@ def install(backbone: nn.Module) -> bool:
 
 def block_linears(module: nn.Module) -> None:
     for sub in module.modules():
-        if type(sub) is nn.Linear:
-            sub.__class__ = RowBlockLinear
+        if type(sub) in BLOCKED:
+            sub.__class__ = BLOCKED[type(sub)]
 
 
 @contextmanager
