@@ -88,9 +88,8 @@ class Settings(BaseSettings):
     block_rows: int = Field(
         0,
         ge=0,
-        description="Batch-invariant mode: rows per linear call (0: on CPU 128 in float32 and 512 in bf16, "
-        "measured; 1024 on GPUs, not measured). Part of the fingerprint: other values give other, equally invariant, "
-        "numbers.",
+        description="Batch-invariant mode: rows per linear call (0: 512 on CPU, measured; 1024 on GPUs, not "
+        "measured). Part of the fingerprint: other values give other, equally invariant, numbers.",
     )
 
     # --- limits ------------------------------------------------------------------------------------

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-import torch
-
 from app.engine.batching import BatchPolicy, TokenBudgetQueue
 from app.model.shapes import padded
 
@@ -158,13 +156,11 @@ def test_fitting_decides_invariance_and_block_rows_once() -> None:
     class Model:
         device_type: str
         can_be_invariant: bool = True
-        dtype: torch.dtype = torch.bfloat16
         can_share_prefixes: bool = True
         max_length: int = 256
 
     policy = BatchPolicy(1000, 8)
     assert policy.for_model(Model("cpu")).layout == (1, True, 512)
-    assert policy.for_model(Model("cpu", dtype=torch.float32)).layout == (1, True, 128)
     assert policy.for_model(Model("cuda")).layout == (1, True, 1024)
     assert replace(policy, block_rows=96).for_model(Model("cuda")).layout == (1, True, 96)
     assert policy.for_model(Model("cpu", can_be_invariant=False)).layout == (1, True, None)

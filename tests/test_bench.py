@@ -41,8 +41,8 @@ def test_bench_runs_every_mode_and_workload(checkpoints: dict[str, Path], tmp_pa
         assert abs(r["roofline"] - r["tokens/s"] / limit["roofline_tokens_per_s"]) < 1e-9 * r["tokens/s"]
     table = out.with_suffix(".md").read_text()
     assert "| tokens/s | roofline |" in table and "GFLOP/s (probes " in table
-    assert "the model's linears at 128 rows: " in table  # float32 on CPU
-    assert {k.split("x", 1)[0] for k in limit["linear_flops"]} == {"128"}  # the rows the invariant forward uses
+    assert "the model's linears at 512 rows: " in table
+    assert {k.split("x", 1)[0] for k in limit["linear_flops"]} == {"512"}  # the rows the invariant forward uses
     assert "server / engine" in table and "server / litserve" in table
     assert "| idle | server p50 of (latency - the item's forward) |" in table
     assert "| idle | server p50 of (latency - its own forward) |" in table

@@ -25,8 +25,6 @@ from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Generic, Protocol, TypeVar
 
-import torch
-
 from app.model.shapes import padded
 
 
@@ -48,15 +46,9 @@ class Schedulable(Protocol):
 
 T = TypeVar("T", bound=Schedulable)
 
-
-def auto_block_rows(device_type: str, dtype: torch.dtype) -> int:
-    """Rows per linear call, batch-invariant (docs/benchmarks.md): a lone item computes a whole block, a big batch
-    runs at the rate of the block's shape. CPU float32 (AVX2, AMD EPYC): 128 rows run the linears as fast as 512 and
-    cut idle p50 1441 -> 505 ms. CPU bf16 (AMX Xeon): 512 kept big batches as fast as the stock kernels. GPUs: larger,
-    not measured."""
-    if device_type != "cpu":
-        return 1024
-    return 128 if dtype == torch.float32 else 512
+# Rows per linear call, batch-invariant. CPU: measured (docs/benchmarks.md): 512 keeps big batches as fast as the stock
+# kernels (128 lost a third on grpo); a lone item pays for a whole block. Accelerators: larger, not measured.
+AUTO_BLOCK_ROWS = {"cpu": 512, "cuda": 1024}
 
 
 class Capabilities(Protocol):
@@ -73,9 +65,6 @@ class Capabilities(Protocol):
 
     @property
     def device_type(self) -> str: ...
-
-    @property
-    def dtype(self) -> torch.dtype: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +100,7 @@ class BatchPolicy:
             )
         share = self.share_prefixes and model.can_share_prefixes
         invariant = self.batch_invariant and model.can_be_invariant
-        rows = self.block_rows or auto_block_rows(model.device_type, model.dtype)
+        rows = self.block_rows or AUTO_BLOCK_ROWS.get(model.device_type, AUTO_BLOCK_ROWS["cuda"])
         return replace(self, share_prefixes=share, batch_invariant=invariant, block_rows=rows)
 
 
