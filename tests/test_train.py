@@ -17,6 +17,7 @@ from app.model.loading import load_reward_model
 from app.training.data import DataError, PreferencePair, load_pairs
 from app.training.evaluate import evaluate_margins, fit_temperature
 from app.training.features import FeatureStore, PairFeatures, pair_features
+from app.training.hacking import length_figures
 from app.training.optim import WeightAverage, length_gap, length_weights, preference_loss
 from app.training.train import TrainConfig, Trainer, trainable_prefixes
 from tests import tiny
@@ -112,8 +113,14 @@ def test_training_learns_and_the_server_reads_the_checkpoint_identically(base: P
         encoded[0][0].input_ids,
         encoded[0][1].input_ids,
     ]
-    margins = [a - b for a, b in [served.score([c, r]) for c, r in encoded]]
-    assert all(m > 0 for m in margins)
+    rewards = [served.score([c, r]) for c, r in encoded]
+    assert all(a > b for a, b in rewards)
+    kept = summary["history"][summary["best_epoch"] - 1]  # type: ignore[index,operator]
+    assert kept["dev_chosen_shorter_accuracy"] == 1.0  # every chosen reply is the shorter one: the other half is empty
+    assert "dev_chosen_longer_accuracy" not in kept
+    figures = length_figures(pairs, [a for a, _ in rewards], [b for _, b in rewards])
+    assert kept["dev_reward_length_correlation"] == pytest.approx(figures["reward_length_correlation"], abs=1e-4)
+    assert figures["reward_length_correlation"] < -0.5  # the shorter reply wins, so reward falls with length
     assert summary["temperature"] is not None and manifest["extra"]["temperature"] == summary["temperature"]
 
 
@@ -215,6 +222,7 @@ def test_train_cli_writes_a_checkpoint(base: Path, tmp_path: Path) -> None:
     assert load_reward_model(out, dtype="float32", device="cpu").info["format"] == "value_head"
     card = (out / "README.md").read_text()
     assert f"reward-server train --base-model {base}" in card and "Training time, measured" in card
+    assert "| corr(reward, length) |" in card
     with pytest.raises(SystemExit, match="epochs"):
         main(["train", "--base-model", str(base), "--train-file", str(train), "--output", str(out), "--epochs", "0"])
 

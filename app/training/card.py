@@ -20,11 +20,16 @@ def model_card(
     """README.md of the checkpoint: what it is, how it was made (the exact command), what it measured."""
     history = summary["history"]
     assert isinstance(history, list)
+    dev = "accuracy", "log_loss", "chosen_shorter_accuracy", "chosen_longer_accuracy", "reward_length_correlation"
     rows = "\n".join(
-        f"| {h['epoch']} | {h['train_loss']:.4f} | {h.get('dev_accuracy', float('nan')):.4f} | "
-        f"{h.get('dev_log_loss', float('nan')):.4f} | {h['elapsed_s'] / 60:.1f} |"
+        f"| {h['epoch']} | {h['train_loss']:.4f} | "
+        + " | ".join(f"{h.get(f'dev_{k}', float('nan')):.4f}" for k in dev)
+        + f" | {h['elapsed_s'] / 60:.1f} |"
         for h in history
     )
+    columns = ("epoch", "train loss", "dev accuracy (before calibration)", "dev log-loss", "chosen shorter: accuracy")
+    columns += ("chosen longer: accuracy", "corr(reward, length)", "elapsed (min)")
+    table = f"| {' | '.join(columns)} |\n|{'---:|' * len(columns)}\n{rows}"
     settings = "\n".join(f"| `{k}` | `{v}` |" for k, v in json.loads(cfg.model_dump_json()).items())
     minutes = float(summary["train_seconds"]) / 60  # type: ignore[arg-type]
     reused = float(summary["reused_feature_seconds"]) / 60  # type: ignore[arg-type]
@@ -47,9 +52,7 @@ A value-head reward model trained by `reward-server train` with the Bradley-Terr
 - Training time, measured: {timing}, {torch.get_num_threads()} threads.
 - Scoring recipe (`reward_manifest.json`): `{recipe.model_dump_json()}`
 
-| epoch | train loss | dev accuracy (before calibration) | dev log-loss | elapsed (min) |
-|---:|---:|---:|---:|---:|
-{rows}
+{table}
 
 ## Command
 

@@ -85,6 +85,19 @@ def length_section(
     }
 
 
+def length_figures(
+    pairs: Sequence[PreferencePair], chosen: Sequence[float], rejected: Sequence[float], prefix: str = ""
+) -> dict[str, float]:
+    """The three figures training reports each epoch: is the accuracy bought with length?"""
+    section = length_section(pairs, chosen, rejected)
+    figures = {
+        "chosen_shorter_accuracy": section["chosen_shorter"]["accuracy"],
+        "chosen_longer_accuracy": section["chosen_longer"]["accuracy"],
+        "reward_length_correlation": section["reward_length_correlation"],
+    }
+    return {prefix + k: v for k, v in figures.items() if v is not None}  # a half without pairs has no accuracy
+
+
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 

@@ -33,6 +33,7 @@ from app.training.card import model_card
 from app.training.data import PreferencePair, load_pairs
 from app.training.evaluate import evaluate_margins, fit_temperature
 from app.training.features import DecoderSplit, FeatureStore, PairFeatures, can_split, pair_features, top_rewards
+from app.training.hacking import length_figures
 from app.training.optim import WeightAverage, length_gap, length_grouped_batches, length_weights, preference_loss
 
 Mode = Literal["head", "top_k", "full", "lora"]
@@ -194,16 +195,20 @@ class Trainer:
             return self.module(b.input_ids, b.attention_mask, b.position_ids, b.token_type_ids).float()
 
     @torch.no_grad()
-    def margins(self, examples: Sequence[Example], batch_pairs: int = 16) -> list[float]:
+    def rewards(self, examples: Sequence[Example], batch_pairs: int = 16) -> tuple[list[float], list[float]]:
+        """Each pair's chosen and rejected reward, batched by length."""
         self.module.eval()
         order = sorted(range(len(examples)), key=lambda i: example_length(examples[i]))
-        out = [0.0] * len(examples)
+        chosen, rejected = [0.0] * len(examples), [0.0] * len(examples)
         for start in range(0, len(order), batch_pairs):
             idx = order[start : start + batch_pairs]
             r = self.pair_rewards([examples[i] for i in idx]).tolist()
             for j, i in enumerate(idx):
-                out[i] = r[2 * j] - r[2 * j + 1]
-        return out
+                chosen[i], rejected[i] = r[2 * j], r[2 * j + 1]
+        return chosen, rejected
+
+    def margins(self, examples: Sequence[Example]) -> list[float]:
+        return [c - r for c, r in zip(*self.rewards(examples), strict=True)]
 
     # ---- loop ---------------------------------------------------------------------------------------
     def train(self, command: str | None = None) -> dict[str, object]:
@@ -271,11 +276,14 @@ class Trainer:
             with average.applied() if average is not None else nullcontext():  # evaluate and keep the mean
                 dev_margins: list[float] = []
                 if dev_enc:
-                    dev_margins = self.margins(dev_enc)
+                    chosen_r, rejected_r = self.rewards(dev_enc)
+                    dev_margins = [c - r for c, r in zip(chosen_r, rejected_r, strict=True)]
                     result = evaluate_margins(dev_margins)
                     record.update(dev_accuracy=result.accuracy, dev_log_loss=result.log_loss, dev_ece=result.ece)
+                    record.update(length_figures(dev_pairs, chosen_r, rejected_r, "dev_"))
                     print(
-                        f"epoch {epoch}: dev accuracy {result.accuracy:.4f}, log-loss {result.log_loss:.4f}",
+                        f"epoch {epoch}: "
+                        + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("dev_")),
                         file=sys.stderr,
                     )
                 history.append(record)
