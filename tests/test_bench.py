@@ -61,6 +61,15 @@ def test_flops_per_token_counts_every_linear_weight_of_the_backbone(load: Any) -
     rates = linear_rates(model.module.backbone, 16, torch.float32, repeats=1)
     h, i = c.hidden_size, c.intermediate_size
     assert set(rates) == {(h, h), (h, kv), (h, i), (i, h)} and all(r > 0 for r in rates.values())
+    gpt2 = load("gpt2").module.backbone  # its linears are transposed `Conv1D`s: qkv, attention out, MLP up and down
+    g = gpt2.config
+    assert flops_per_token(gpt2) == 2 * g.n_layer * (3 * g.n_embd**2 + g.n_embd**2 + 8 * g.n_embd**2)
+    assert set(linear_rates(gpt2, 16, torch.float32, repeats=1)) == {
+        (g.n_embd, 3 * g.n_embd),
+        (g.n_embd, g.n_embd),
+        (g.n_embd, 4 * g.n_embd),
+        (4 * g.n_embd, g.n_embd),
+    }
 
 
 def test_without_a_data_file_the_bench_generates_pairs_of_realistic_length() -> None:

@@ -26,8 +26,20 @@ def matmul_probe(dtype: torch.dtype, size: int = PROBE_SIZE, repeats: int = 8) -
 def linear_rates(backbone: nn.Module, rows: int, dtype: torch.dtype, repeats: int = 8) -> dict[tuple[int, int], float]:
     """FLOP/s of [rows, in] x [in, out] for each distinct (in, out) of the backbone's linears: a batch-invariant
     forward calls every linear with exactly `rows` rows, so this is the rate its matmuls can reach here."""
-    shapes = {(m.in_features, m.out_features) for m in backbone.modules() if isinstance(m, nn.Linear)}
-    return {(k, n): _rate(rows, k, n, dtype, repeats) for k, n in sorted(shapes)}
+    return {(k, n): _rate(rows, k, n, dtype, repeats) for k, n in sorted(set(linear_shapes(backbone)))}
+
+
+def linear_shapes(backbone: nn.Module) -> list[tuple[int, int]]:
+    """(in, out) of every linear: `nn.Linear` and GPT-2's transposed `Conv1D`, the kinds the invariant mode blocks."""
+    from transformers.pytorch_utils import Conv1D
+
+    shapes = []
+    for m in backbone.modules():
+        if isinstance(m, nn.Linear):
+            shapes.append((m.in_features, m.out_features))
+        elif isinstance(m, Conv1D):
+            shapes.append((m.nx, m.nf))
+    return shapes
 
 
 def _rate(m: int, k: int, n: int, dtype: torch.dtype, repeats: int) -> float:
@@ -48,4 +60,4 @@ def _rate(m: int, k: int, n: int, dtype: torch.dtype, repeats: int) -> float:
 def flops_per_token(backbone: nn.Module) -> float:
     """2 FLOPs per weight of every linear layer the backbone runs per token (embeddings are a lookup; the attention
     scores, a few percent at a few hundred tokens, are left out: the fraction errs low)."""
-    return float(2 * sum(m.weight.numel() for m in backbone.modules() if isinstance(m, nn.Linear)))
+    return float(2 * sum(k * n for k, n in linear_shapes(backbone)))
