@@ -123,11 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import platform
-
     import torch
 
-    from app.model.loading import load_reward_model
+    from app.model.loading import cpu_description, load_reward_model
 
     text = None
     if args.gpu_check is not None:
@@ -140,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         dtype = "bfloat16" if args.dtype == "auto" else args.dtype
         text = load_report(args.load, args.load_params, dtype, args.device)
     if text is not None:
-        print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}\n")
+        print(f"{cpu_description()}, torch {torch.__version__}\n")
         print(text)
         if args.out:
             args.out.with_suffix(".md").write_text(text)
@@ -167,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
     source = args.data.name if args.data else "generated pairs (no --data)"
     header = (
         f"{args.model} ({model.info['architecture']}, {model.info['dtype']}, {model.info['device']}); "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+        f"{cpu_description()}, torch {torch.__version__} "
         f"{torch.get_num_threads()} threads; {args.prompts} prompts x {args.group} replies from {source}, "
         f"storm with {args.clients} clients; roofline: a {PROBE_SIZE}x{PROBE_SIZE} {model.info['dtype']} matmul at "
         f"{max(probes) / 1e9:.0f} GFLOP/s (probes {', '.join(f'{p / 1e9:.0f}' for p in probes)}) / "

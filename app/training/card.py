@@ -49,7 +49,7 @@ A value-head reward model trained by `reward-server train` with the Bradley-Terr
 - Base model: `{cfg.base_model}`; trained: {trained}.
 - Data: `{cfg.train_file}` ({n_train} pairs), selected on `{cfg.dev_file}` ({n_dev} pairs).
 - Best epoch: {summary["best_epoch"]}; calibration temperature folded into the head: {summary["temperature"]}.
-- Training time, measured: {timing}, {torch.get_num_threads()} threads.
+- Training time, measured: {timing}, {torch.get_num_threads()} threads on {summary.get("cpu", "an unrecorded CPU")}.
 - Scoring recipe (`reward_manifest.json`): `{recipe.model_dump_json()}`
 
 {table}

@@ -1,9 +1,11 @@
 """Frozen-bottom feature caching for top-k training of decoder reward models on a CPU.
 
 When only the top k blocks train, the bottom blocks compute the same hidden states every epoch: run them once per
-sequence and train the top blocks on the cached states. The prompt shared by a pair's chosen and rejected sequences
-(their longest common token prefix) runs once, and both replies reuse its key/value cache. Both tricks are exact: the
-served checkpoint recomputes everything and reads the same numbers (tested).
+sequence and train the top blocks on the cached states. A pair is one row, [shared prompt | chosen reply | rejected
+reply], whose rejected tokens see the prompt but not the chosen reply (`pair_rows`): the prompt the two sequences
+share (their longest common token prefix) is computed once, in the bottom when caching and in the top blocks every
+step, and several pairs of like length run in one forward. Exact: the served checkpoint recomputes each sequence
+alone and reads the same numbers (tested).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import copy
 import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,12 +23,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from app.model.collate import collate_shared, last_real_index
 from app.model.recipe import Encoded, common_prefix
-from app.model.reward_model import shared_hidden
 from app.model.shapes import padded
 
 _PARTS = ("embed_tokens", "layers", "norm", "rotary_emb")
+ROW_TOKENS = 4096  # padded tokens per bottom forward when caching: matmuls this tall run near the CPU's peak
+LAYOUT = "pair-rows-1"  # part of every cache key: another layout computes other rounding
 
 
 def can_split(backbone: nn.Module) -> bool:
@@ -75,10 +77,12 @@ class PairFeatures:
 
     @property
     def length(self) -> int:
-        return self.prefix.shape[0] + max(self.chosen.shape[0], self.rejected.shape[0])
+        """Tokens of the pair's row."""
+        return sum(self.span)
 
-    def sides(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.cat([self.prefix, self.chosen]), torch.cat([self.prefix, self.rejected])
+    @property
+    def span(self) -> tuple[int, int, int]:
+        return self.prefix.shape[0], self.chosen.shape[0], self.rejected.shape[0]
 
 
 def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -86,43 +90,101 @@ def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return max(0, min(common_prefix(a, b), min(len(a), len(b)) - 1))
 
 
+def pair_span(chosen: Encoded, rejected: Encoded) -> tuple[int, int, int]:
+    """(shared prefix, chosen suffix, rejected suffix) token counts: the pair's row."""
+    p = shared_prefix(chosen.input_ids, rejected.input_ids)
+    return p, len(chosen) - p, len(rejected) - p
+
+
+@dataclass(frozen=True, slots=True)
+class PairRows:
+    """Pairs laid out one per row, right-padded: the attention mask ([B, 1, W, W], True = may attend), positions
+    (each side continues the prompt's), and where each side's last token sits."""
+
+    mask: torch.Tensor
+    positions: torch.Tensor
+    chosen_last: torch.Tensor
+    rejected_last: torch.Tensor
+
+    @property
+    def width(self) -> int:
+        return self.positions.shape[1]
+
+
+def pair_rows(spans: Sequence[tuple[int, int, int]], multiple: int = 1) -> PairRows:
+    """Causal attention within [prompt | chosen], and within [prompt | rejected] with the chosen tokens masked out;
+    a padding token sees only itself (a row with nothing to attend to would be NaN)."""
+    width = padded(max(sum(s) for s in spans), multiple)
+    i = torch.arange(width)[:, None]
+    j = torch.arange(width)[None, :]
+    masks, positions = [], []
+    for p, a, b in spans:
+        segment = torch.full((width,), 3)  # 0 prompt, 1 chosen, 2 rejected, 3 padding
+        segment[: p + a + b] = torch.tensor([0] * p + [1] * a + [2] * b, dtype=torch.long)
+        sq, sk = segment[i], segment[j]
+        masks.append(((j <= i) & ((sk == 0) | (sk == sq)) & (sq < 3)) | ((i == j) & (sq == 3)))
+        pos = torch.zeros(width, dtype=torch.long)
+        pos[: p + a] = torch.arange(p + a)
+        pos[p + a : p + a + b] = torch.arange(p, p + b)
+        positions.append(pos)
+    return PairRows(
+        mask=torch.stack(masks)[:, None],
+        positions=torch.stack(positions),
+        chosen_last=torch.tensor([p + a - 1 for p, a, _ in spans]),
+        rejected_last=torch.tensor([p + a + b - 1 for p, a, b in spans]),
+    )
+
+
+def length_batches(lengths: Sequence[int], budget: int, multiple: int) -> list[list[int]]:
+    """Indices in length order, cut into batches of at most `budget` padded tokens (at least one item each)."""
+    out: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if out and padded(lengths[i], multiple) * (len(out[-1]) + 1) <= budget:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
 @torch.inference_mode()
-def pair_features(bottom: nn.Module, chosen: Encoded, rejected: Encoded) -> PairFeatures:
-    c, r = chosen.input_ids, rejected.input_ids
-    p = shared_prefix(c, r)
-    batch = collate_shared([Encoded(c, None, False, p), Encoded(r, None, False, p)], pad_id=0)
-    if batch is None:  # nothing in common, not even a BOS
-        c_states, r_states = (bottom(input_ids=torch.tensor([s]), use_cache=False).last_hidden_state[0] for s in (c, r))
-        return PairFeatures(torch.zeros(0, bottom.config.hidden_size), c_states, r_states)
-    prefix, suffix = shared_hidden(bottom, batch)
-    return PairFeatures(prefix[0, :p].clone(), suffix[0, : len(c) - p].clone(), suffix[1, : len(r) - p].clone())
+def pair_features(bottom: nn.Module, pairs: Sequence[tuple[Encoded, Encoded]], multiple: int = 1) -> list[PairFeatures]:
+    """The bottom blocks' states of several pairs in one forward, each pair's prompt once."""
+    spans = [pair_span(c, r) for c, r in pairs]
+    rows = pair_rows(spans, multiple)
+    ids = torch.zeros(len(pairs), rows.width, dtype=torch.long)
+    for row, ((c, r), (p, _, _)) in enumerate(zip(pairs, spans, strict=True)):
+        ids[row, : len(c) + len(r) - p] = torch.tensor(c.input_ids + r.input_ids[p:])
+    hidden = bottom(input_ids=ids, attention_mask=rows.mask, position_ids=rows.positions, use_cache=False)
+    out = []
+    for h, (p, a, b) in zip(hidden.last_hidden_state, spans, strict=True):
+        out.append(PairFeatures(h[:p].clone(), h[p : p + a].clone(), h[p + a : p + a + b].clone()))
+    return out
 
 
-def top_rewards(top: nn.Module, head: nn.Linear, sequences: Sequence[torch.Tensor], multiple: int) -> torch.Tensor:
-    """Rewards of cached sequences through the trainable top blocks, right-padded exactly as serving pads."""
-    width = padded(max(s.shape[0] for s in sequences), multiple)
-    embeds = torch.zeros(len(sequences), width, sequences[0].shape[1])
-    mask = torch.zeros(len(sequences), width, dtype=torch.long)
-    for row, s in enumerate(sequences):
-        embeds[row, : s.shape[0]] = s
-        mask[row, : s.shape[0]] = 1
-    positions = torch.arange(width).expand(len(sequences), width)
-    hidden = top(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
-    last = hidden[torch.arange(len(sequences)), last_real_index(mask)]
+def top_rewards(top: nn.Module, head: nn.Linear, pairs: Sequence[PairFeatures], multiple: int) -> torch.Tensor:
+    """Rewards chosen0, rejected0, chosen1, ... of cached pairs through the trainable top blocks."""
+    rows = pair_rows([f.span for f in pairs], multiple)
+    embeds = torch.zeros(len(pairs), rows.width, pairs[0].prefix.shape[1])
+    for row, f in enumerate(pairs):
+        embeds[row, : sum(f.span)] = torch.cat([f.prefix, f.chosen, f.rejected])
+    hidden = top(inputs_embeds=embeds, attention_mask=rows.mask, position_ids=rows.positions, use_cache=False)
+    index = torch.stack([rows.chosen_last, rows.rejected_last], dim=1).flatten()
+    last = hidden.last_hidden_state[torch.arange(len(pairs)).repeat_interleave(2), index]
     return head(last)[:, 0]
 
 
 class FeatureStore:
     """Pair features on disk, so hyperparameter sweeps on a CPU pay for the frozen blocks once.
 
-    An entry is keyed by the frozen blocks' weights and the pair's token ids (which already carry the recipe), so any
-    run whose bottom computes the same numbers reuses it: another subset, seed, learning rate or epoch count. Each
-    entry keeps the seconds it took to compute, so a run that reuses entries can still state its from-scratch time.
+    An entry is keyed by the frozen blocks' weights, the layout and the pair's token ids (which already carry the
+    recipe), so any run whose bottom computes the same numbers reuses it: another subset, seed, learning rate or
+    epoch count. Each entry keeps the seconds it took to compute, so a run that reuses entries can still state its
+    from-scratch time.
     """
 
     def __init__(self, root: Path, bottom: nn.Module) -> None:
-        self.root, self.bottom = root, bottom  # the module the keys fingerprint is the one that computes misses
-        digest = hashlib.sha256(f"{type(bottom).__name__}:{bottom.config.num_hidden_layers}".encode())
+        self.root = root
+        digest = hashlib.sha256(f"{type(bottom).__name__}:{bottom.config.num_hidden_layers}:{LAYOUT}".encode())
         for name, tensor in sorted(bottom.state_dict().items()):
             digest.update(name.encode())
             digest.update(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())
@@ -134,18 +196,45 @@ class FeatureStore:
         key = hashlib.sha256(ids.encode()).hexdigest()
         return self.root / key[:2] / f"{key}.safetensors"
 
-    def features(self, chosen: Encoded, rejected: Encoded) -> PairFeatures:
+    def get(self, chosen: Encoded, rejected: Encoded) -> PairFeatures | None:
         path = self._path(chosen, rejected)
-        if path.exists():
-            with safe_open(str(path), framework="pt") as f:
-                self.reused_seconds += float(f.metadata()["seconds"])
-                return PairFeatures(*(f.get_tensor(name) for name in ("prefix", "chosen", "rejected")))
-        started = time.perf_counter()
-        out = pair_features(self.bottom, chosen, rejected)
-        seconds = time.perf_counter() - started
+        if not path.exists():
+            return None
+        with safe_open(str(path), framework="pt") as f:
+            self.reused_seconds += float(f.metadata()["seconds"])
+            return PairFeatures(*(f.get_tensor(name) for name in ("prefix", "chosen", "rejected")))
+
+    def put(self, chosen: Encoded, rejected: Encoded, features: PairFeatures, seconds: float) -> None:
+        path = self._path(chosen, rejected)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial")  # a run killed mid-write leaves no entry that looks complete
-        tensors = {"prefix": out.prefix, "chosen": out.chosen, "rejected": out.rejected}
+        tensors = {"prefix": features.prefix, "chosen": features.chosen, "rejected": features.rejected}
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial), metadata={"seconds": repr(seconds)})
         partial.replace(path)
-        return out
+
+
+def cache_features(
+    bottom: nn.Module,
+    pairs: Sequence[tuple[Encoded, Encoded]],
+    store: FeatureStore | None = None,
+    multiple: int = 1,
+    progress: Callable[[int], object] = lambda n: None,
+) -> list[PairFeatures]:
+    """Every pair's features, in order: read from `store` where it has them, the rest computed in batches of like
+    length (each entry stored with its share of its batch's seconds, by tokens); `progress(n)` after n more pairs."""
+    out: list[PairFeatures | None] = [store.get(c, r) if store else None for c, r in pairs]
+    progress(sum(f is not None for f in out))
+    missing = [i for i, f in enumerate(out) if f is None]
+    lengths = [sum(pair_span(*pairs[i])) for i in missing]
+    for batch in length_batches(lengths, ROW_TOKENS, multiple):
+        chunk = [pairs[missing[k]] for k in batch]
+        started = time.perf_counter()
+        features = pair_features(bottom, chunk, multiple)
+        seconds = time.perf_counter() - started
+        total = sum(lengths[k] for k in batch)
+        for k, (c, r), f in zip(batch, chunk, features, strict=True):
+            out[missing[k]] = f
+            if store:
+                store.put(c, r, f, seconds * lengths[k] / total)
+        progress(len(batch))
+    return [f for f in out if f is not None]

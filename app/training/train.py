@@ -15,7 +15,6 @@ import sys
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -26,13 +25,13 @@ from transformers import AutoModel, AutoTokenizer
 
 from app.model.checkpoint import fold_temperature, save_value_head_checkpoint
 from app.model.collate import collate
-from app.model.loading import resolve_base
+from app.model.loading import cpu_description, resolve_base
 from app.model.recipe import Encoded, RecipeEncoder, ScoringRecipe
 from app.model.reward_model import RewardHeadModel
 from app.training.card import model_card
 from app.training.data import PreferencePair, load_pairs
 from app.training.evaluate import evaluate_margins, fit_temperature
-from app.training.features import DecoderSplit, FeatureStore, PairFeatures, can_split, pair_features, top_rewards
+from app.training.features import DecoderSplit, FeatureStore, PairFeatures, cache_features, can_split, top_rewards
 from app.training.hacking import length_figures
 from app.training.optim import WeightAverage, length_gap, length_grouped_batches, length_weights, preference_loss
 
@@ -178,18 +177,16 @@ class Trainer:
             return list(encoded)
         from tqdm import tqdm
 
-        bottom = self.split.bottom.eval()
-        features = self.store.features if self.store else partial(pair_features, bottom)
-        bar = tqdm(encoded, desc=f"caching {desc} features", unit="pair", dynamic_ncols=True, file=sys.stderr)
-        return [features(c, r) for c, r in bar]
+        bottom, multiple = self.split.bottom.eval(), self.config.pad_to_multiple_of
+        with tqdm(total=len(encoded), desc=f"caching {desc}", unit="pair", dynamic_ncols=True, file=sys.stderr) as bar:
+            return list(cache_features(bottom, encoded, self.store, multiple, bar.update))
 
     def pair_rewards(self, batch: Sequence[Example]) -> torch.Tensor:
         """Rewards chosen0, rejected0, chosen1, ... for a batch of examples."""
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16):
             if self.split is not None:
-                sequences = [side for ex in batch for side in ex.sides()]  # type: ignore[union-attr]
-                head = self.module.head
-                return top_rewards(self.split.top, head, sequences, self.config.pad_to_multiple_of).float()
+                features = list(batch)  # type: ignore[arg-type]
+                return top_rewards(self.split.top, self.module.head, features, self.config.pad_to_multiple_of).float()
             encoded = [x for ex in batch for x in ex]  # type: ignore[union-attr]
             b = collate(encoded, self.pad_id, self.config.pad_to_multiple_of)
             return self.module(b.input_ids, b.attention_mask, b.position_ids, b.token_type_ids).float()
@@ -305,6 +302,7 @@ class Trainer:
             "train_seconds": wall + reused,  # from scratch, slightly over: the wall time includes reading entries back
             "wall_seconds": wall,
             "reused_feature_seconds": reused,
+            "cpu": cpu_description(),
             "length_weights": weights or None,
         }
         (cfg.output / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
