@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from app.model.loading import cpu_description, load_reward_model
+    from app.model.cpu import cpu_description
+    from app.model.loading import load_reward_model
 
     text = None
     if args.gpu_check is not None:

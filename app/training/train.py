@@ -25,7 +25,8 @@ from transformers import AutoModel, AutoTokenizer
 
 from app.model.checkpoint import fold_temperature, save_value_head_checkpoint
 from app.model.collate import collate
-from app.model.loading import cpu_description, resolve_base
+from app.model.cpu import cpu_description
+from app.model.loading import resolve_base
 from app.model.recipe import Encoded, RecipeEncoder, ScoringRecipe
 from app.model.reward_model import RewardHeadModel
 from app.training.card import model_card
