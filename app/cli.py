@@ -67,8 +67,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from app.training.config import TrainConfig
     from app.training.data import DataError
-    from app.training.train import TrainConfig, Trainer
+    from app.training.train import Trainer
 
     values = {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields and v is not None}
     try:
@@ -146,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=_serve)
 
-    from app.training.train import TrainConfig
+    from app.training.config import TrainConfig
 
     train = sub.add_parser("train", help="train a value-head reward model on JSONL preference pairs")
     for name, field in TrainConfig.model_fields.items():

@@ -14,12 +14,13 @@ from transformers import LlamaModel
 
 from app.cli import main
 from app.model.loading import load_reward_model
+from app.training.config import TrainConfig
 from app.training.data import DataError, PreferencePair, load_pairs
 from app.training.evaluate import evaluate_margins, fit_temperature
 from app.training.features import FeatureStore, PairFeatures, pair_features
 from app.training.hacking import length_figures
 from app.training.optim import WeightAverage, length_gap, length_weights, preference_loss
-from app.training.train import TrainConfig, Trainer, trainable_prefixes
+from app.training.train import Trainer, trainable_prefixes
 from tests import tiny
 
 

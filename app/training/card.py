@@ -11,7 +11,7 @@ import torch
 from app.model.recipe import ScoringRecipe
 
 if TYPE_CHECKING:
-    from app.training.train import TrainConfig
+    from app.training.config import TrainConfig
 
 
 def model_card(

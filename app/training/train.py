@@ -16,10 +16,8 @@ import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
@@ -30,69 +28,12 @@ from app.model.loading import resolve_base
 from app.model.recipe import Encoded, RecipeEncoder, ScoringRecipe
 from app.model.reward_model import RewardHeadModel
 from app.training.card import model_card
+from app.training.config import Mode, TrainConfig
 from app.training.data import PreferencePair, load_pairs
 from app.training.evaluate import evaluate_margins, fit_temperature
 from app.training.features import DecoderSplit, FeatureStore, PairFeatures, cache_features, can_split, top_rewards
 from app.training.hacking import length_figures
 from app.training.optim import WeightAverage, length_gap, length_grouped_batches, length_weights, preference_loss
-
-Mode = Literal["head", "top_k", "full", "lora"]
-
-
-class TrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-    base_model: str = Field(description="registry key (e.g. smollm2-135m-instruct) or a local HF directory")
-    train_file: Path
-    dev_file: Path | None = None
-    output: Path
-    mode: Mode = "top_k"
-    top_k: int = Field(4, ge=1, description="top_k mode: how many top transformer blocks to train")
-    lora_r: int = Field(16, ge=1)
-    epochs: int = Field(2, ge=1)
-    batch_pairs: int = Field(8, ge=1, description="pairs per optimizer micro-step")
-    grad_accum: int = Field(1, ge=1)
-    lr: float = Field(5e-5, gt=0)
-    head_lr: float = Field(1e-3, gt=0)
-    weight_decay: float = 0.0
-    warmup_ratio: float = Field(0.05, ge=0, le=1)
-    center_coef: float = Field(0.0, ge=0, description="adds coef * mean((r_c + r_r)^2): keeps rewards centred at 0")
-    label_smoothing: float = Field(
-        0.0, ge=0, lt=0.5, description="target P(chosen) = 1 - this: margins past log((1-e)/e) earn nothing"
-    )
-    lr_schedule: Literal["linear", "constant"] = Field(
-        "linear", description="after warm-up: decay linearly to 0, or hold (what weight averaging wants)"
-    )
-    average_from: float | None = Field(
-        None,
-        ge=0,
-        lt=1,
-        description="average the weights of every step past this fraction of training (SWA); dev and the checkpoint"
-        " use the mean",
-    )
-    length_term: float = Field(
-        0.0,
-        ge=0,
-        description="add this x w x log(len chosen / len rejected) to the training logit only, w fitted per dataset "
-        "on the train pairs beforehand: what length alone predicts is explained, so the served reward learns the rest "
-        "(0: off, 1: all of it)",
-    )
-    max_length: int = Field(512, ge=8)
-    system_prompt: str | None = None
-    pad_to_multiple_of: int = Field(32, ge=1)
-    bf16: bool = Field(False, description="bf16 autocast (fast on CPUs with AMX and on GPUs)")
-    seed: int = 0
-    max_train_pairs: int | None = Field(None, ge=1, description="train on a seeded random subset of this many pairs")
-    max_dev_pairs: int | None = None
-    calibrate: bool = Field(True, description="fit a temperature on dev and fold it into the head")
-    cache_features: bool = Field(
-        True, description="top_k on Llama-style decoders: run the frozen blocks once, not every epoch"
-    )
-    feature_cache: Path | None = Field(
-        None, description="directory keeping cached features across runs (sweeps pay the frozen blocks once)"
-    )
-    threads: int | None = None
-
 
 Example = tuple[Encoded, Encoded] | PairFeatures
 
