@@ -67,6 +67,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from app.model.checkpoint import CheckpointError
     from app.training.config import TrainConfig
     from app.training.data import DataError
     from app.training.train import Trainer
@@ -75,7 +76,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         config = TrainConfig(**values)
         summary = Trainer(config).train(command=shlex.join(["reward-server", *args.argv]))
-    except (ValidationError, DataError) as exc:
+    except (ValidationError, DataError, CheckpointError) as exc:
         raise SystemExit(f"reward-server train: {exc}") from exc
     print(f"wrote {config.output} (best epoch {summary['best_epoch']}, {summary['train_seconds']:.0f} s)")
     return 0

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import LlamaModel
 
 from app.cli import main
+from app.model.checkpoint import CheckpointError
 from app.model.loading import load_reward_model
 from app.training.config import TrainConfig
 from app.training.data import DataError, PreferencePair, load_pairs
@@ -343,3 +345,48 @@ def test_length_weights_fit_each_datasets_length_preference() -> None:
     gap = length_gap(longer[0])  # the fit puts P(longer) = 3/4 where the data does
     assert 1 / (1 + math.exp(-weights["long"] * gap)) == pytest.approx(0.75, abs=1e-4)
     assert weights["short"] < 0 and 1 / (1 + math.exp(weights["short"] * length_gap(shorter[0]))) < 0.5
+
+
+def test_a_shallower_model_keeps_the_bases_first_blocks_and_serves_as_trained(tmp_path: Path) -> None:
+    """`layers=2` on a 3-block base: training caches block 1, trains block 2 + norm + head, drops block 3; the
+    checkpoint records the depth, the server rebuilds exactly that model, and a depth the base lacks fails fast."""
+    base = tmp_path / "base3"
+    torch.manual_seed(0)
+    tokenizer = tiny.byte_level_tokenizer(bos=True, chat=True)
+    config3 = tiny.llama_config(tokenizer)
+    config3.num_hidden_layers = 3
+    LlamaModel(config3).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    train = write_pairs(tmp_path / "train.jsonl", 16)
+    config = TrainConfig(
+        base_model=str(base),
+        train_file=train,
+        output=tmp_path / "out",
+        top_k=1,
+        layers=2,
+        epochs=1,
+        batch_pairs=4,
+        lr=1e-2,
+        head_lr=1e-2,
+        max_length=64,
+        calibrate=False,
+    )
+    trainer = Trainer(config)
+    assert trainer.split is not None and len(trainer.split.bottom.layers) == 1 and len(trainer.split.top.layers) == 1
+    trainer.train()
+    manifest = json.loads((config.output / "reward_manifest.json").read_text())
+    assert manifest["num_layers"] == 2
+    assert all(
+        ".1." in k or not k.startswith("layers.") for k in load_file(config.output / "backbone_delta.safetensors")
+    )
+    served = load_reward_model(config.output, dtype="float32", device="cpu")
+    assert served.module.backbone.config.num_hidden_layers == 2 and len(served.module.backbone.layers) == 2
+    pairs = load_pairs(train)[:6]
+    full = served_margins(config.output, trainer, pairs)
+    assert trainer.margins(trainer.examples(pairs, "check")) == pytest.approx(full, abs=1e-4)
+    with pytest.raises(CheckpointError, match=r"num_layers 4, but the base .* has 3 blocks"):
+        Trainer(config.model_copy(update={"layers": 4}))
+    manifest["num_layers"] = 5
+    (config.output / "reward_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="num_layers 5"):
+        load_reward_model(config.output, dtype="float32", device="cpu")

@@ -44,6 +44,9 @@ class Manifest(BaseModel):
     format_version: int = 1
     format: Format = "value_head"
     base_model: str | None = Field(None, description="registry key, or a path relative to the checkpoint; None: here")
+    num_layers: int | None = Field(
+        None, ge=1, description="the base's first N transformer blocks only (a shallower model); None: all of them"
+    )
     backbone_delta: str | None = Field(None, description="safetensors of trained backbone parameters")
     adapter: str | None = Field(None, description="PEFT adapter directory, merged at load")
     head_file: str = HEAD_FILE
@@ -106,6 +109,7 @@ def save_value_head_checkpoint(
     trained_prefixes: list[str] | None = None,
     normalization: Normalization | None = None,
     dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+    num_layers: int | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Manifest:
     """The inverse of the `value_head` loader. With `base_model`, only parameters under `trained_prefixes` are
@@ -134,6 +138,7 @@ def save_value_head_checkpoint(
         tokenizer.save_pretrained(path)
     manifest = Manifest(
         base_model=base_model,
+        num_layers=num_layers,
         backbone_delta=delta_name,
         adapter=adapter,
         recipe=recipe,
@@ -143,6 +148,17 @@ def save_value_head_checkpoint(
     )
     (path / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
     return manifest
+
+
+def depth(base_dir: Path, num_layers: int | None, where: Path) -> dict[str, int]:
+    """`from_pretrained` keywords that keep the base's first `num_layers` blocks. More blocks than the base has is an
+    error: transformers would add randomly initialised ones."""
+    if num_layers is None:
+        return {}
+    have = read_json(base_dir / "config.json").get("num_hidden_layers")
+    if not isinstance(have, int) or num_layers > have:
+        raise CheckpointError(f"{where}: num_layers {num_layers}, but the base {base_dir} has {have} blocks")
+    return {"num_hidden_layers": num_layers}
 
 
 def fold_temperature(checkpoint: Path, temperature: float) -> None:

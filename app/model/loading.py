@@ -14,6 +14,8 @@ Any of them may carry a `reward_manifest.json` that pins the scoring recipe.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ from app.model.checkpoint import (
     CheckpointError,
     Manifest,
     Normalization,
+    depth,
     detect_format,
     inferred_recipe,
     openrlhf_recipe,
@@ -170,6 +173,17 @@ def _check_weight_files(where: Path) -> None:
             raise CheckpointError(f"{file}: unreadable safetensors ({exc})") from exc
 
 
+@contextmanager
+def _errors_only() -> Iterator[None]:
+    """transformers' log at error level: its load report would list every tensor it did not use as a warning."""
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def _from_pretrained(cls: Any, where: Path, **kwargs: Any) -> Any:
     if cls is not AutoTokenizer:
         _check_weight_files(where)
@@ -254,7 +268,9 @@ def load_reward_model(
             normalization = Normalization(mean=float(raw["mean"]), std=float(raw["std"]))
     else:  # value_head
         assert manifest is not None
-        backbone = _from_pretrained(AutoModel, base_dir, **common)
+        shallower = depth(base_dir, manifest.num_layers, path)
+        with _errors_only() if shallower else nullcontext():  # the dropped blocks' weights are unused by design
+            backbone = _from_pretrained(AutoModel, base_dir, **common, **shallower)
         if manifest.backbone_delta:
             delta_file = path / manifest.backbone_delta
             if not delta_file.exists():

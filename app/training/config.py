@@ -20,6 +20,12 @@ class TrainConfig(BaseModel):
     output: Path
     mode: Mode = "top_k"
     top_k: int = Field(4, ge=1, description="top_k mode: how many top transformer blocks to train")
+    layers: int | None = Field(
+        None,
+        ge=1,
+        description="keep only the base's first N blocks (top_k trains the last k of them): a shallower model, "
+        "cheaper to train and to serve (None: all)",
+    )
     lora_r: int = Field(16, ge=1)
     epochs: int = Field(2, ge=1)
     batch_pairs: int = Field(8, ge=1, description="pairs per optimizer micro-step")

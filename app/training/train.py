@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
-from app.model.checkpoint import fold_temperature, save_value_head_checkpoint
+from app.model.checkpoint import depth, fold_temperature, save_value_head_checkpoint
 from app.model.collate import collate
 from app.model.cpu import cpu_description
 from app.model.loading import resolve_base
@@ -74,7 +74,8 @@ class Trainer:
             torch.set_num_threads(config.threads)
         self.base_dir, _ = resolve_base(config.base_model, Path.cwd(), None)
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
-        backbone = AutoModel.from_pretrained(self.base_dir, dtype=torch.float32)
+        layers = depth(self.base_dir, config.layers, Path(config.base_model))
+        backbone = AutoModel.from_pretrained(self.base_dir, dtype=torch.float32, **layers)
         chat = bool(getattr(self.tokenizer, "chat_template", None))
         self.recipe = ScoringRecipe(
             template="chat" if chat else "concat",
@@ -279,5 +280,6 @@ class Trainer:
             base_model=self.base_reference(),
             trained_prefixes=self.prefixes or None,
             dtype="bfloat16" if cfg.bf16 else "float32",  # what the forward ran in: `REWARD_DTYPE=auto` serves it
+            num_layers=cfg.layers,
             extra=extra,
         )
