@@ -390,3 +390,39 @@ def test_a_shallower_model_keeps_the_bases_first_blocks_and_serves_as_trained(tm
     (config.output / "reward_manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="num_layers 5"):
         load_reward_model(config.output, dtype="float32", device="cpu")
+
+
+def test_a_bf16_delta_halves_the_checkpoint_and_dev_measures_the_rounded_weights(tmp_path: Path) -> None:
+    """`delta_dtype=bfloat16` stores the trained block in bf16; the served model scores as the trainer does with its
+    weights rounded (what dev is measured on), not as with the unrounded ones."""
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    tokenizer = tiny.byte_level_tokenizer(bos=True, chat=True)
+    LlamaModel(tiny.llama_config(tokenizer)).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    train = write_pairs(tmp_path / "train.jsonl", 16)
+    config = TrainConfig(
+        base_model=str(base),
+        train_file=train,
+        output=tmp_path / "out",
+        top_k=1,
+        epochs=1,
+        batch_pairs=4,
+        lr=1e-2,
+        head_lr=1e-2,
+        max_length=64,
+        calibrate=False,
+        delta_dtype="bfloat16",
+    )
+    trainer = Trainer(config)
+    trainer.train()
+    delta = load_file(config.output / "backbone_delta.safetensors")
+    assert delta and all(v.dtype == torch.bfloat16 for v in delta.values())
+    pairs = load_pairs(train)[:6]
+    examples = trainer.examples(pairs, "check")
+    live = trainer.margins(examples)
+    with trainer.stored():
+        rounded = trainer.margins(examples)
+    assert trainer.margins(examples) == live  # the live weights come back after the block
+    assert max(abs(a - b) for a, b in zip(live, rounded, strict=True)) > 1e-4
+    assert served_margins(config.output, trainer, pairs) == pytest.approx(rounded, abs=1e-5)

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -107,6 +108,7 @@ def save_value_head_checkpoint(
     recipe: ScoringRecipe,
     base_model: str | None = None,
     trained_prefixes: list[str] | None = None,
+    delta_dtype: torch.dtype = torch.float32,
     normalization: Normalization | None = None,
     dtype: Literal["float32", "bfloat16", "float16"] | None = None,
     num_layers: int | None = None,
@@ -125,7 +127,7 @@ def save_value_head_checkpoint(
         backbone.save_pretrained(path)
     elif trained_prefixes:
         delta = {
-            k: v.detach().to("cpu").contiguous()
+            k: v.detach().to("cpu", delta_dtype).contiguous()
             for k, v in backbone.state_dict().items()
             if any(k.startswith(prefix) for prefix in trained_prefixes)
         }

@@ -59,6 +59,11 @@ class TrainConfig(BaseModel):
     system_prompt: str | None = None
     pad_to_multiple_of: int = Field(32, ge=1)
     bf16: bool = Field(False, description="bf16 autocast (fast on CPUs with AMX and on GPUs)")
+    delta_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="the trained blocks' dtype in the checkpoint: bfloat16 halves it; dev is measured on the rounded "
+        "weights, so the reported metrics are the shipped model's",
+    )
     seed: int = 0
     max_train_pairs: int | None = Field(None, ge=1, description="train on a seeded random subset of this many pairs")
     max_dev_pairs: int | None = None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 from torch import nn
@@ -81,16 +81,21 @@ class WeightAverage:
             for mean, p in zip(self.mean, self.params, strict=True):
                 mean.lerp_(p.detach(), 1 / self.count)
 
-    @contextmanager
-    def applied(self) -> Iterator[None]:
+    def applied(self) -> AbstractContextManager[None]:
         """The mean in place of the live weights, for evaluating and saving; the live ones until averaging starts."""
-        live = [p.detach().clone() for p in self.params]
+        return swapped(self.params, self.mean if self.count else self.params)
+
+
+@contextmanager
+def swapped(params: Sequence[nn.Parameter], values: Sequence[torch.Tensor]) -> Iterator[None]:
+    """`values` in place of the live weights for the block's duration (cast to their dtype), then the live ones."""
+    live = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, value in zip(params, values, strict=True):
+            p.copy_(value)
+    try:
+        yield
+    finally:
         with torch.no_grad():
-            for p, mean in zip(self.params, self.mean if self.count else live, strict=True):
-                p.copy_(mean)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, value in zip(self.params, live, strict=True):
-                    p.copy_(value)
+            for p, value in zip(params, live, strict=True):
+                p.copy_(value)

@@ -14,7 +14,7 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -33,7 +33,14 @@ from app.training.data import PreferencePair, load_pairs
 from app.training.evaluate import evaluate_margins, fit_temperature
 from app.training.features import DecoderSplit, FeatureStore, PairFeatures, cache_features, can_split, top_rewards
 from app.training.hacking import length_figures
-from app.training.optim import WeightAverage, length_gap, length_grouped_batches, length_weights, preference_loss
+from app.training.optim import (
+    WeightAverage,
+    length_gap,
+    length_grouped_batches,
+    length_weights,
+    preference_loss,
+    swapped,
+)
 
 Example = tuple[Encoded, Encoded] | PairFeatures
 
@@ -147,6 +154,12 @@ class Trainer:
                 chosen[i], rejected[i] = r[2 * j], r[2 * j + 1]
         return chosen, rejected
 
+    def stored(self) -> AbstractContextManager[None]:
+        """The trained blocks rounded to `delta_dtype`, as the checkpoint will hold them."""
+        dtype = getattr(torch, self.config.delta_dtype)
+        params = [p for n, p in self.module.named_parameters() if p.requires_grad and not n.startswith("head.")]
+        return nullcontext() if dtype == torch.float32 else swapped(params, [p.to(dtype) for p in params])
+
     def margins(self, examples: Sequence[Example]) -> list[float]:
         return [c - r for c, r in zip(*self.rewards(examples), strict=True)]
 
@@ -213,7 +226,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss_avg:.3f}", acc=f"{acc_avg:.3f}")
             elapsed = time.monotonic() - started + reused
             record: dict[str, float] = {"epoch": epoch, "train_loss": loss_avg, "elapsed_s": elapsed}
-            with average.applied() if average is not None else nullcontext():  # evaluate and keep the mean
+            # evaluate and keep the mean, as the checkpoint stores it
+            with average.applied() if average is not None else nullcontext(), self.stored():
                 dev_margins: list[float] = []
                 if dev_enc:
                     chosen_r, rejected_r = self.rewards(dev_enc)
@@ -279,6 +293,7 @@ class Trainer:
             recipe=self.recipe,
             base_model=self.base_reference(),
             trained_prefixes=self.prefixes or None,
+            delta_dtype=getattr(torch, cfg.delta_dtype),
             dtype="bfloat16" if cfg.bf16 else "float32",  # what the forward ran in: `REWARD_DTYPE=auto` serves it
             num_layers=cfg.layers,
             extra=extra,
