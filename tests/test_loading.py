@@ -196,3 +196,16 @@ def test_auto_dtype_serves_what_the_checkpoint_was_trained_in(
     assert info["dtype"] == served and stated in info["dtype_source"]
     asked = load_reward_model(copy, dtype="float32", device="cpu").info
     assert asked["dtype"] == "float32" and asked["dtype_source"] == "REWARD_DTYPE"
+
+
+def test_a_timing_names_the_cpu_and_any_kernel_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Model cards and benchmarks state the CPU; a run held to AVX2 kernels on a newer CPU says so beside its flags."""
+    from app.model.cpu import cpu_description
+
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    monkeypatch.delenv("MKL_ENABLE_INSTRUCTIONS", raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    plain = cpu_description()
+    assert "CPUs (" in plain and "capped" not in plain
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert cpu_description() == plain[:-1] + ", kernels capped by ATEN_CPU_CAPABILITY=avx2)"

@@ -376,6 +376,7 @@ def test_a_shallower_model_keeps_the_bases_first_blocks_and_serves_as_trained(tm
     trainer.train()
     manifest = json.loads((config.output / "reward_manifest.json").read_text())
     assert manifest["num_layers"] == 2
+    assert "first 2 blocks (the rest dropped); trained: top 1 blocks" in (config.output / "README.md").read_text()
     assert all(
         ".1." in k or not k.startswith("layers.") for k in load_file(config.output / "backbone_delta.safetensors")
     )
@@ -418,6 +419,7 @@ def test_a_bf16_delta_halves_the_checkpoint_and_dev_measures_the_rounded_weights
     trainer.train()
     delta = load_file(config.output / "backbone_delta.safetensors")
     assert delta and all(v.dtype == torch.bfloat16 for v in delta.values())
+    assert "+ head, stored in bfloat16." in (config.output / "README.md").read_text()
     pairs = load_pairs(train)[:6]
     examples = trainer.examples(pairs, "check")
     live = trainer.margins(examples)

@@ -6,6 +6,8 @@ import os
 import platform
 from pathlib import Path
 
+CAPS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")  # how to time an AVX2-only CPU here
+
 
 def _cpuinfo() -> str:
     try:
@@ -26,4 +28,7 @@ def cpu_description() -> str:
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), None)
     words = set(next((line for line in info.splitlines() if line.startswith("flags")), "").split())
     flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in words]
-    return f"{name or platform.processor() or platform.machine()}, {os.cpu_count()} CPUs ({' '.join(flags) or 'none'})"
+    caps = [f"{k}={os.environ[k]}" for k in CAPS if os.environ.get(k)]  # kernels held below what the flags allow
+    facts = " ".join(flags) or "none"
+    facts += f", kernels capped by {' '.join(caps)}" if caps else ""
+    return f"{name or platform.processor() or platform.machine()}, {os.cpu_count()} CPUs ({facts})"

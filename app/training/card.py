@@ -39,14 +39,18 @@ def model_card(
             f"; {reused:.1f} min of it is the feature caching of entries reused from `--feature-cache`, as measured"
             f" when they were computed (this run's wall time: {minutes - reused:.1f} min)"
         )
-    trained = f"top {cfg.top_k} blocks + final norm + head" if cfg.mode == "top_k" else cfg.mode
+    trained = f"trained: top {cfg.top_k} blocks + final norm + head" if cfg.mode == "top_k" else f"trained: {cfg.mode}"
+    if cfg.layers is not None:
+        trained = f"the base's first {cfg.layers} blocks (the rest dropped); {trained}"
+    if cfg.delta_dtype != "float32":
+        trained += f", stored in {cfg.delta_dtype}"
     return f"""# Reward model: {cfg.base_model}, {cfg.mode}
 
 A value-head reward model trained by `reward-server train` with the Bradley-Terry loss
 -log sigmoid(r_chosen - r_rejected - margin) on human preference pairs. Serve it with
 `reward-server serve --model <this directory>`.
 
-- Base model: `{cfg.base_model}`; trained: {trained}.
+- Base model: `{cfg.base_model}`; {trained}.
 - Data: `{cfg.train_file}` ({n_train} pairs), selected on `{cfg.dev_file}` ({n_dev} pairs).
 - Best epoch: {summary["best_epoch"]}; calibration temperature folded into the head: {summary["temperature"]}.
 - Training time, measured: {timing}, {torch.get_num_threads()} threads on {summary.get("cpu", "an unrecorded CPU")}.
