@@ -197,6 +197,13 @@ def test_feature_cache_on_disk_is_reused_across_runs_and_changes_nothing(base: P
     with torch.no_grad():
         changed.layers[0].mlp.down_proj.weight[0, 0] += 1e-3
     assert FeatureStore(store, changed).fingerprint != second.store.fingerprint  # other weights never read these
+    bf16 = Trainer(first.config.model_copy(update={"bf16": True, "output": tmp_path / "bf16"}))
+    assert bf16.store is not None and bf16.store.fingerprint != second.store.fingerprint  # other numbers, other keys
+    cast = bf16.examples(pairs, "bf16")  # the frozen blocks under the same bf16 autocast as the trained ones
+    assert bf16.store.reused_seconds == 0.0
+    for a, b in zip(stored, cast, strict=True):
+        assert isinstance(a, PairFeatures) and isinstance(b, PairFeatures)
+        assert not torch.equal(a.chosen, b.chosen) and torch.allclose(a.chosen, b.chosen, atol=0.1, rtol=0.05)
 
 
 def test_train_cli_writes_a_checkpoint(base: Path, tmp_path: Path) -> None:

@@ -176,15 +176,18 @@ def top_rewards(top: nn.Module, head: nn.Linear, pairs: Sequence[PairFeatures], 
 class FeatureStore:
     """Pair features on disk, so hyperparameter sweeps on a CPU pay for the frozen blocks once.
 
-    An entry is keyed by the frozen blocks' weights, the layout and the pair's token ids (which already carry the
-    recipe), so any run whose bottom computes the same numbers reuses it: another subset, seed, learning rate or
-    epoch count. Each entry keeps the seconds it took to compute, so a run that reuses entries can still state its
-    from-scratch time.
+    An entry is keyed by the frozen blocks' weights, the layout, the precision and the pair's token ids (which already
+    carry the recipe), so any run whose bottom computes the same numbers reuses it: another subset, seed, learning
+    rate or epoch count. Each entry keeps the seconds it took to compute, so a run that reuses entries can still state
+    its from-scratch time.
     """
 
-    def __init__(self, root: Path, bottom: nn.Module) -> None:
+    def __init__(self, root: Path, bottom: nn.Module, bf16: bool = False) -> None:
         self.root = root
-        digest = hashlib.sha256(f"{type(bottom).__name__}:{bottom.config.num_hidden_layers}:{LAYOUT}".encode())
+        precision = "bf16-autocast" if bf16 else "float32"  # bf16 matmuls compute other states
+        digest = hashlib.sha256(
+            f"{type(bottom).__name__}:{bottom.config.num_hidden_layers}:{LAYOUT}:{precision}".encode()
+        )
         for name, tensor in sorted(bottom.state_dict().items()):
             digest.update(name.encode())
             digest.update(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())

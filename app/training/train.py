@@ -113,7 +113,7 @@ class Trainer:
         self.split = DecoderSplit.of(backbone, config.top_k) if use_cache else None
         self.store: FeatureStore | None = None
         if self.split is not None and config.feature_cache is not None:
-            self.store = FeatureStore(config.feature_cache, self.split.bottom)
+            self.store = FeatureStore(config.feature_cache, self.split.bottom, config.bf16)
 
     # ---- data ---------------------------------------------------------------------------------------
     def encode(self, pairs: Sequence[PreferencePair]) -> list[tuple[Encoded, Encoded]]:
@@ -128,7 +128,8 @@ class Trainer:
         from tqdm import tqdm
 
         bottom, multiple = self.split.bottom.eval(), self.config.pad_to_multiple_of
-        with tqdm(total=len(encoded), desc=f"caching {desc}", unit="pair", dynamic_ncols=True, file=sys.stderr) as bar:
+        bar = tqdm(total=len(encoded), desc=f"caching {desc}", unit="pair", dynamic_ncols=True, file=sys.stderr)
+        with bar, torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16):  # as the top blocks run
             return list(cache_features(bottom, encoded, self.store, multiple, bar.update))
 
     def pair_rewards(self, batch: Sequence[Example]) -> torch.Tensor:
