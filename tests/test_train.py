@@ -400,14 +400,9 @@ def test_a_shallower_model_keeps_the_bases_first_blocks_and_serves_as_trained(tm
         load_reward_model(config.output, dtype="float32", device="cpu")
 
 
-def test_a_bf16_delta_halves_the_checkpoint_and_dev_measures_the_rounded_weights(tmp_path: Path) -> None:
+def test_a_bf16_delta_halves_the_checkpoint_and_dev_measures_the_rounded_weights(base: Path, tmp_path: Path) -> None:
     """`delta_dtype=bfloat16` stores the trained block in bf16; the served model scores as the trainer does with its
     weights rounded (what dev is measured on), not as with the unrounded ones."""
-    base = tmp_path / "base"
-    torch.manual_seed(0)
-    tokenizer = tiny.byte_level_tokenizer(bos=True, chat=True)
-    LlamaModel(tiny.llama_config(tokenizer)).save_pretrained(base)
-    tokenizer.save_pretrained(base)
     train = write_pairs(tmp_path / "train.jsonl", 16)
     config = TrainConfig(
         base_model=str(base),

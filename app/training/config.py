@@ -58,7 +58,9 @@ class TrainConfig(BaseModel):
     max_length: int = Field(512, ge=8)
     system_prompt: str | None = None
     pad_to_multiple_of: int = Field(32, ge=1)
-    bf16: bool = Field(False, description="bf16 autocast (fast on CPUs with AMX and on GPUs)")
+    bf16: bool = Field(
+        False, description="bf16 autocast, caching included (fast on CPUs with AVX-512 BF16 or AMX and on GPUs)"
+    )
     delta_dtype: Literal["float32", "bfloat16"] = Field(
         "float32",
         description="the trained blocks' dtype in the checkpoint: bfloat16 halves it; dev is measured on the rounded "

@@ -155,10 +155,14 @@ class Trainer:
                 chosen[i], rejected[i] = r[2 * j], r[2 * j + 1]
         return chosen, rejected
 
+    def trained_blocks(self) -> list[nn.Parameter]:
+        """The backbone parameters training changes (the head has its own learning rate and stays float32)."""
+        return [p for n, p in self.module.named_parameters() if p.requires_grad and not n.startswith("head.")]
+
     def stored(self) -> AbstractContextManager[None]:
         """The trained blocks rounded to `delta_dtype`, as the checkpoint will hold them."""
         dtype = getattr(torch, self.config.delta_dtype)
-        params = [p for n, p in self.module.named_parameters() if p.requires_grad and not n.startswith("head.")]
+        params = self.trained_blocks()
         return nullcontext() if dtype == torch.float32 else swapped(params, [p.to(dtype) for p in params])
 
     def margins(self, examples: Sequence[Example]) -> list[float]:
@@ -184,7 +188,7 @@ class Trainer:
         weights = {k: cfg.length_term * w for k, w in length_weights(train_pairs).items()} if cfg.length_term else {}
         length_prior = torch.tensor([weights.get(p.dataset, 0.0) * length_gap(p) for p in train_pairs])
         lengths = [example_length(ex) for ex in train_enc]
-        params = [p for n, p in self.module.named_parameters() if p.requires_grad and not n.startswith("head.")]
+        params = self.trained_blocks()
         optim = torch.optim.AdamW(
             [{"params": params, "lr": cfg.lr}, {"params": list(self.module.head.parameters()), "lr": cfg.head_lr}],
             weight_decay=cfg.weight_decay,
