@@ -15,7 +15,12 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 class Settings(BaseSettings):
     """Model knobs first, then batching, then limits, then the HTTP server."""
 
-    model_config = SettingsConfigDict(env_prefix="REWARD_", extra="ignore", protected_namespaces=())
+    model_config = SettingsConfigDict(
+        env_prefix="REWARD_",
+        extra="ignore",
+        protected_namespaces=(),
+        allow_inf_nan=False,  # NaN/inf: refused
+    )
 
     # --- model -------------------------------------------------------------------------------------
     model_path: Path = Field(Path("models/default"), description="Checkpoint directory to serve.")
@@ -54,8 +59,16 @@ class Settings(BaseSettings):
         description="Report (reward - mean) / std on /score, /rank and /get_reward (/compare stays raw). mean/std "
         "come from REWARD_REWARD_MEAN/STD, else from the checkpoint (OpenRLHF's config.json, our manifest).",
     )
-    reward_mean: float | None = Field(None, description="Normalization mean (overrides the checkpoint's).")
-    reward_std: float | None = Field(None, gt=0, description="Normalization std (overrides the checkpoint's).")
+    reward_mean: float | None = Field(
+        None, ge=-1e6, le=1e6, description="Normalization mean (overrides the checkpoint's)."
+    )
+    reward_std: float | None = Field(
+        None,
+        ge=1e-6,
+        le=1e6,
+        description="Normalization std (overrides the checkpoint's); below 1e-6 it would blow rounding noise up to "
+        "rewards (and overflow /rank).",
+    )
 
     # --- batching ----------------------------------------------------------------------------------
     max_batch_tokens: int = Field(
@@ -103,7 +116,21 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(
         200_000, ge=1, description="Per prompt, response or message; longer gets 422 (truncation handles tokens)."
     )
-    max_messages: int = Field(256, ge=1, description="Messages per conversation; more gets 422.")
+    max_messages: int = Field(
+        256, ge=1, description="Messages per conversation (or turns of an HH transcript prompt); more gets 422."
+    )
+    max_probability_group: int = Field(
+        64,
+        ge=1,
+        description="/rank's `probabilities` matrix only for groups up to this size (it grows with the square of a "
+        "group); larger gets 422.",
+    )
+    tokenize_chunk_chars: int = Field(
+        1_000_000,
+        ge=1000,
+        description="Characters tokenized at once (a request is tokenized in chunks of this size): bounds the "
+        "tokenizer's memory per request, about 25 bytes per character.",
+    )
     request_timeout_s: float = Field(
         120.0,
         gt=0,
@@ -122,6 +149,28 @@ class Settings(BaseSettings):
     # --- server ------------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Bind address; the container sets 0.0.0.0.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="A connection whose request headers have not all arrived after this is closed."
+    )
+    body_timeout_s: float = Field(
+        60.0, gt=0, description="A request body not fully arrived after this gets 408 (and the connection closes)."
+    )
+    max_header_bytes: int = Field(
+        64 * 1024, ge=1024, description="Request line and headers, in bytes; more gets 431 and the connection closes."
+    )
+    max_headers: int = Field(100, ge=8, description="Headers per request; more gets 431 and the connection closes.")
+    max_connections: int = Field(
+        1024,
+        ge=1,
+        description="Open connections; past it a new one gets 503 and is closed at once (keep it under the "
+        "process's file-descriptor limit).",
+    )
+    graceful_shutdown_s: float = Field(
+        120.0,
+        gt=0,
+        description="On SIGTERM: how long admitted requests may take to finish before they are cancelled "
+        "(orchestrators' grace period must be longer).",
+    )
     keep_alive_timeout_s: float = Field(
         75.0,
         gt=0,

@@ -188,10 +188,10 @@ async def test_a_request_still_tokenizing_at_shutdown_is_finished(
         entered, release = threading.Event(), threading.Event()
         real = worker.model.encoder.encode_batch
 
-        def slow_tokenizer(items: Any) -> Any:
+        def slow_tokenizer(items: Any, **options: Any) -> Any:
             entered.set()
             release.wait(30)
-            return real(items)
+            return real(items, **options)
 
         monkeypatch.setattr(worker.model.encoder, "encode_batch", slow_tokenizer)
         request = asyncio.create_task(client.post("/score", json={"items": [ITEM] * 2}))

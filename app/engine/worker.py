@@ -10,6 +10,7 @@ abandoned are never computed. Failures are the engine's own exceptions (`app.eng
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import threading
@@ -149,6 +150,7 @@ class Worker:
         self._tokenizers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         self._inflight: set[_Pending] = set()  # admitted and not yet answered: what a dying model thread fails
         self._tokenizing = 0  # admitted requests not yet queued: a stopping model thread waits for them
+        self._reserved = 0  # their items, counted by admission beside the queue
         self.ready = False
         self.threads = 0  # the model thread's CPU threads, known once it warmed up
         self.failure: str | None = None  # set when the model thread died: nothing is served after it
@@ -197,59 +199,72 @@ class Worker:
         return len(self._queue)
 
     # ---- request path (event loop) ----------------------------------------------------------------
-    def _admit(self, count: int, admitted: bool = False) -> None:
-        """`admitted`: the request passed this check once already (before tokenizing): shutting down since then does
-        not refuse it, it is finished."""
+    def _admit(self, count: int) -> None:
+        """Under the lock. Counts the items of requests still tokenizing (`_reserved`) beside the queued ones, so
+        that a burst is refused at once, not after each request has been tokenized."""
         if self.failure is not None:
             raise self._dead()
-        if not self.ready and not admitted:
+        if not self.ready:
             raise NotReady("the model is not ready (starting or shutting down)")
-        if len(self._queue) + count > self.settings.max_queue_items:
-            with self._cond:  # count live work only: entries of requests that timed out or left go first
-                pruned = self._queue.prune()
+        if len(self._queue) + self._reserved + count > self.settings.max_queue_items:
+            pruned = self._queue.prune()  # count live work only: entries of requests that timed out or left go first
             if pruned:
                 self.observer.dropped(pruned)
-        if len(self._queue) + count > self.settings.max_queue_items:
-            raise Overloaded(f"the queue is full ({len(self._queue)} items waiting); retry later")
+        waiting = len(self._queue) + self._reserved
+        if waiting + count > self.settings.max_queue_items:
+            raise Overloaded(f"the queue is full ({waiting} items admitted and waiting); retry later")
 
-    async def score(self, inputs: list[Item], timeout: float | None = None) -> Scored:
-        """Raw rewards (never normalized) for `inputs`, in order; `timeout` bounds the wait."""
+    async def score(self, inputs: list[Item], timeout: float | None = None, stated: float | None = None) -> Scored:
+        """Raw rewards (never normalized) for `inputs`, in order, within `timeout` seconds from now, tokenizing
+        included; `stated`: the request's whole deadline, which the 504 names (default: `timeout`)."""
         if not inputs:
-            self._admit(0)
+            with self._cond:
+                self._admit(0)
             return Scored([], Timing(0.0, 0.0, 0.0))
         with self._cond:
             self._admit(len(inputs))  # before tokenizing: reject cheaply
             self._tokenizing += 1
+            self._reserved += len(inputs)
+        reserved, pending = len(inputs), None
         try:
-            loop = asyncio.get_running_loop()
-            began = time.perf_counter()
-            try:
-                encoded = await loop.run_in_executor(self._tokenizers, self.model.encoder.encode_batch, inputs)
-            except UnreadableItem as exc:
-                raise InputRejected(f"item {exc.index}: {exc.reason}", param=f"items[{exc.index}]") from exc
-            tokenize_s = time.perf_counter() - began
-            self.observer.tokenized(tokenize_s)
-            empty = next((i for i, e in enumerate(encoded) if not e.input_ids), None)
-            if empty is not None:  # e.g. an empty raw query with a tokenizer that adds no special tokens
-                raise InputRejected(f"item {empty} has no tokens to score (empty text)", param=f"items[{empty}]")
-            pending = _Pending(loop, len(encoded))
-            with self._cond:
-                self._admit(len(encoded), admitted=True)
-                self._queue.extend(_Entry(enc, i, pending) for i, enc in enumerate(encoded))
-                self._inflight.add(pending)
-        finally:
-            with self._cond:
-                self._tokenizing -= 1
-                self._cond.notify_all()
-        try:
-            rewards = await asyncio.wait_for(pending.future, timeout)
+            async with asyncio.timeout(timeout):
+                loop = asyncio.get_running_loop()
+                began = time.perf_counter()
+                try:
+                    chunk = self.settings.tokenize_chunk_chars
+                    encode = functools.partial(self.model.encoder.encode_batch, chunk_chars=chunk)
+                    encoded = await loop.run_in_executor(self._tokenizers, encode, inputs)
+                except UnreadableItem as exc:
+                    raise InputRejected(f"item {exc.index}: {exc.reason}", param=f"items[{exc.index}]") from exc
+                tokenize_s = time.perf_counter() - began
+                self.observer.tokenized(tokenize_s)
+                empty = next((i for i, e in enumerate(encoded) if not e.input_ids), None)
+                if empty is not None:  # e.g. an empty raw query with a tokenizer that adds no special tokens
+                    raise InputRejected(f"item {empty} has no tokens to score (empty text)", param=f"items[{empty}]")
+                pending = _Pending(loop, len(encoded))
+                with self._cond:
+                    if self.failure is not None:
+                        raise self._dead()
+                    self._queue.extend(_Entry(enc, i, pending) for i, enc in enumerate(encoded))
+                    self._inflight.add(pending)
+                    self._reserved -= reserved
+                    self._tokenizing -= 1
+                    reserved = 0
+                    self._cond.notify_all()
+                rewards = await pending.future
         except TimeoutError:
+            deadline = stated if stated is not None else timeout
             raise DeadlineExceeded(
-                f"not scored within the request's deadline of {timeout:g} s; its items were dropped"
+                f"not scored within the request's deadline of {deadline:g} s; its items were dropped"
             ) from None
         finally:
             with self._cond:
-                self._inflight.discard(pending)
+                if reserved:  # refused or cancelled before its items were queued
+                    self._reserved -= reserved
+                    self._tokenizing -= 1
+                    self._cond.notify_all()
+                if pending is not None:
+                    self._inflight.discard(pending)
         started = pending.started if pending.started is not None else time.perf_counter()
         timing = Timing(tokenize_s, started - pending.enqueued, pending.inference_s)
         self.observer.started(timing.queue_s)

@@ -29,9 +29,9 @@ class CheckpointError(RuntimeError):
 class Normalization(BaseModel):
     """Static reward normalization, (r - mean) / std, as OpenRLHF stores it with a checkpoint."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    mean: float = 0.0
-    std: float = Field(1.0, gt=0)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    mean: float = Field(0.0, ge=-1e6, le=1e6)
+    std: float = Field(1.0, ge=1e-6, le=1e6)  # finite, and not so small that rounding noise becomes reward
 
     def apply(self, reward: float) -> float:
         return (reward - self.mean) / self.std

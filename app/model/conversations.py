@@ -33,6 +33,14 @@ def parse_transcript(text: str) -> list[Message] | None:
     return [Message(role=_ROLE_OF[parts[i]], content=parts[i + 1].strip()) for i in range(1, len(parts) - 1, 2)]
 
 
+def transcript_turns(text: str) -> int:
+    """How many messages `parse_transcript` would read from `text` (0 when it is not a transcript), without
+    building them: a limit is checked before the work it bounds."""
+    if not text.startswith(("Human: ", "System: ")):
+        return 0
+    return sum(1 for _ in _TURN.finditer(text))
+
+
 def render_transcript(messages: list[Message]) -> str:
     """The inverse of `parse_transcript`, for recipes without a chat template."""
     return "\n\n".join(f"{_NAME_OF.get(m['role'], m['role'].capitalize())}: {m['content']}" for m in messages)
@@ -86,18 +94,22 @@ class ChatFormat:
 
 def _strip_ends(text: str, leading: Sequence[str], trailing: Sequence[str]) -> str:
     """Without the BOS and left padding before the first turn, nor the EOS/padding (and newlines between them)
-    after the reply."""
+    after the reply. Moves two indices and copies once: linear in the text, however many pads it ends with."""
     leading, trailing = [t for t in leading if t], [t for t in trailing if t]
-    while start := next((t for t in leading if text.startswith(t)), None):
-        text = text[len(start) :]
+    start, end = 0, len(text)
+    while lead := next((t for t in leading if text.startswith(t, start, end)), None):
+        start += len(lead)
     while True:
-        end = next((t for t in trailing if text.endswith(t)), None)
-        if end is not None:
-            text = text[: -len(end)]
-        elif text.endswith("\n") and any(text.rstrip("\n").endswith(t) for t in trailing):
-            text = text.rstrip("\n")
-        else:
-            return text
+        if tail := next((t for t in trailing if text.endswith(t, start, end)), None):
+            end -= len(tail)
+            continue
+        before = end
+        while before > start and text[before - 1] == "\n":
+            before -= 1
+        if before < end and any(text.endswith(t, start, before) for t in trailing):
+            end = before
+            continue
+        return text[start:end]
 
 
 def _same(header: str, end: str, *roles: str) -> dict[str, tuple[str, str]]:

@@ -27,6 +27,7 @@ from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
 from app.model.conversations import Message, Prompt, parse_transcript, render_transcript
+from app.model.textcut import char_budget, chunk_spans, cut_item
 
 Template = Literal["concat", "text_pair", "chat"]
 
@@ -133,6 +134,7 @@ class RecipeEncoder:
             raise ValueError("the recipe appends EOS but the tokenizer has no eos_token")
         self.special_tokens: tuple[str, ...] = tuple(tokenizer.all_special_tokens)
         self.template_bos = self._template_bos()
+        self.char_budget = char_budget(tokenizer, recipe.max_length)  # characters per field worth tokenizing
 
     def _template_bos(self) -> str | None:
         """The BOS text every chat rendering starts with, when the template writes one itself: a client asking for
@@ -232,7 +234,20 @@ class RecipeEncoder:
                     out[i] = enc
         return out
 
-    def encode_batch(self, items: Sequence[Item]) -> list[Encoded]:
+    def encode_batch(self, items: Sequence[Item], chunk_chars: int = 1_000_000) -> list[Encoded]:
+        """Each field first cut to what `max_length` tokens can come from (`textcut`), then tokenized `chunk_chars`
+        characters at a time: the tokenizer's memory is bounded by the chunk, not by the request."""
+        sides = [self._limit(i, item)[1] in ("left", "keep-left") for i, item in enumerate(items)]
+        items = [cut_item(item, self.char_budget, keep_end) for item, keep_end in zip(items, sides, strict=True)]
+        out: list[Encoded] = []
+        for start, stop in chunk_spans(items, chunk_chars):
+            try:
+                out += self._encode(items[start:stop])
+            except UnreadableItem as exc:
+                raise UnreadableItem(exc.index + start, exc.reason) from exc
+        return out
+
+    def _encode(self, items: Sequence[Item]) -> list[Encoded]:
         default = self.recipe.add_special_tokens and self.recipe.template != "chat"
         special = [
             item.add_special_tokens if isinstance(item, Formatted) and item.add_special_tokens is not None else default

@@ -27,6 +27,7 @@ class ErrorType(StrEnum):
     method_not_allowed = "method_not_allowed"
     unauthorized = "unauthorized"
     timeout = "timeout"
+    request_timeout = "request_timeout"
     client_closed = "client_closed"
     backend_error = "backend_error"
     internal_error = "internal_error"
@@ -41,6 +42,7 @@ TABLE: dict[ErrorType, tuple[int, str]] = {
     ErrorType.method_not_allowed: (405, "the route does not take this method"),
     ErrorType.unauthorized: (401, "missing or wrong API key"),
     ErrorType.timeout: (504, "not scored within the request's deadline"),
+    ErrorType.request_timeout: (408, "the request's body did not arrive in time"),
     ErrorType.client_closed: (499, "the client closed the connection first"),
     ErrorType.backend_error: (500, "the model failed on this request's items"),
     ErrorType.internal_error: (500, "a bug: the service failed"),

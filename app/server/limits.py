@@ -1,15 +1,12 @@
-"""Every limit a request is held to, checked here and nowhere else: the body's bytes (before it is read), its fields'
-characters and messages and its item count (before anything is tokenized), and its deadline. Each refusal names the
-setting. (The queue's capacity is the engine's admission, not a per-request limit.)"""
+"""The limits a request is held to once decoded: the body's bytes (before it is read), its item count (before anything
+is converted or tokenized), /rank's matrix, and its deadline. Each refusal names the setting. Field sizes are checked
+while the body is decoded (`app.server.decode`); the queue's capacity is the engine's admission."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from pydantic import BaseModel
+from collections.abc import Sequence
 
 from app.server.errors import ErrorType, ServiceError
-from app.server.schemas import Message
 from app.settings import Settings
 
 
@@ -22,49 +19,9 @@ def body_too_large(settings: Settings, size: int) -> ServiceError | None:
     )
 
 
-def _not_unicode(text: str) -> bool:
-    """JSON may escape a lone surrogate, which no tokenizer can read: the one kind of str that is not text."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
-def check_request(body: BaseModel, items: int, settings: Settings) -> None:
-    """Per-field limits depend on settings, so they cannot live in the field types; 422 naming the field, then 413
-    for too many items (a /compare pair counts as two)."""
-    max_chars, max_messages = settings.max_text_chars, settings.max_messages
-
-    def walk(value: Any, where: str) -> None:
-        if isinstance(value, str):
-            if not value.isascii() and _not_unicode(value):
-                raise ServiceError(
-                    ErrorType.validation_error,
-                    "not valid Unicode text: it holds a lone surrogate (an unpaired \\ud800-\\udfff escape)",
-                    param=where,
-                )
-            if len(value) > max_chars:
-                raise ServiceError(
-                    ErrorType.validation_error,
-                    f"{len(value)} characters; the limit is {max_chars} (REWARD_MAX_TEXT_CHARS)",
-                    param=where,
-                )
-        elif isinstance(value, BaseModel):
-            for name, child in value:
-                walk(child, f"{where}.{name}" if where else name)
-        elif isinstance(value, list):
-            if value and isinstance(value[0], Message) and len(value) > max_messages:
-                raise ServiceError(
-                    ErrorType.validation_error,
-                    f"{len(value)} messages; the limit is {max_messages} (REWARD_MAX_MESSAGES)",
-                    param=where,
-                )
-            for i, child in enumerate(value):
-                if isinstance(child, str | BaseModel):  # free-form fields (OpenRLHF labels) are not scored
-                    walk(child, f"{where}[{i}]")
-
-    walk(body, "")
+def check_items(items: int, settings: Settings) -> None:
+    """413 for too many items (a /compare pair counts as two). Field sizes were checked as the body was decoded
+    (`app.server.decode`), before any of it was validated."""
     if items > settings.max_items_per_request:
         raise ServiceError(
             ErrorType.payload_too_large,
@@ -73,11 +30,23 @@ def check_request(body: BaseModel, items: int, settings: Settings) -> None:
         )
 
 
+def check_probabilities(groups: Sequence[int], settings: Settings) -> None:
+    """/rank's matrix grows with the square of a group: 1,024 replies would answer 20 MB for an 8 KB request."""
+    largest = max(groups, default=0)
+    if largest > settings.max_probability_group:
+        raise ServiceError(
+            ErrorType.validation_error,
+            f"probabilities for a group of {largest} responses; the matrix is given for groups of at most "
+            f"{settings.max_probability_group} (REWARD_MAX_PROBABILITY_GROUP): ask without it, or split the group",
+            param="probabilities",
+        )
+
+
 def deadline(header: str | None, settings: Settings) -> float:
-    """Seconds a request may wait for its rewards: the setting, or its own `X-Request-Timeout`, at most the bound
+    """Seconds a request may take from its arrival: the setting, or its own `X-Request-Timeout`, at most the bound
     (a client asking for longer gets the bound: it learns it from /info, or from the 504)."""
     if header is None:
-        return settings.request_timeout_s
+        return min(settings.request_timeout_s, settings.max_request_timeout_s)
     try:
         value = float(header)
     except ValueError:
@@ -103,6 +72,7 @@ def described(settings: Settings) -> dict[str, int | float]:
         "max_body_bytes",
         "max_text_chars",
         "max_messages",
+        "max_probability_group",
         "request_timeout_s",
         "max_request_timeout_s",
     )

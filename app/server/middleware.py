@@ -1,9 +1,10 @@
-"""One pure-ASGI middleware for what every request gets: a request id, the API key check and the body size limit
-(both before the body is read), total time, the access log line and the per-route request counter. Pure ASGI (not
-BaseHTTPMiddleware) so streaming and disconnects pass through untouched."""
+"""One pure-ASGI middleware for what every request gets: a request id, its arrival time, the API key check and the
+body size limit (both before the body is read), the body's timeout, total time, the access log line and the
+per-route request counter. Pure ASGI (not BaseHTTPMiddleware) so streaming and disconnects pass through untouched."""
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import logging
@@ -14,7 +15,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.server import auth
-from app.server.errors import ServiceError
+from app.server.errors import ErrorType, ServiceError
 from app.server.limits import body_too_large
 from app.server.metrics import Metrics
 from app.settings import Settings
@@ -45,6 +46,7 @@ class RequestContext:
         rid = headers.get(_ID_HEADER, b"").decode("latin-1")[:128] or uuid.uuid4().hex
         token = request_id.set(rid)
         began = time.perf_counter()
+        scope.setdefault("state", {})["arrived"] = began  # a request's deadline counts from here
         status = {"code": 500}
         declared = headers.get(b"content-length")
 
@@ -93,7 +95,20 @@ class RequestContext:
             request_id.reset(token)
 
     async def _read_body(self, receive: Receive) -> bytes:
-        """The whole body, refusing (chunked) bodies over the limit as they arrive."""
+        """The whole body, refusing (chunked) bodies over the limit as they arrive, and bodies that have not arrived
+        within `body_timeout_s` (a client trickling its body holds neither a connection nor a shutdown longer)."""
+        try:
+            async with asyncio.timeout(self.settings.body_timeout_s):
+                return await self._receive_body(receive)
+        except TimeoutError:
+            error = ServiceError(
+                ErrorType.request_timeout,
+                f"the body did not arrive within {self.settings.body_timeout_s:g} s (REWARD_BODY_TIMEOUT_S)",
+                headers={"Connection": "close"},
+            )
+            raise _Refused(error) from None
+
+    async def _receive_body(self, receive: Receive) -> bytes:
         chunks: list[bytes] = []
         size = 0
         while True:

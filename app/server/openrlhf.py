@@ -53,10 +53,10 @@ class QueryReader:
             name, messages = conversation
             return name, ScoringInput(messages[:-1], messages[-1]["content"])
         if prompt and query.startswith(prompt) and not any(t in prompt for t in self.special_tokens):
-            response = query[len(prompt) :]
-            while trailing := next((t for t in self.special_tokens if response.endswith(t)), None):
-                response = response.removesuffix(trailing)  # EOS/pad: the recipe adds its own EOS back
-            return TEXT, ScoringInput(prompt, response)
+            start, end = len(prompt), len(query)  # EOS/pad stripped: the recipe adds its own EOS back
+            while trailing := next((t for t in self.special_tokens if t and query.endswith(t, start, end)), None):
+                end -= len(trailing)  # indices, not copies: linear however many pads the query ends with
+            return TEXT, ScoringInput(prompt, query[start:end])
         return RAW, Formatted(query, prompt=prompt)
 
 

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from app.engine.errors import EngineError
-from app.engine.worker import ItemResult, Worker
+from app.engine.errors import DeadlineExceeded, EngineError
+from app.engine.worker import ItemResult, Scored, Worker
 from app.model.checkpoint import Normalization
 from app.model.recipe import Item
 from app.server import limits
+from app.server.decode import DecodedRoute
 from app.server.errors import ErrorType, ServiceError, openapi_responses
 from app.server.openrlhf import GetRewardRequest, GetRewardResponse, QueryReader
 from app.server.schemas import (
@@ -73,7 +76,7 @@ def get_served(request: Request) -> Served:
 
 WorkerDep = Annotated[Worker, Depends(get_worker)]
 ServedDep = Annotated[Served, Depends(get_served)]
-router = APIRouter()  # API keys: checked in the middleware, before the body is read
+router = APIRouter(route_class=DecodedRoute)  # API keys: checked in the middleware, before the body is read
 open_router = APIRouter()
 
 
@@ -83,21 +86,29 @@ async def _until_disconnected(request: Request) -> None:
 
 
 async def _scored(
-    request: Request, response: Response, worker: Worker, body: Any, inputs: list[Item], field: str = "items"
+    request: Request,
+    response: Response,
+    worker: Worker,
+    count: int,
+    convert: Callable[[], list[Item]],
+    field: str = "items",
 ) -> list[ItemResult]:
-    """The one path every scoring route takes: limits, deadline, the worker call, dropping the work of a client
-    that went away, timing headers. `field`: the body's list an item's error names (`input[2]`)."""
+    """The one path every scoring route takes: the item limit, the deadline (counted from the request's arrival),
+    the conversion to items off the event loop, the worker call, the work of a client that went away or of a
+    cancelled handler dropped, timing headers. `field`: the body's list an item's error names (`input[2]`)."""
     settings = worker.settings
-    limits.check_request(body, len(inputs), settings)
+    limits.check_items(count, settings)
     timeout = limits.deadline(request.headers.get("x-request-timeout"), settings)
-    task = asyncio.ensure_future(worker.score(inputs, timeout))
+    arrived: float = getattr(request.state, "arrived", time.perf_counter())
+    task = asyncio.ensure_future(_converted_and_scored(worker, convert, arrived + timeout, timeout))
     watch = asyncio.ensure_future(_until_disconnected(request))
     try:
         await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
+    finally:  # a handler cancelled here (Ray Serve cancels it when its client leaves) cancels its items too
         watch.cancel()
-    if not task.done():  # the client disconnected: its queued items are skipped, not computed
-        task.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():  # the client disconnected: its queued items are skipped, not computed
         raise ServiceError(ErrorType.client_closed, "the client closed the connection before its result")
     try:
         scored = task.result()
@@ -112,12 +123,25 @@ async def _scored(
     return scored.results
 
 
+async def _converted_and_scored(
+    worker: Worker, convert: Callable[[], list[Item]], deadline: float, timeout: float
+) -> Scored:
+    remaining = deadline - time.perf_counter()
+    if remaining > 0:
+        inputs = await asyncio.to_thread(convert)
+        remaining = deadline - time.perf_counter()
+    if remaining <= 0:
+        raise DeadlineExceeded(f"not scored within the request's deadline of {timeout:g} s (parsing counts)")
+    return await worker.score(inputs, remaining, timeout)
+
+
 @router.post("/score", responses=ERRORS)
 async def score(
     body: ScoreRequest, request: Request, response: Response, worker: WorkerDep, served: ServedDep
 ) -> ScoreResponse:
     """Rewards for prompt/response items (or whole conversations), aligned with `items`."""
-    results = await _scored(request, response, worker, body, [item.to_input() for item in body.items])
+    convert = lambda: [item.to_input() for item in body.items]  # noqa: E731
+    results = await _scored(request, response, worker, len(body.items), convert)
     return ScoreResponse.build(results, served.fingerprint, served.normalization)
 
 
@@ -126,8 +150,8 @@ async def compare(
     body: CompareRequest, request: Request, response: Response, worker: WorkerDep, served: ServedDep
 ) -> CompareResponse:
     """Bradley-Terry P(response_a preferred to response_b) per pair, with both rewards."""
-    inputs = [side for pair in body.pairs for side in pair.to_inputs()]
-    results = await _scored(request, response, worker, body, inputs)
+    convert = lambda: [side for pair in body.pairs for side in pair.to_inputs()]  # noqa: E731
+    results = await _scored(request, response, worker, 2 * len(body.pairs), convert)
     return CompareResponse.build(results, served.fingerprint)
 
 
@@ -136,8 +160,11 @@ async def rank(
     body: RankRequest, request: Request, response: Response, worker: WorkerDep, served: ServedDep
 ) -> RankResponse:
     """GRPO/RLOO groups: rewards, group mean/std, normalized advantages, leave-one-out baselines, ranks."""
-    inputs = [x for group in body.groups for x in group.to_inputs()]
-    results = await _scored(request, response, worker, body, inputs)
+    sizes = [len(group.responses) for group in body.groups]
+    if body.probabilities:
+        limits.check_probabilities(sizes, worker.settings)
+    convert = lambda: [x for group in body.groups for x in group.to_inputs()]  # noqa: E731
+    results = await _scored(request, response, worker, sum(sizes), convert)
     return RankResponse.build(body, results, served.fingerprint, served.normalization)
 
 
@@ -146,8 +173,14 @@ async def get_reward(
     body: GetRewardRequest, request: Request, response: Response, worker: WorkerDep, served: ServedDep
 ) -> GetRewardResponse:
     """OpenRLHF's remote reward model protocol (`--remote_rm_url http://host:port/get_reward`)."""
-    read_as, inputs = body.to_inputs(served.reader)
-    results = await _scored(request, response, worker, body, inputs, field="query")
+    read_as: list[str] = []
+
+    def convert() -> list[Item]:
+        names, inputs = body.to_inputs(served.reader)
+        read_as.extend(names)
+        return inputs
+
+    results = await _scored(request, response, worker, len(body.query), convert, field="query")
     return GetRewardResponse.build(results, read_as, served.reader.readings, served.normalization)
 
 
@@ -157,7 +190,7 @@ async def classify(
     body: ClassifyRequest, request: Request, response: Response, worker: WorkerDep, served: ServedDep
 ) -> ClassifyResponse:
     """vLLM's classify API: `probs` per input (sigmoid of the reward; `use_activation: false` for the reward)."""
-    results = await _scored(request, response, worker, body, body.to_inputs(), field="input")
+    results = await _scored(request, response, worker, body.size(), body.to_inputs, field="input")
     return ClassifyResponse.build(body, results, served.model_id, served.normalization)
 
 
@@ -166,7 +199,7 @@ async def pooling(
     body: ClassifyRequest, request: Request, response: Response, worker: WorkerDep, served: ServedDep
 ) -> ClassifyResponse:
     """vLLM's pooling API with `task: classify` (the default): the same values as /classify, in pooling's shape."""
-    results = await _scored(request, response, worker, body, body.to_inputs(), field="input")
+    results = await _scored(request, response, worker, body.size(), body.to_inputs, field="input")
     return ClassifyResponse.build(body, results, served.model_id, served.normalization, pooling=True)
 
 

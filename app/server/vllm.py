@@ -86,6 +86,13 @@ class ClassifyRequest(_Lenient):
         flags = (self.use_activation, self.activation, self.softmax)
         return next((flag for flag in flags if flag is not None), True)
 
+    def size(self) -> int:
+        """How many items `to_inputs` makes."""
+        if self.messages is not None or isinstance(self.input, str):
+            return 1
+        values = self.input or []
+        return 1 if values and isinstance(values[0], int) else len(values)
+
     def to_inputs(self) -> list[Item]:
         keep, cut = self.truncate_prompt_tokens, self.truncation_side or "left"
         if self.messages is not None:
