@@ -1,6 +1,7 @@
 # CPU image by default; the compose "gpu" profile builds it with a CUDA torch (TORCH_INDEX) instead, the "ray"
 # profile with the Ray Serve lock (LOCK=deploy/lock/ray.txt). Everything but torch installs from a lock with hashes.
-FROM python:3.11-slim
+# Pinned by digest (a tag moves under a rebuild); refresh with `docker buildx imagetools inspect python:3.11-slim`.
+FROM python:3.11-slim@sha256:9c900dea9e8fb7e16277c179b555cc72d29a352dbc33cff48ad5a0412fd5bfc7
 
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ARG TORCH_VERSION=2.13.0

@@ -37,15 +37,20 @@ def _serve(args: argparse.Namespace) -> int:
         from app.server.ray_serve import run
 
         return run(settings)
+    from app.server.protocol import GuardedHttpTools
+
     # uvicorn's own loggers propagate to our handler; its access log is replaced by ours (with request ids)
+    app = create_app(settings, on_model_death=lambda: setattr(server, "should_exit", True))
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         log_config=None,
         access_log=False,
+        http=GuardedHttpTools.bound_to(settings),  # header deadline and caps, connection cap
         timeout_keep_alive=settings.keep_alive_timeout_s,
+        timeout_graceful_shutdown=settings.graceful_shutdown_s,  # type: ignore[arg-type]
     )
 
     class GracefulServer(uvicorn.Server):
@@ -63,7 +68,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     server = GracefulServer(config)
     server.run()
-    return 0 if server.started else 3  # 3: start-up failed (e.g. a broken checkpoint), as `uvicorn.run` exits
+    if not server.started:
+        return 3  # start-up failed (e.g. a broken checkpoint), as `uvicorn.run` exits
+    worker = getattr(app.state, "worker", None)
+    return 1 if worker is not None and worker.failure is not None else 0  # 1: the model thread died
 
 
 def _train(args: argparse.Namespace) -> int:

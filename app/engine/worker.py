@@ -17,12 +17,13 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import torch
 
 from app.engine.batching import BatchPolicy, TokenBudgetQueue
 from app.engine.errors import BackendFailed, DeadlineExceeded, EngineError, InputRejected, NotReady, Overloaded
+from app.engine.observer import EngineObserver, WorkerStats
 from app.engine.offline import Queued
 from app.model.recipe import Item, ScoringInput, UnreadableItem
 from app.model.reward_model import RewardModel
@@ -96,40 +97,6 @@ class _Entry(Queued):
         return self.pending.failed or self.pending.future.done()
 
 
-class EngineObserver:
-    """What the engine reports as it runs; no-ops here. The server's Prometheus metrics override these."""
-
-    def track_queue(self, depth: Callable[[], int]) -> None:
-        """`depth()` gives the items waiting, whenever the observer wants to know."""
-
-    def tokenized(self, seconds: float) -> None:
-        """One request's items tokenized."""
-
-    def started(self, queue_seconds: float) -> None:
-        """One request's wait from admission to its first forward."""
-
-    def dropped(self, items: int) -> None:
-        """Queued items skipped unscored: their request was abandoned."""
-
-    def batch(self, size: int, real: int, padded: int, seconds: float) -> None:
-        """One forward; `real`/`padded`: the tokens it computed (a shared prompt counts once)."""
-
-
-@dataclass
-class WorkerStats:
-    """In-process counters (benchmarks, tests); the observer sees the same events."""
-
-    batches: int = 0
-    items: int = 0
-    real_tokens: int = 0
-    padded_tokens: int = 0
-    batch_sizes: list[int] = field(default_factory=list)  # the last 1,000
-
-    @property
-    def padding_efficiency(self) -> float:
-        return self.real_tokens / self.padded_tokens if self.padded_tokens else 1.0
-
-
 def settings_policy(settings: Settings) -> BatchPolicy:
     """The batch policy the settings ask for (its fields are settings of the same names), before it is fitted to a
     model (`BatchPolicy.for_model`)."""
@@ -137,8 +104,17 @@ def settings_policy(settings: Settings) -> BatchPolicy:
 
 
 class Worker:
-    def __init__(self, model: RewardModel, settings: Settings, observer: EngineObserver | None = None) -> None:
+    def __init__(
+        self,
+        model: RewardModel,
+        settings: Settings,
+        observer: EngineObserver | None = None,
+        on_death: Callable[[], None] | None = None,
+    ) -> None:
+        """`on_death`: called (on the model thread) once it died and every admitted request was failed; the server
+        exits there, so that an orchestrator restarts it."""
         self.model = model
+        self.on_death = on_death
         self.settings = settings
         self.observer = observer or EngineObserver()
         self.stats = WorkerStats()
@@ -293,6 +269,8 @@ class Worker:
             self.ready = False
             for pending in self._inflight:
                 pending.fail(self._dead())
+        if self.on_death is not None:
+            self.on_death()
 
     def _dead(self) -> NotReady:
         return NotReady(f"the model thread died ({self.failure}); the service must be restarted")

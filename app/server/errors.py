@@ -22,12 +22,14 @@ class ErrorType(StrEnum):
     validation_error = "validation_error"
     payload_too_large = "payload_too_large"
     overloaded = "overloaded"
+    too_many_connections = "too_many_connections"
     not_ready = "not_ready"
     not_found = "not_found"
     method_not_allowed = "method_not_allowed"
     unauthorized = "unauthorized"
     timeout = "timeout"
     request_timeout = "request_timeout"
+    headers_too_large = "headers_too_large"
     client_closed = "client_closed"
     backend_error = "backend_error"
     internal_error = "internal_error"
@@ -37,12 +39,14 @@ TABLE: dict[ErrorType, tuple[int, str]] = {
     ErrorType.validation_error: (422, "invalid input; `param` says where"),
     ErrorType.payload_too_large: (413, "too many items, or body too large"),
     ErrorType.overloaded: (429, "queue full; retry after `Retry-After` seconds"),
+    ErrorType.too_many_connections: (503, "too many open connections; retry after `Retry-After` seconds"),
     ErrorType.not_ready: (503, "not ready (loading or shutting down); retry after `Retry-After` seconds"),
     ErrorType.not_found: (404, "no such route"),
     ErrorType.method_not_allowed: (405, "the route does not take this method"),
     ErrorType.unauthorized: (401, "missing or wrong API key"),
     ErrorType.timeout: (504, "not scored within the request's deadline"),
-    ErrorType.request_timeout: (408, "the request's body did not arrive in time"),
+    ErrorType.request_timeout: (408, "the request's headers or body did not arrive in time"),
+    ErrorType.headers_too_large: (431, "request headers too large or too many"),
     ErrorType.client_closed: (499, "the client closed the connection first"),
     ErrorType.backend_error: (500, "the model failed on this request's items"),
     ErrorType.internal_error: (500, "a bug: the service failed"),

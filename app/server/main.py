@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
@@ -56,8 +58,14 @@ def normalization_in_force(settings: Settings, model: RewardModel) -> Normalizat
     return Normalization(mean=mean, std=std)
 
 
-def create_app(settings: Settings | None = None, model: RewardModel | None = None) -> FastAPI:
-    """`model` lets tests share one loaded checkpoint across apps; the server loads `settings.model_path`."""
+def create_app(
+    settings: Settings | None = None,
+    model: RewardModel | None = None,
+    on_model_death: Callable[[], None] | None = None,
+) -> FastAPI:
+    """`model` lets tests share one loaded checkpoint across apps; the server loads `settings.model_path`.
+    `on_model_death`: how the process ends once its model thread died (a server that cannot score must exit for
+    its container to be restarted); None keeps it up with /health at 503 (tests, Ray Serve's health check)."""
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -65,7 +73,7 @@ def create_app(settings: Settings | None = None, model: RewardModel | None = Non
         # Loading errors propagate: uvicorn exits non-zero with the CheckpointError naming the file.
         loaded = model or await asyncio.to_thread(load_model, settings)
         normalization = normalization_in_force(settings, loaded)
-        worker = Worker(loaded, settings, app.state.metrics)
+        worker = Worker(loaded, settings, app.state.metrics, on_death=on_model_death)
         await asyncio.to_thread(worker.start)  # fits the batch policy to the model
         raw = normalization.model_dump() if normalization else None
         fingerprint = served_fingerprint(loaded, worker.policy, raw, worker.threads)
@@ -95,4 +103,9 @@ def create_app(settings: Settings | None = None, model: RewardModel | None = Non
     return app
 
 
-app = create_app()
+def _terminate() -> None:
+    """Plain `uvicorn app.server.main:app`: SIGTERM to itself, so uvicorn shuts down and the process exits."""
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+app = create_app(on_model_death=_terminate)

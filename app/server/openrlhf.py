@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, Field, StrictStr, model_validator
 
 from app.model.checkpoint import Normalization
-from app.model.conversations import ChatFormat, chat_formats, read_query
+from app.model.conversations import ChatFormat, chat_formats, read_query, repeats
 from app.model.recipe import Formatted, Item, RecipeEncoder, ScoringInput
 from app.server.schemas import item_scores
 
@@ -55,7 +55,7 @@ class QueryReader:
         if prompt and query.startswith(prompt) and not any(t in prompt for t in self.special_tokens):
             start, end = len(prompt), len(query)  # EOS/pad stripped: the recipe adds its own EOS back
             while trailing := next((t for t in self.special_tokens if t and query.endswith(t, start, end)), None):
-                end -= len(trailing)  # indices, not copies: linear however many pads the query ends with
+                end -= len(trailing) * repeats(query, trailing, start, end)  # a run of pads at once
             return TEXT, ScoringInput(prompt, query[start:end])
         return RAW, Formatted(query, prompt=prompt)
 
