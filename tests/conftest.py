@@ -125,3 +125,37 @@ def live_server(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathF
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@pytest.fixture
+def server(checkpoints: dict[str, Path], tmp_path: Path) -> Iterator[Callable[..., tuple[str, object]]]:
+    procs = []
+
+    def _start(name: str = "gpt2", **env: str) -> tuple[str, object]:
+        port = free_port()
+        settings = {
+            "REWARD_MODEL_PATH": str(checkpoints[name]),
+            "REWARD_DTYPE": "float32",
+            "REWARD_DEVICE": "cpu",
+            "REWARD_PORT": str(port),
+            "REWARD_LOG_LEVEL": "warning",
+            **env,
+        }
+        proc = start_server([sys.executable, "-m", "app.cli", "serve"], settings, port, tmp_path / f"{port}.log")
+        procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, proc)
+        return url, proc
+
+    yield _start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

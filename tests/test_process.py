@@ -6,9 +6,8 @@ import asyncio
 import json
 import os
 import signal
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -16,41 +15,7 @@ import pytest
 
 from app.model.recipe import ScoringInput
 from app.model.reward_model import RewardModel
-from tests.conftest import free_port, start_server, wait_ready
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
-@pytest.fixture
-def server(checkpoints: dict[str, Path], tmp_path: Path) -> Iterator[Callable[..., tuple[str, object]]]:
-    procs = []
-
-    def _start(name: str = "gpt2", **env: str) -> tuple[str, object]:
-        port = free_port()
-        settings = {
-            "REWARD_MODEL_PATH": str(checkpoints[name]),
-            "REWARD_DTYPE": "float32",
-            "REWARD_DEVICE": "cpu",
-            "REWARD_PORT": str(port),
-            "REWARD_LOG_LEVEL": "warning",
-            **env,
-        }
-        proc = start_server([sys.executable, "-m", "app.cli", "serve"], settings, port, tmp_path / f"{port}.log")
-        procs.append(proc)
-        url = f"http://127.0.0.1:{port}"
-        wait_ready(url, proc)
-        return url, proc
-
-    yield _start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+from tests.conftest import rss_kib
 
 
 def items_for(i: int, n: int) -> list[dict[str, str]]:

@@ -23,6 +23,7 @@ import torch
 
 from app.engine.batching import BatchPolicy, TokenBudgetQueue
 from app.engine.errors import BackendFailed, DeadlineExceeded, EngineError, InputRejected, NotReady, Overloaded
+from app.engine.memory import Trimmer
 from app.engine.observer import EngineObserver, WorkerStats
 from app.engine.offline import Queued
 from app.model.recipe import Item, ScoringInput, UnreadableItem
@@ -127,6 +128,7 @@ class Worker:
         self._inflight: set[_Pending] = set()  # admitted and not yet answered: what a dying model thread fails
         self._tokenizing = 0  # admitted requests not yet queued: a stopping model thread waits for them
         self._reserved = 0  # their items, counted by admission beside the queue
+        self._trimmer = Trimmer()  # gives memory back to the system when the queue drains
         self.ready = False
         self.threads = 0  # the model thread's CPU threads, known once it warmed up
         self.failure: str | None = None  # set when the model thread died: nothing is served after it
@@ -288,6 +290,8 @@ class Worker:
                     self.observer.dropped(self._queue.dropped - dropped)
             if batch:
                 self._run_batch(batch)
+                if not self._queue:
+                    self._trimmer.idle()
 
     def _run_batch(self, batch: list[_Entry]) -> None:
         """Forward `batch`; on failure (e.g. out of memory) retry its halves, down to single items."""

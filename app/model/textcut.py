@@ -2,10 +2,11 @@
 that truncation drops anyway, so tokenizing costs what the model reads, not what the client sent (the Rust tokenizer
 keeps ~95 bytes per token until its encodings are freed: 1,024 items of 15k characters took 1.5 GB).
 
-No token covers more characters than the longest token in the vocabulary (`longest_token`), and normalizers that
-compose characters (NFC, NFKC) merge at most a few into one, hence the factor `_SLACK`. A field within its budget is
-untouched, so every item that fits is tokenized exactly as before; a field past it keeps `budget` characters on the
-side truncation keeps, far more than the tokens kept from it, and the item is reported truncated as before.
+No token covers more characters than the longest token in the vocabulary (`longest_token`); where the tokenizer has
+a normalizer, which may compose characters (NFC, NFKC merge at most three into one), the factor `_SLACK` covers it.
+A field within its budget is untouched, so every item that fits is tokenized exactly as before; a field past it keeps
+`budget` characters on the side truncation keeps, more than the tokens kept from it can span, and the item is
+reported truncated as before.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ def longest_token(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 def char_budget(tokenizer: PreTrainedTokenizerBase, max_length: int) -> int:
-    return _SLACK * longest_token(tokenizer) * max_length + _MARGIN
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    slack = 1 if backend is not None and backend.normalizer is None else _SLACK
+    return slack * longest_token(tokenizer) * max_length + _MARGIN
 
 
 def _cut(text: str, budget: int, keep_end: bool) -> str:

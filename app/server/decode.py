@@ -13,6 +13,7 @@ most `REWARD_MAX_ITEMS_PER_REQUEST` entries. Validation then runs element by ele
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import types
 import typing
@@ -32,9 +33,15 @@ from app.settings import Settings
 
 MAX_DEPTH = 32  # the deepest request format nests 5 levels (/score's messages' contents)
 _SPACE = re.compile(r"[ \t\n\r]*")
+_INTEGER = r"[ \t\n\r]*-?(?:0|[1-9]\d{0,17})[ \t\n\r]*"
 _LITERALS = {"true": True, "false": False, "null": None}
 _TRANSCRIPT_FIELDS = frozenset({"prompt", "prompts"})
 M = TypeVar("M", bound=BaseModel)
+
+
+@functools.lru_cache
+def _integer_run(limit: int) -> re.Pattern[str]:
+    return re.compile(f"{_INTEGER}(?:,{_INTEGER}){{0,{limit - 1}}}")
 
 
 class _Invalid(Exception):
@@ -135,6 +142,8 @@ class _Reader:
         if self.skip() == "]":
             self.pos += 1
             return out
+        if (ids := self.integers(path, key)) is not None:
+            return ids
         numbers = True
         while True:
             item = self.value(f"{path}[{len(out)}]", key, depth + 1)
@@ -147,6 +156,21 @@ class _Reader:
                 return out
             if char != ",":
                 raise _Invalid(f"expected ',' or ']' at position {self.pos - 1}")
+
+    def integers(self, path: str, key: str) -> list[int] | None:
+        """An array of plain integers (token ids) read by C calls, not a Python step per id, and no further than its
+        limit; None when the array holds anything else, for the general reader."""
+        cap = self.settings.max_text_chars
+        run = _integer_run(cap).match(self.text, self.pos)
+        if run is None:
+            return None
+        after = self.text[run.end() : run.end() + 1]
+        if after == "," and run.group().count(",") + 1 == cap:  # the run stopped at the limit, not at the end
+            self.check_length(path, key, cap + 1, numbers=True)
+        if after != "]":
+            return None
+        self.pos = run.end() + 1
+        return [int(part) for part in run.group().split(",")]
 
     def check_length(self, path: str, key: str, length: int, numbers: bool) -> None:
         settings = self.settings
