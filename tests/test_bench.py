@@ -44,6 +44,10 @@ def test_bench_runs_every_mode_and_workload(checkpoints: dict[str, Path], tmp_pa
     assert "the model's linears at 512 rows: " in table
     assert {k.split("x", 1)[0] for k in limit["linear_flops"]} == {"512"}  # the rows the invariant forward uses
     assert "server / engine" in table and "server / litserve" in table
+    hostile = {r["mode"]: r for r in results if r["workload"] == "hostile"}
+    assert sum(hostile["server"]["hostile_statuses"].values()) > 0  # the hostile client ran beside the storm
+    assert set(hostile["server"]["hostile_statuses"]) <= {413, 422}  # each refused, none a 500
+    assert "| hostile | server: hostile / storm (hostile bodies answered " in table
     assert "| idle | server p50 of (latency - the item's forward) |" in table
     assert "| idle | server p50 of (latency - its own forward) |" in table
 

@@ -16,7 +16,7 @@ from app.model import backbones
 from app.model.checkpoint import CheckpointError
 from app.model.loading import load_reward_model
 from tests.conftest import ROOT
-from tests.test_robustness import ITEM, gate
+from tests.test_robustness import ITEM, gate, gate_tokenizer
 
 JSON = {"content-type": "application/json"}
 
@@ -181,19 +181,9 @@ async def test_a_request_still_tokenizing_at_shutdown_is_finished(
     make_client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """SIGTERM's drain finishes what was admitted; a request between admission and the queue used to get 503."""
-    import threading
-
     async with make_client("gpt2") as client:
         worker = client.app.state.worker
-        entered, release = threading.Event(), threading.Event()
-        real = worker.model.encoder.encode_batch
-
-        def slow_tokenizer(items: Any, **options: Any) -> Any:
-            entered.set()
-            release.wait(30)
-            return real(items, **options)
-
-        monkeypatch.setattr(worker.model.encoder, "encode_batch", slow_tokenizer)
+        entered, release = gate_tokenizer(worker, monkeypatch)
         request = asyncio.create_task(client.post("/score", json={"items": [ITEM] * 2}))
         await asyncio.to_thread(entered.wait, 30)
         stopping = asyncio.create_task(asyncio.to_thread(worker.stop, 30))
@@ -206,11 +196,48 @@ async def test_a_request_still_tokenizing_at_shutdown_is_finished(
     assert refused.status_code == 503
 
 
-def test_compose_waits_for_the_longest_deadline_before_killing() -> None:
+def test_compose_waits_for_the_servers_own_drain_before_killing() -> None:
+    """The server bounds its drain (REWARD_GRACEFUL_SHUTDOWN_S); compose's grace period stays above it. It was 930 s,
+    which a trickling body could use whole on every deploy."""
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    deadline = float(compose["x-reward-env"]["REWARD_MAX_REQUEST_TIMEOUT_S"])
+    drain = float(compose["x-reward-env"]["REWARD_GRACEFUL_SHUTDOWN_S"])
     for name in ("reward-server", "reward-server-gpu", "ray-head"):
-        assert float(compose["services"][name]["stop_grace_period"].removesuffix("s")) > deadline, name
+        grace = float(compose["services"][name]["stop_grace_period"].removesuffix("s"))
+        assert drain < grace <= 300, name
+
+
+def test_deploy_files_expose_nothing_by_default() -> None:
+    """Compose published on every interface with no key; KubeRay exposed Ray's ports to any pod; its build line
+    passed a build argument the Dockerfile does not take, and the base image moved with its tag."""
+    import re
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert compose["x-reward-env"]["REWARD_API_KEYS"] == "${REWARD_API_KEYS:-}"
+    for name, service in compose["services"].items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("${REWARD_PUBLISH_ADDRESS:-127.0.0.1}:"), (name, port)
+        if "ports" in service or name != "ray-worker":
+            assert service.get("restart") == "unless-stopped", name  # the process exits when its model thread dies
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11-slim@sha256:[0-9a-f]{64}$", dockerfile, re.M)
+    arguments = set(re.findall(r"^ARG (\w+)=", dockerfile, re.M))
+    kuberay = (ROOT / "deploy/kuberay/rayservice.yaml").read_text()
+    for line in (line for line in kuberay.splitlines() if "docker build" in line):
+        for name, value in re.findall(r"--build-arg (\w+)=(\S+)", line):
+            assert name in arguments, line
+            if name == "LOCK":
+                assert re.search(r"^ray==", (ROOT / value).read_text(), re.M), value
+    service = yaml.safe_load(kuberay)
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]
+    workers = [g["template"] for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]]
+    policy = yaml.safe_load((ROOT / "deploy/kuberay/networkpolicy.yaml").read_text())
+    selected = policy["spec"]["podSelector"]["matchLabels"]
+    for template in (head, *workers):
+        assert selected.items() <= template["metadata"]["labels"].items()
+    open_to_all = [rule for rule in policy["spec"]["ingress"] if "from" not in rule]
+    assert [p["port"] for rule in open_to_all for p in rule["ports"]] == [8000]  # serve only
+    dashboard = [rule for rule in policy["spec"]["ingress"] if any(p["port"] == 8265 for p in rule.get("ports", []))]
+    assert dashboard and all("namespaceSelector" in peer for rule in dashboard for peer in rule["from"])
 
 
 async def test_a_deadline_past_the_bound_gets_the_bound(make_client: Any) -> None:

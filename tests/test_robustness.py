@@ -27,6 +27,20 @@ def gate(worker: Any) -> tuple[threading.Event, threading.Event]:
     return entered, release
 
 
+def gate_tokenizer(worker: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """Make tokenizing wait for `release`; `entered` is set when a request's items reached the tokenizer."""
+    entered, release = threading.Event(), threading.Event()
+    real = worker.model.encoder.encode_batch
+
+    def slow(items: Any, **options: Any) -> Any:
+        entered.set()
+        release.wait(30)
+        return real(items, **options)
+
+    monkeypatch.setattr(worker.model.encoder, "encode_batch", slow)
+    return entered, release
+
+
 async def test_api_keys(make_client: Any, caplog: pytest.LogCaptureFixture) -> None:
     secret = "s3cret-key-value"
     async with make_client("gpt2", api_keys=[secret, "other"], log_format="json") as client:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import subprocess
 import sys
@@ -75,7 +76,11 @@ def test_compose_service_command_and_healthcheck(checkpoints: dict[str, Path], t
     assert host_models == "./models"
     models = tmp_path / "models"
     shutil.copytree(checkpoints["llama"], models / "default")
-    env = {k: str(v).replace(container_models, str(models)) for k, v in service["environment"].items()}
+
+    def interpolated(value: object) -> str:  # compose's `${VAR:-default}`, with none of them set
+        return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(value))
+
+    env = {k: interpolated(v).replace(container_models, str(models)) for k, v in service["environment"].items()}
     port = free_port()
     env.update(REWARD_HOST="127.0.0.1", REWARD_PORT=str(port))
     command = service["command"]

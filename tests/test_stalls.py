@@ -22,7 +22,7 @@ from app.server.decode import read_json
 from app.server.openrlhf import QueryReader
 from app.settings import Settings
 from tests.conftest import test_settings
-from tests.test_robustness import ITEM, gate
+from tests.test_robustness import ITEM, gate, gate_tokenizer
 
 JSON = {"content-type": "application/json"}
 
@@ -148,15 +148,7 @@ async def test_a_burst_past_the_queue_is_refused_at_once_while_the_first_request
 ) -> None:
     async with make_client("gpt2", max_queue_items=1024) as client:
         worker = client.app.state.worker
-        entered, release = threading.Event(), threading.Event()
-        real = worker.model.encoder.encode_batch
-
-        def slow(items: Any, **options: Any) -> Any:
-            entered.set()
-            release.wait(30)
-            return real(items, **options)
-
-        monkeypatch.setattr(worker.model.encoder, "encode_batch", slow)
+        entered, release = gate_tokenizer(worker, monkeypatch)
         first = asyncio.create_task(client.post("/score", json={"items": [ITEM] * 1024}))
         await asyncio.to_thread(entered.wait, 30)
         began = time.perf_counter()

@@ -4,7 +4,8 @@ Workloads (items from a preference file, so lengths are real):
 - `grpo`: one request of P prompts x G replies (TRL);
 - `storm`: the same items as single-item requests from C concurrent clients (OpenRLHF, verl);
 - `shared`: like `grpo`, with prompts about 4x longer than replies (what shared-prompt reuse is for);
-- `idle`: one single-item request at a time (latency).
+- `idle`: one single-item request at a time (latency);
+- `hostile`: the storm while a second client sends the bodies that stalled servers (`bench/hostile.py`).
 
 Modes, on the same checkpoint and dtype:
 - `engine`: the model forward over the workload's items, length-sorted token-budget batches, no HTTP, no prompt
@@ -36,7 +37,7 @@ from app.bench.workloads import Result, build_workloads, run_engine
 from app.engine.offline import OFFLINE
 
 MODES = ("engine", "server", "server-plain", "server-stock", "naive", "litserve", "ray", "ray-2")
-WORKLOADS = ("grpo", "storm", "shared", "idle")
+WORKLOADS = ("grpo", "storm", "shared", "idle", "hostile")
 DEV = Path("../shared/data/preferences/dev.jsonl")
 
 
@@ -66,6 +67,11 @@ def report(results: list[Result], header: str, roofline_tokens: float | None = N
             if (workload, mode) in by and (workload, other) in by and workload != "idle":
                 a, b = by[workload, mode], by[workload, other]
                 lines.append(f"| {workload} | {mode} / {other} | {(a.items / a.seconds) / (b.items / b.seconds):.2f} |")
+    for mode in MODES:  # what hostile bodies cost each server's real traffic
+        if (hostile := by.get(("hostile", mode))) and (storm := by.get(("storm", mode))):
+            ratio = (hostile.items / hostile.seconds) / (storm.items / storm.seconds)
+            answered = ", ".join(f"{status}: {n}" for status, n in sorted(hostile.hostile_statuses.items()))
+            lines.append(f"| hostile | {mode}: hostile / storm (hostile bodies answered {answered}) | {ratio:.2f} |")
     for r in results:
         if r.forwards:  # paired: each request against its item's forward run just before it
             extra = statistics.median(a - b for a, b in zip(r.latencies, r.forwards, strict=True))

@@ -48,6 +48,7 @@ class Result:
     batches: int | None = None
     forwards: list[float] = field(default_factory=list)  # `idle`: the item's in-process forward, just before each
     served_forwards: list[float] = field(default_factory=list)  # the server's own forward time (x-inference-time-ms)
+    hostile_statuses: dict[int, int] = field(default_factory=dict)  # `hostile`: what the hostile bodies got
 
     def row(self, roofline_tokens: float | None = None) -> dict[str, Any]:
         """`roofline_tokens`: own tokens/s at the matmul roofline (`roofline`), for the useful-work fraction."""
@@ -110,6 +111,7 @@ def build_workloads(
     return {
         "grpo": Workload("grpo", [grpo], 1),
         "storm": Workload("storm", [[x] for x in grpo], clients),
+        "hostile": Workload("hostile", [[x] for x in grpo], clients),  # the storm, with `bench.hostile` alongside
         "shared": Workload("shared", [shared], 1),
         "idle": Workload("idle", [[x] for x in grpo[:: max(1, len(grpo) // idle_items)][:idle_items]], 1),
     }
