@@ -31,7 +31,7 @@ async def pester(url: str, stop: asyncio.Event) -> dict[int, int]:
     """Sends `hostile_bodies` in turn until `stop` is set; the statuses it got (0: no response)."""
     statuses: dict[int, int] = {}
     bodies = hostile_bodies()
-    async with httpx.AsyncClient(timeout=120) as client:
+    async with httpx.AsyncClient(timeout=30) as client:
         sent = 0
         while not stop.is_set():
             try:
