@@ -140,8 +140,7 @@ async def score(
     body: ScoreRequest, request: Request, response: Response, worker: WorkerDep, served: ServedDep
 ) -> ScoreResponse:
     """Rewards for prompt/response items (or whole conversations), aligned with `items`."""
-    convert = lambda: [item.to_input() for item in body.items]  # noqa: E731
-    results = await _scored(request, response, worker, len(body.items), convert)
+    results = await _scored(request, response, worker, body.size(), body.to_inputs)
     return ScoreResponse.build(results, served.fingerprint, served.normalization)
 
 
@@ -150,8 +149,7 @@ async def compare(
     body: CompareRequest, request: Request, response: Response, worker: WorkerDep, served: ServedDep
 ) -> CompareResponse:
     """Bradley-Terry P(response_a preferred to response_b) per pair, with both rewards."""
-    convert = lambda: [side for pair in body.pairs for side in pair.to_inputs()]  # noqa: E731
-    results = await _scored(request, response, worker, 2 * len(body.pairs), convert)
+    results = await _scored(request, response, worker, body.size(), body.to_inputs)
     return CompareResponse.build(results, served.fingerprint)
 
 
@@ -160,11 +158,9 @@ async def rank(
     body: RankRequest, request: Request, response: Response, worker: WorkerDep, served: ServedDep
 ) -> RankResponse:
     """GRPO/RLOO groups: rewards, group mean/std, normalized advantages, leave-one-out baselines, ranks."""
-    sizes = [len(group.responses) for group in body.groups]
     if body.probabilities:
-        limits.check_probabilities(sizes, worker.settings)
-    convert = lambda: [x for group in body.groups for x in group.to_inputs()]  # noqa: E731
-    results = await _scored(request, response, worker, sum(sizes), convert)
+        limits.check_probabilities([len(group.responses) for group in body.groups], worker.settings)
+    results = await _scored(request, response, worker, body.size(), body.to_inputs)
     return RankResponse.build(body, results, served.fingerprint, served.normalization)
 
 

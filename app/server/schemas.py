@@ -60,6 +60,12 @@ class ScoreItem(_Strict):
 class ScoreRequest(_Strict):
     items: Annotated[list[ScoreItem], Field(min_length=1)]
 
+    def size(self) -> int:
+        return len(self.items)
+
+    def to_inputs(self) -> list[ScoringInput]:
+        return [item.to_input() for item in self.items]
+
 
 class _Prompted(_Strict):
     """A prompt given as text, or as the conversation before the reply (`messages`): exactly one of them."""
@@ -90,6 +96,12 @@ class ComparePair(_Prompted):
 
 class CompareRequest(_Strict):
     pairs: Annotated[list[ComparePair], Field(min_length=1)]
+
+    def size(self) -> int:
+        return 2 * len(self.pairs)  # a pair is two items
+
+    def to_inputs(self) -> list[ScoringInput]:
+        return [side for pair in self.pairs for side in pair.to_inputs()]
 
 
 class ItemScore(BaseModel):
@@ -153,6 +165,12 @@ class RankRequest(_Strict):
     groups: Annotated[list[RankGroup], Field(min_length=1)]
     probabilities: bool = Field(False, description="also return P[i][j] = sigmoid(r_i - r_j) (raw rewards)")
     eps: float = Field(1e-4, gt=0, description="advantages = (r - mean) / (std + eps), as TRL's GRPO")
+
+    def size(self) -> int:
+        return sum(len(group.responses) for group in self.groups)
+
+    def to_inputs(self) -> list[ScoringInput]:
+        return [x for group in self.groups for x in group.to_inputs()]
 
 
 class GroupResult(BaseModel):
