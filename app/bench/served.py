@@ -69,7 +69,6 @@ class Served:
 
     def __init__(self, mode: str, model_path: Path, dtype: str, port: int, log: Path) -> None:
         self.mode, self.base = mode, f"http://127.0.0.1:{port}"
-        self.hostile_statuses: dict[int, int] = {}  # what `pester` got in the last `hostile` run
         env = {**os.environ, "REWARD_MODEL_PATH": str(model_path), "REWARD_DTYPE": dtype, "REWARD_PORT": str(port)}
         if mode.startswith(("server", "ray")):  # this service: `reward-server serve`, plainly or on Ray
             env.update(REWARD_LOG_LEVEL="warning", REWARD_SHARE_PREFIXES=str(mode != "server-plain").lower())
@@ -128,17 +127,18 @@ class Served:
 
     async def _drive(
         self, workload: Workload, before: Callable[[list[ScoringInput]], None] | None
-    ) -> tuple[float, list[float], list[float]]:
-        """`drive`, with `pester` sending hostile bodies alongside for the `hostile` workload."""
+    ) -> tuple[tuple[float, list[float], list[float]], dict[int, int]]:
+        """`drive`, with `pester` sending hostile bodies alongside for the `hostile` workload; what they got."""
         if workload.name != "hostile":
-            return await drive(self.url, workload, before)
+            return await drive(self.url, workload, before), {}
         stop = asyncio.Event()
         pest = asyncio.create_task(pester(self.url, stop))
         try:
-            return await drive(self.url, workload, before)
+            driven = await drive(self.url, workload, before)
         finally:
             stop.set()
-            self.hostile_statuses = await pest
+            statuses = await pest
+        return driven, statuses
 
     def run(self, model: RewardModel, workload: Workload) -> Result:
         encoded = model.encoder.encode_batch(workload.items)
@@ -149,10 +149,9 @@ class Served:
         # idle: the item's own forward, in this process just before its request, as the reference to compare its
         # latency with (measured side by side, so the machine's drift between modes does not enter the difference)
         paired = (lambda r: forwards.append(one_forward(model, r[0]))) if workload.one_at_a_time else None
-        seconds, latencies, served = asyncio.run(self._drive(workload, paired))
+        (seconds, latencies, served), hostile = asyncio.run(self._drive(workload, paired))
         result = Result(self.mode, workload.name, len(encoded), seconds, tokens, latencies, forwards=forwards)
-        if workload.name == "hostile":
-            result.hostile_statuses = self.hostile_statuses
+        result.hostile_statuses = hostile
         if workload.one_at_a_time:
             result.served_forwards = served
         if before:

@@ -126,8 +126,9 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._tokenizers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         self._inflight: set[_Pending] = set()  # admitted and not yet answered: what a dying model thread fails
-        self._tokenizing = 0  # admitted requests not yet queued: a stopping model thread waits for them
-        self._reserved = 0  # their items, counted by admission beside the queue
+        # items of admitted requests not yet queued (tokenizing): admission counts them beside the queue, and a
+        # stopping model thread waits for them
+        self._reserved = 0
         self._trimmer = Trimmer()  # gives memory back to the system when the queue drains
         self.ready = False
         self.threads = 0  # the model thread's CPU threads, known once it warmed up
@@ -201,7 +202,6 @@ class Worker:
             return Scored([], Timing(0.0, 0.0, 0.0))
         with self._cond:
             self._admit(len(inputs))  # before tokenizing: reject cheaply
-            self._tokenizing += 1
             self._reserved += len(inputs)
         reserved, pending = len(inputs), None
         try:
@@ -226,7 +226,6 @@ class Worker:
                     self._queue.extend(_Entry(enc, i, pending) for i, enc in enumerate(encoded))
                     self._inflight.add(pending)
                     self._reserved -= reserved
-                    self._tokenizing -= 1
                     reserved = 0
                     self._cond.notify_all()
                 rewards = await pending.future
@@ -239,7 +238,6 @@ class Worker:
             with self._cond:
                 if reserved:  # refused or cancelled before its items were queued
                     self._reserved -= reserved
-                    self._tokenizing -= 1
                     self._cond.notify_all()
                 if pending is not None:
                     self._inflight.discard(pending)
@@ -280,7 +278,7 @@ class Worker:
     def _serve(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and (not self._stopping or self._tokenizing):
+                while not self._queue and (not self._stopping or self._reserved):
                     self._cond.wait()
                 if not self._queue:
                     return  # stopping, and everything admitted is done

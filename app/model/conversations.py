@@ -24,9 +24,13 @@ _ROLE_OF = {"Human": "user", "Assistant": "assistant", "System": "system"}
 _NAME_OF = {v: k for k, v in _ROLE_OF.items()}
 
 
+def is_transcript(text: str) -> bool:
+    return text.startswith(("Human: ", "System: "))
+
+
 def parse_transcript(text: str) -> list[Message] | None:
     """`Human: a\\n\\nAssistant: b\\n\\nHuman: c` -> messages; None when the text is not such a transcript."""
-    if not text.startswith(("Human: ", "System: ")):
+    if not is_transcript(text):
         return None
     parts = _TURN.split(text)
     # parts = ['', 'Human', 'a', 'Assistant', 'b', ...]
@@ -36,7 +40,7 @@ def parse_transcript(text: str) -> list[Message] | None:
 def transcript_turns(text: str) -> int:
     """How many messages `parse_transcript` would read from `text` (0 when it is not a transcript), without
     building them: a limit is checked before the work it bounds."""
-    if not text.startswith(("Human: ", "System: ")):
+    if not is_transcript(text):
         return 0
     return sum(1 for _ in _TURN.finditer(text))
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from transformers import PreTrainedTokenizerBase
 
-from app.model.conversations import Message, transcript_turns
+from app.model.conversations import Message, is_transcript
 
 if TYPE_CHECKING:
     from app.model.recipe import Item
@@ -55,11 +55,14 @@ def cut_item(item: Item, budget: int, keep_end: bool) -> Item:
         return replace(item, text=_cut(item.text, budget, keep_end))
     prompt = item.prompt
     if isinstance(prompt, str):
-        if not transcript_turns(prompt):
+        if not is_transcript(prompt):
             prompt = _cut(prompt, budget, keep_end)
-    else:
+    elif any(len(m["content"]) > budget for m in prompt):
         prompt = [Message(role=m["role"], content=_cut(m["content"], budget, keep_end)) for m in prompt]
-    return replace(item, prompt=prompt, response=_cut(item.response, budget, keep_end))
+    response = _cut(item.response, budget, keep_end)
+    if prompt is item.prompt and response is item.response:
+        return item  # the common case: nothing to cut, nothing copied
+    return replace(item, prompt=prompt, response=response)
 
 
 def _chars(item: Item) -> int:

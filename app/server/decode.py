@@ -87,11 +87,16 @@ class _Reader:
                 return literal
         raise _Invalid(f"unexpected {char!r} at position {self.pos}" if char else "unexpected end of the body")
 
-    def string(self, path: str, key: str) -> str:
+    def scan(self) -> str:
+        """The string whose opening quote is at `pos`, by the standard library's C scanner."""
         try:
             text, self.pos = scanstring(self.text, self.pos + 1, True)
         except ValueError as exc:  # JSONDecodeError: an unterminated string or a bad escape
             raise _Invalid(str(exc)) from None
+        return text  # type: ignore[no-any-return]
+
+    def string(self, path: str, key: str) -> str:
+        text = self.scan()
         settings = self.settings
         if len(text) > settings.max_text_chars:
             raise ServiceError(
@@ -123,10 +128,7 @@ class _Reader:
         while True:
             if self.skip() != '"':
                 raise _Invalid(f"expected a field name at position {self.pos}")
-            try:
-                key, self.pos = scanstring(self.text, self.pos + 1, True)
-            except ValueError as exc:
-                raise _Invalid(str(exc)) from None
+            key = self.scan()
             self.expect(":")
             out[key] = self.value(f"{path}.{key}" if path else key, key, depth + 1)
             char = self.skip()

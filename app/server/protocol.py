@@ -9,15 +9,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from http import HTTPStatus
 from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from app.server.errors import STATUS, ErrorType
+from app.server.errors import ErrorType, ServiceError
 from app.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
-_REASONS = {408: "Request Timeout", 431: "Request Header Fields Too Large", 503: "Service Unavailable"}
 
 
 class GuardedHttpTools(HttpToolsProtocol):
@@ -123,11 +123,11 @@ class GuardedHttpTools(HttpToolsProtocol):
         return f"the request headers exceed {self.limits.max_header_bytes} bytes (REWARD_MAX_HEADER_BYTES)"
 
     def refuse(self, kind: ErrorType, message: str, retry_after: int | None = None) -> None:
-        """The service's JSON error, then the connection closes: nothing more is read from it."""
-        status = STATUS[kind]
-        body = json.dumps({"error": {"type": kind.value, "message": message, "param": None}}).encode()
+        """The service's JSON error (`ServiceError.body`), then the connection closes: nothing more is read."""
+        error = ServiceError(kind, message)
+        body = json.dumps(error.body()).encode()
         head = [
-            f"HTTP/1.1 {status} {_REASONS[status]}",
+            f"HTTP/1.1 {error.status_code} {HTTPStatus(error.status_code).phrase}",
             "content-type: application/json",
             f"content-length: {len(body)}",
             "connection: close",
