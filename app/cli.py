@@ -112,7 +112,7 @@ def _eval(args: argparse.Namespace) -> int:
         report = evaluate(pairs, lambda inputs: score_offline(model, inputs), progress=True)
         report["max_length"] = model.max_length
         report["fingerprint"] = served_fingerprint(model)
-        report["versions"] = model.info["versions"]
+        report["versions"] = model.info.versions
         title = f"{args.model} on {args.data.name}"
     else:
         from app.clients import RewardClient

@@ -72,38 +72,25 @@ class Settings(BaseSettings):
 
     # --- batching ----------------------------------------------------------------------------------
     max_batch_tokens: int = Field(
-        16384, ge=64, description="Padded tokens per forward (batch size x longest item). Bounds activation memory."
+        16384,
+        ge=64,
+        description="Tokens per forward: packed (decoders), the items' own tokens with each shared prompt once; "
+        "padded (encoders), items x longest. Bounds activation memory.",
     )
     max_batch_size: int = Field(64, ge=1, description="Items per forward pass, whatever their length.")
-    pad_to_multiple_of: int = Field(
-        16, ge=1, description="Pad lengths up to a multiple of this: fewer distinct shapes, a little more padding."
-    )
-    min_padding_efficiency: float = Field(
-        0.8,
-        ge=0.0,
-        le=1.0,
-        description="An item joins a batch only if real/padded tokens stays above this; 0 packs greedily (GPU).",
-    )
-    lookahead: int = Field(
-        256, ge=1, description="Queued items the batcher may reorder by length; the oldest item is always taken."
-    )
-    share_prefixes: bool = Field(
-        True,
-        description="Decoder models: a prompt that several queued items share (a GRPO group, a /compare pair) runs "
-        "once and its key/value cache serves every reply. Same rewards; off only to compare.",
-    )
     batch_invariant: bool = Field(
         True,
         description="Decoder models read at the last token: each item's reward is a function of the item alone, "
-        "bitwise, whatever its batch, padding, order or prompt sharing (linears run in fixed row blocks, attention "
-        "per item). Off: stock kernels, and in bf16 a reward moves with its batch (~4% of the rewards' spread on the "
-        "default model).",
+        "bitwise, whatever its batch, order or neighbours (attention per item; each linear's rows in calls whose "
+        "shape is measured at start-up not to move them). Off: stock linears, and in bf16 a reward moves with its "
+        "batch.",
     )
     block_rows: int = Field(
         0,
         ge=0,
-        description="Batch-invariant mode: rows per linear call (0: 512 on CPU, measured; 1024 on GPUs, not "
-        "measured). Part of the fingerprint: other values give other, equally invariant, numbers.",
+        description="Batch-invariant mode: 0 measures each linear shape at start-up and runs one call per linear "
+        "where the kernel allows it (else 512-row blocks on CPU, 1024 on GPUs); N forces fixed N-row blocks. Part of "
+        "the fingerprint.",
     )
 
     # --- limits ------------------------------------------------------------------------------------

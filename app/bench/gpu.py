@@ -1,8 +1,9 @@
 """`reward-server bench --gpu-check DIR`: every check a GPU session owes, in one run that fits 10 minutes on one GPU.
 
 1. loading: a generated ~0.8B bf16 Llama in each format, on the device in bf16 (peak host RSS and device memory, time);
-2. invariance: each item's reward alone, batched and in reversed order, with prompts shared and without, for the
-   batch-invariant schedule and the stock kernels, as the largest difference from alone (0.0 is bitwise);
+2. invariance: each item's reward alone, batched and in reversed order, for the batch-invariant kernels (with the
+   calls the start-up probe chose per linear) and the stock ones, as the largest difference from alone (0.0 is
+   bitwise);
 3. throughput: this server against the naive one (grpo and storm), on the generated classifier.
 Also runs on a CPU (`--device cpu`, a smaller `--load-params`): the same numbers for that machine.
 """
@@ -10,29 +11,26 @@ Also runs on a CPU (`--device cpu`, a smaller `--load-params`): the same numbers
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from pathlib import Path
 
 from app.bench.load import report as load_report
 from app.bench.served import Served
 from app.bench.workloads import Result, Workload, synthetic_pairs
-from app.engine.offline import OFFLINE, score_offline
+from app.engine.offline import score_offline
 from app.model.recipe import ScoringInput
 from app.model.reward_model import RewardModel
 
 
 def invariance(model: RewardModel, inputs: list[ScoringInput]) -> dict[str, float]:
     """Largest |reward - reward alone| over `inputs` batched together and in reversed order, for the batch-invariant
-    schedule and the stock kernels, each with prompts shared and without (each against its own reading alone)."""
+    kernels and the stock ones (each against its own reading alone)."""
     worst: dict[str, float] = {}
     for name, invariant in (("batch-invariant", True), ("stock kernels", False)):
-        for share in (True, False):
-            policy = replace(OFFLINE, batch_invariant=invariant, share_prefixes=share)
-            alone = [score_offline(model, [x], policy)[0] for x in inputs]
-            batched = score_offline(model, inputs, policy)
-            reversed_ = score_offline(model, inputs[::-1], policy)[::-1]
-            key = f"{name}, {'prompts shared' if share else 'plain'}"
-            worst[key] = max(abs(a - b) for got in (batched, reversed_) for a, b in zip(got, alone, strict=True))
+        model.prepare(batch_invariant=invariant)
+        alone = [score_offline(model, [x])[0] for x in inputs]
+        batched = score_offline(model, inputs)
+        reversed_ = score_offline(model, inputs[::-1])[::-1]
+        worst[name] = max(abs(a - b) for got in (batched, reversed_) for a, b in zip(got, alone, strict=True))
     return worst
 
 
@@ -47,6 +45,9 @@ def gpu_check(root: Path, params: float, device: str, port: int) -> str:
     inputs = [ScoringInput(p, r) for p in prompts for r in replies]  # 8 prompts x 8 replies: a GRPO step
     lines += ["", f"Invariance (bf16, {model.device}): max |reward - reward alone| over {len(inputs)} items", ""]
     lines += [f"- {name}: {diff:.3g}" for name, diff in invariance(model, inputs).items()]
+    kernels = model.prepare()
+    lines += ["", "Calls per linear (the start-up probe's choice):", ""]
+    lines += [f"- {shape}: {how}" for shape, how in kernels.linears.items()]
     results: list[Result] = []
     workloads = [Workload("grpo", [inputs], 1), Workload("storm", [[x] for x in inputs], 32)]
     for i, mode in enumerate(("server", "naive")):

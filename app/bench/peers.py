@@ -32,7 +32,7 @@ def serve_naive(model_path: str, dtype: str, port: int) -> None:
 
     @app.post("/score")
     async def score(body: dict[str, Any]) -> dict[str, list[float]]:  # blocks the loop, as serve_rm.py does
-        return {"rewards": model.score(model.encoder.encode_batch(_inputs(body)), share=False)}
+        return {"rewards": model.stock(model.encoder.encode_batch(_inputs(body)))}
 
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
@@ -59,7 +59,7 @@ if ls is not None:
 
         def predict(self, batch: list[list[ScoringInput]]) -> list[list[float]]:
             flat = [x for request in batch for x in request]
-            rewards = iter(self.model.score(self.model.encoder.encode_batch(flat), share=False))
+            rewards = iter(self.model.stock(self.model.encoder.encode_batch(flat)))
             return [[next(rewards) for _ in request] for request in batch]
 
         def encode_response(self, output: list[float]) -> dict[str, list[float]]:

@@ -10,10 +10,10 @@ Workloads (items from a preference file, so lengths are real):
   and `litserve` stopped answering the storm (the run hung until its timeout), tiny model, 2-core Xeon.
 
 Modes, on the same checkpoint and dtype:
-- `engine`: the model forward over the workload's items, length-sorted token-budget batches, no HTTP, no prompt
-  sharing: the limit the server is measured against;
-- `server`: this service over HTTP (`server-plain`: with REWARD_SHARE_PREFIXES=false; `server-stock`: with
-  REWARD_BATCH_INVARIANT=false, the stock kernels whose bf16 rewards move with the batch);
+- `engine`: the model forward over the workload's items, planned as the server plans them, no HTTP: the limit the
+  server is measured against;
+- `server`: this service over HTTP (`server-stock`: with REWARD_BATCH_INVARIANT=false, the stock linears whose bf16
+  rewards move with the batch);
 - `naive`: a minimal FastAPI server running one forward per request, padded to its longest item (OpenRLHF
   `serve_rm.py`);
 - `litserve`: LitServe with its dynamic batching (max_batch_size 16, 10 ms), one padded forward per batch;
@@ -36,9 +36,9 @@ from pathlib import Path
 from app.bench.roofline import PROBE_SIZE, flops_per_token, linear_rates, matmul_probe
 from app.bench.served import Served
 from app.bench.workloads import Result, build_workloads, run_engine
-from app.engine.offline import OFFLINE
+from app.model.invariant import FIXED_ROWS
 
-MODES = ("engine", "server", "server-plain", "server-stock", "naive", "litserve", "ray", "ray-2")
+MODES = ("engine", "server", "server-before", "server-stock", "naive", "litserve", "ray", "ray-2")
 WORKLOADS = ("grpo", "storm", "shared", "idle", "hostile")
 SKIPPED = {("naive", "hostile"), ("litserve", "hostile")}  # see the docstring
 DEV = Path("../shared/data/preferences/dev.jsonl")
@@ -63,7 +63,7 @@ def report(results: list[Result], header: str, roofline_tokens: float | None = N
         lines += ["| " + " | ".join(_fmt(row[c]) for c in cols) + " |" for row in rows]
         lines.append("")
     lines += ["### ratios (items/s)", "", "| workload | ratio | value |", "|---|---|---|"]
-    pairs = [("server", other) for other in ("engine", "server-plain", "server-stock", "naive", "litserve")]
+    pairs = [("server", other) for other in ("engine", "server-before", "server-stock", "naive", "litserve")]
     pairs += [(ray_mode, "server") for ray_mode in ("ray", "ray-2")]  # the Ray path against the single process
     for workload in dict.fromkeys(r.workload for r in results):
         for mode, other in pairs:
@@ -168,16 +168,16 @@ def run(args: argparse.Namespace) -> int:
             results += [served.run(model, w) for w in chosen if (mode, w.name) not in SKIPPED]
         print(f"{mode}: done", file=sys.stderr)
     probes.append(matmul_probe(model.dtype))
-    rows = OFFLINE.for_model(model).block_rows  # what a batch-invariant forward calls each linear with
+    rows = FIXED_ROWS.get(model.device.type, FIXED_ROWS["cuda"])  # fixed blocks, where the probe allows no fewer rows
     linears = linear_rates(model.module.backbone, rows, model.dtype)
     per_token = flops_per_token(model.module.backbone)
     roofline_tokens = max(probes) / per_token
     source = args.data.name if args.data else "generated pairs (no --data)"
     header = (
-        f"{args.model} ({model.info['architecture']}, {model.info['dtype']}, {model.info['device']}); "
+        f"{args.model} ({model.info.architecture}, {model.info.dtype}, {model.info.device}); "
         f"{cpu_description()}, torch {torch.__version__} "
         f"{torch.get_num_threads()} threads; {args.prompts} prompts x {args.group} replies from {source}, "
-        f"storm with {args.clients} clients; roofline: a {PROBE_SIZE}x{PROBE_SIZE} {model.info['dtype']} matmul at "
+        f"storm with {args.clients} clients; roofline: a {PROBE_SIZE}x{PROBE_SIZE} {model.info.dtype} matmul at "
         f"{max(probes) / 1e9:.0f} GFLOP/s (probes {', '.join(f'{p / 1e9:.0f}' for p in probes)}) / "
         f"{per_token / 1e6:.0f} MFLOP per token = {roofline_tokens:.0f} tokens/s; the model's linears at {rows} rows: "
         + ", ".join(f"{k}->{n} {r / 1e9:.0f}" for (k, n), r in linears.items())

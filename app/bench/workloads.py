@@ -7,13 +7,12 @@ import math
 import random
 import statistics
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.engine.offline import OFFLINE, score_offline
-from app.model.collate import Batch, SharedBatch
-from app.model.packed import PackedBatch
+from app.engine.offline import score_offline
+from app.model.plan import Plan
 from app.model.recipe import ScoringInput
 from app.model.reward_model import RewardModel
 from app.training.data import PreferencePair
@@ -121,7 +120,6 @@ def build_workloads(
 
 
 def run_engine(model: RewardModel, workload: Workload) -> Result:
-    plain = replace(OFFLINE, share_prefixes=False)
     items = workload.items
     encoded = model.encoder.encode_batch(items)
     tokens = sum(len(e) for e in encoded)
@@ -130,12 +128,12 @@ def run_engine(model: RewardModel, workload: Workload) -> Result:
         return Result(
             "engine", workload.name, len(items), sum(latencies), tokens, latencies, tokens, tokens, len(items)
         )
-    planned: list[Batch | SharedBatch | PackedBatch] = []
+    planned: list[Plan] = []
     began = time.perf_counter()
-    score_offline(model, items, plain, planned.append)
+    score_offline(model, items, on_plan=planned.append)
     seconds = time.perf_counter() - began
-    real = sum(b.real_tokens for b in planned)
-    padded = sum(b.padded_tokens for b in planned)
+    real = sum(p.real_tokens for p in planned)
+    padded = sum(p.cost for p in planned)
     return Result("engine", workload.name, len(items), seconds, tokens, [seconds], real, padded, len(planned))
 
 
@@ -143,5 +141,5 @@ def one_forward(model: RewardModel, item: ScoringInput) -> float:
     """Seconds of one forward of `item` alone, tokenized beforehand: what `idle` latency is compared with."""
     encoded = model.encoder.encode_batch([item])
     began = time.perf_counter()
-    model.score(encoded, OFFLINE.pad_to_multiple_of, share=False)
+    model.score(encoded)
     return time.perf_counter() - began

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 
 class EngineError(Exception):
-    """`param`: where in the request the problem is (`items[3]`), when it is one item's."""
+    """`index`: the item the problem is with, in the order the engine was given them (the server names the field)."""
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, index: int | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.param = param
+        self.index = index
 
 
 class NotReady(EngineError):

@@ -1,32 +1,36 @@
-"""The model worker: admits requests, queues their items, and runs batches on the one thread that owns the model.
+"""The model worker: admits requests, queues their items, plans forward passes, and runs them on the one thread that
+owns the model.
 
-Request path (event loop): admission (not ready, queue full: refused at once) -> tokenize in a thread pool -> one
-queue entry per item -> await the request's future, within its deadline. Model path (inference thread): next batch
-from `TokenBudgetQueue` -> one forward pass -> results handed back with `call_soon_threadsafe`. A failing batch is
-split and retried; an item that still fails fails only its own request. Items of requests that timed out or were
-abandoned are never computed. Failures are the engine's own exceptions (`app.engine.errors`), never HTTP statuses.
+The event loop owns the queue: admission (not ready, queue full: refused at once) -> tokenize in a thread pool -> one
+queue entry per item -> the next plan (`TokenBudgetQueue.next_plan`) offered to the model thread through a depth-1
+`Handoff`, so it is planned while the current one runs -> await the request's future, within its deadline. The
+model thread takes a plan, runs it, and hands results back with `call_soon_threadsafe`. A failing plan is split and
+retried; an item that still fails fails only its own request. Items of requests that timed out or were abandoned are
+never computed. Failures are the engine's own exceptions (`app.engine.errors`) naming items by index, never HTTP
+statuses or request fields.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
 from app.engine.batching import BatchPolicy, TokenBudgetQueue
 from app.engine.errors import BackendFailed, DeadlineExceeded, EngineError, InputRejected, NotReady, Overloaded
+from app.engine.handoff import Handoff
 from app.engine.memory import Trimmer
 from app.engine.observer import EngineObserver, WorkerStats
 from app.engine.offline import Queued
-from app.model.recipe import Item, ScoringInput, UnreadableItem
+from app.model.plan import Plan
+from app.model.recipe import Item, UnreadableItem
 from app.model.reward_model import RewardModel
 from app.settings import Settings
 
@@ -98,12 +102,6 @@ class _Entry(Queued):
         return self.pending.failed or self.pending.future.done()
 
 
-def settings_policy(settings: Settings) -> BatchPolicy:
-    """The batch policy the settings ask for (its fields are settings of the same names), before it is fitted to a
-    model (`BatchPolicy.for_model`)."""
-    return BatchPolicy(**settings.model_dump(include={f.name for f in fields(BatchPolicy)}))
-
-
 class Worker:
     def __init__(
         self,
@@ -119,58 +117,45 @@ class Worker:
         self.settings = settings
         self.observer = observer or EngineObserver()
         self.stats = WorkerStats()
-        self._queue: TokenBudgetQueue[_Entry] = TokenBudgetQueue(settings_policy(settings))  # fitted at warm-up
+        self._queue: TokenBudgetQueue[_Entry] = TokenBudgetQueue(BatchPolicy(0, 0))  # set once the model is prepared
         self.observer.track_queue(lambda: len(self._queue))
-        self._cond = threading.Condition()
+        self._handoff: Handoff[tuple[list[_Entry], Plan] | None] = Handoff()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._tokenizers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         self._inflight: set[_Pending] = set()  # admitted and not yet answered: what a dying model thread fails
-        # items of admitted requests not yet queued (tokenizing): admission counts them beside the queue, and a
-        # stopping model thread waits for them
-        self._reserved = 0
+        self._reserved = 0  # items of admitted requests still tokenizing: admission counts them beside the queue
         self._trimmer = Trimmer()  # gives memory back to the system when the queue drains
         self.ready = False
-        self.threads = 0  # the model thread's CPU threads, known once it warmed up
         self.failure: str | None = None  # set when the model thread died: nothing is served after it
 
-    # ---- lifecycle --------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Blocking: start the model thread and wait until it has warmed up (a warm-up failure is raised here).
+    # ---- lifecycle (event loop) -------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the model thread and wait until it has prepared the model (a failure is raised here).
 
-        Every forward runs on that one thread, the warm-up included (and loading on one that exits): each thread
-        that runs a parallel op keeps an OpenMP thread team while it lives, and once the teams' threads outnumber the
-        cores libgomp stops spin-waiting between ops, which made a single-item forward ~40% slower on 2 cores."""
+        Every forward runs on that one thread, the probes included: each thread that runs a parallel op keeps an
+        OpenMP thread team while it lives, and once the teams' threads outnumber the cores libgomp stops
+        spin-waiting between ops, which made a single-item forward ~40% slower on 2 cores. The kernels are measured
+        with the threads that will run them."""
+        self._loop = asyncio.get_running_loop()
         warmed: Future[None] = Future()
         self._thread = threading.Thread(target=self._run, args=(warmed,), name="model-worker", daemon=True)
         self._thread.start()
-        warmed.result()
+        await asyncio.wrap_future(warmed)
         self.ready = True
 
-    def _warm_up(self) -> None:
-        """Fits the policy to the model (whether it can share prompts is measured by forwards, so here) and runs a
-        first forward, which pays one-off costs."""
-        if self.settings.num_threads:
-            torch.set_num_threads(self.settings.num_threads)
-        self.threads = torch.get_num_threads()  # OpenMP's count is per thread: this one's is the model's
-        self._queue.policy = self._queue.policy.for_model(self.model)
-        warm = self.model.encoder.encode_batch([ScoringInput("Hello, who are you?", "I am a helpful assistant.")])
-        self.model.score(warm, *self.policy.layout)
-        log.info("prompt sharing: %s; batch invariance: %s", self.policy.share_prefixes, self.policy.batch_invariant)
-
-    def stop(self, timeout: float | None = None) -> None:
-        """Stop admitting, finish every queued item, then end the thread."""
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop admitting, finish every admitted item, then end the thread."""
         self.ready = False
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
+        self._stopping = True
+        self._refill()
         if self._thread is not None:
-            self._thread.join(timeout)
+            await asyncio.to_thread(self._thread.join, timeout)
         self._tokenizers.shutdown(wait=False, cancel_futures=True)
 
     @property
     def policy(self) -> BatchPolicy:
-        """The one batch policy in force: what `/info` reports and what every batch is planned with."""
         return self._queue.policy
 
     @property
@@ -179,8 +164,8 @@ class Worker:
 
     # ---- request path (event loop) ----------------------------------------------------------------
     def _admit(self, count: int) -> None:
-        """Under the lock. Counts the items of requests still tokenizing (`_reserved`) beside the queued ones, so
-        that a burst is refused at once, not after each request has been tokenized."""
+        """Counts the items of requests still tokenizing (`_reserved`) beside the queued ones, so that a burst is
+        refused at once, not after each request has been tokenized."""
         if self.failure is not None:
             raise self._dead()
         if not self.ready:
@@ -196,38 +181,26 @@ class Worker:
     async def score(self, inputs: list[Item], timeout: float | None = None, stated: float | None = None) -> Scored:
         """Raw rewards (never normalized) for `inputs`, in order, within `timeout` seconds from now, tokenizing
         included; `stated`: the request's whole deadline, which the 504 names (default: `timeout`)."""
+        self._admit(len(inputs))  # before tokenizing: reject cheaply
         if not inputs:
-            with self._cond:
-                self._admit(0)
             return Scored([], Timing(0.0, 0.0, 0.0))
-        with self._cond:
-            self._admit(len(inputs))  # before tokenizing: reject cheaply
-            self._reserved += len(inputs)
-        reserved, pending = len(inputs), None
+        loop = asyncio.get_running_loop()
+        pending = _Pending(loop, len(inputs))
+        self._reserved += len(inputs)
+        reserved = len(inputs)
         try:
             async with asyncio.timeout(timeout):
-                loop = asyncio.get_running_loop()
                 began = time.perf_counter()
-                try:
-                    chunk = self.settings.tokenize_chunk_chars
-                    encode = functools.partial(self.model.encoder.encode_batch, chunk_chars=chunk)
-                    encoded = await loop.run_in_executor(self._tokenizers, encode, inputs)
-                except UnreadableItem as exc:
-                    raise InputRejected(f"item {exc.index}: {exc.reason}", param=f"items[{exc.index}]") from exc
+                entries = await loop.run_in_executor(self._tokenizers, self._entries, inputs, pending)
                 tokenize_s = time.perf_counter() - began
                 self.observer.tokenized(tokenize_s)
-                empty = next((i for i, e in enumerate(encoded) if not e.input_ids), None)
-                if empty is not None:  # e.g. an empty raw query with a tokenizer that adds no special tokens
-                    raise InputRejected(f"item {empty} has no tokens to score (empty text)", param=f"items[{empty}]")
-                pending = _Pending(loop, len(encoded))
-                with self._cond:
-                    if self.failure is not None:
-                        raise self._dead()
-                    self._queue.extend(_Entry(enc, i, pending) for i, enc in enumerate(encoded))
-                    self._inflight.add(pending)
-                    self._reserved -= reserved
-                    reserved = 0
-                    self._cond.notify_all()
+                if self.failure is not None:
+                    raise self._dead()
+                self._queue.extend(entries)
+                self._inflight.add(pending)
+                self._reserved -= reserved
+                reserved = 0
+                self._refill()
                 rewards = await pending.future
         except TimeoutError:
             deadline = stated if stated is not None else timeout
@@ -235,85 +208,119 @@ class Worker:
                 f"not scored within the request's deadline of {deadline:g} s; its items were dropped"
             ) from None
         finally:
-            with self._cond:
-                if reserved:  # refused or cancelled before its items were queued
-                    self._reserved -= reserved
-                    self._cond.notify_all()
-                if pending is not None:
-                    self._inflight.discard(pending)
+            if reserved:  # refused or cancelled before its items were queued
+                self._reserved -= reserved
+                self._refill()  # a stopping worker may be waiting for these
+            self._inflight.discard(pending)
+            pending.future.cancel()  # its queued items, if any, are abandoned
         started = pending.started if pending.started is not None else time.perf_counter()
         timing = Timing(tokenize_s, started - pending.enqueued, pending.inference_s)
         self.observer.started(timing.queue_s)
-        results = [ItemResult(r, len(e.input_ids), e.truncated) for r, e in zip(rewards, encoded, strict=True)]
+        results = [ItemResult(r, len(e.encoded), e.encoded.truncated) for r, e in zip(rewards, entries, strict=True)]
         return Scored(results, timing)
+
+    def _entries(self, inputs: list[Item], pending: _Pending) -> list[_Entry]:
+        """Tokenizer thread: the queue entries of one request's items."""
+        try:
+            encoded = self.model.encoder.encode_batch(inputs, chunk_chars=self.settings.tokenize_chunk_chars)
+        except UnreadableItem as exc:
+            raise InputRejected(f"item {exc.index}: {exc.reason}", index=exc.index) from exc
+        empty = next((i for i, e in enumerate(encoded) if not e.input_ids), None)
+        if empty is not None:  # e.g. an empty raw query with a tokenizer that adds no special tokens
+            raise InputRejected(f"item {empty} has no tokens to score (empty text)", index=empty)
+        return [_Entry(e, i, pending) for i, e in enumerate(encoded)]
+
+    def _refill(self) -> None:
+        """Loop: (re)plan the plan the model thread will take next, with everything queued so far; when stopping
+        and nothing is left, tell the thread to end."""
+        if self.failure is not None or self._loop is None:
+            return
+        waiting = self._handoff.reclaim()
+        if waiting is not None:  # not taken yet: its entries go back to the front and the plan grows
+            self._queue.requeue(waiting[0])
+        dropped = self._queue.dropped
+        planned = self._queue.next_plan()
+        if self._queue.dropped > dropped:
+            self.observer.dropped(self._queue.dropped - dropped)
+        if planned is not None or (self._stopping and not self._reserved):
+            self._handoff.offer(planned)  # None: the thread ends
 
     # ---- model path (inference thread) ------------------------------------------------------------
     def _run(self, warmed: Future[None]) -> None:
         try:
-            self._warm_up()
-        except Exception as exc:  # noqa: BLE001 (`start` raises it again, on the thread that called it)
+            self._prepare()
+        except Exception as exc:  # noqa: BLE001 (`start` raises it again, on the loop)
             warmed.set_exception(exc)
             return
         warmed.set_result(None)
         try:
             self._serve()
-        except BaseException as exc:  # noqa: BLE001 (outside any batch's own handling: this thread cannot go on)
+        except BaseException as exc:  # noqa: BLE001 (outside any plan's own handling: this thread cannot go on)
             self._die(exc)
+
+    def _prepare(self) -> None:
+        """Measures how the model runs plans (`RewardModel.prepare`), with this thread's CPU threads."""
+        if self.settings.num_threads:
+            torch.set_num_threads(self.settings.num_threads)
+        kernels = self.model.prepare(self.settings.batch_invariant, self.settings.block_rows)
+        policy = BatchPolicy(self.settings.max_batch_tokens, self.settings.max_batch_size, kernels.layout == "packed")
+        policy.check(self.model.max_length)
+        self._queue.policy = policy
+        log.info("kernels: %s", kernels.model_dump_json())
 
     def _die(self, exc: BaseException) -> None:
         """Fail fast instead of letting callers wait out their deadlines: not ready, every admitted request answered
         503, health failing (so an orchestrator or Ray replaces the process)."""
         log.critical("the model thread died", exc_info=exc)
-        with self._cond:
-            self.failure = f"{type(exc).__name__}: {exc}"
-            self.ready = False
-            for pending in self._inflight:
-                pending.fail(self._dead())
+        self.failure = f"{type(exc).__name__}: {exc}"
+        self.ready = False
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._fail_all)
         if self.on_death is not None:
             self.on_death()
+
+    def _fail_all(self) -> None:
+        for pending in self._inflight:
+            pending.fail(self._dead())
 
     def _dead(self) -> NotReady:
         return NotReady(f"the model thread died ({self.failure}); the service must be restarted")
 
     def _serve(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and (not self._stopping or self._reserved):
-                    self._cond.wait()
-                if not self._queue:
-                    return  # stopping, and everything admitted is done
-                dropped = self._queue.dropped
-                batch = self._queue.next_batch()
-                if self._queue.dropped > dropped:
-                    self.observer.dropped(self._queue.dropped - dropped)
-            if batch:
-                self._run_batch(batch)
-                if not self._queue:
-                    self._trimmer.idle()
+        assert self._loop is not None
+        while (planned := self._handoff.take()) is not None:
+            self._loop.call_soon_threadsafe(self._refill)  # the next plan is made while this one runs
+            self._run_plan(*planned)
+            if not self._handoff.holding:
+                self._trimmer.idle()
 
-    def _run_batch(self, batch: list[_Entry]) -> None:
-        """Forward `batch`; on failure (e.g. out of memory) retry its halves, down to single items."""
-        items = [e.encoded for e in batch]
+    def _run_plan(self, batch: list[_Entry], plan: Plan) -> None:
+        """Run `plan`; on failure (e.g. out of memory) retry its halves, down to single items."""
+        live = [e for e in batch if not e.abandoned]
+        if len(live) < len(batch):  # left while the plan waited: not computed
+            self.observer.dropped(len(batch) - len(live))
+            batch, plan = live, self._replan(live)
+        if not batch:
+            return
         began = time.perf_counter()
         requests = {id(e.pending): e.pending for e in batch}.values()
         for pending in requests:
             if pending.started is None:
                 pending.started = began
         try:
-            planned = self.model.plan(items, *self.policy.layout)
-            rewards = self.model.run(planned)
+            rewards = self.model.run(plan)
         except Exception as exc:  # any backend failure: split, retry, then fail only the culprit
             if len(batch) > 1:
-                log.warning("forward failed for a batch of %d (%s); retrying its halves", len(batch), exc)
+                log.warning("forward failed for a plan of %d (%s); retrying its halves", len(batch), exc)
                 half = len(batch) // 2
-                self._run_batch(batch[:half])
-                self._run_batch(batch[half:])
+                self._run_plan(batch[:half], self._replan(batch[:half]))
+                self._run_plan(batch[half:], self._replan(batch[half:]))
                 return
             log.exception("forward failed for a single item")
             batch[0].pending.fail(BackendFailed(f"the model failed on this item: {type(exc).__name__}"))
             return
         seconds = time.perf_counter() - began
-        self._record(len(items), planned.real_tokens, planned.padded_tokens, seconds)
+        self._record(len(batch), plan.real_tokens, plan.cost, seconds)
         for pending in requests:
             pending.inference_s += seconds
         for entry, reward in zip(batch, rewards, strict=True):
@@ -321,14 +328,19 @@ class Worker:
                 entry.pending.record(entry.index, reward)
             else:  # never let NaN/inf out as a number (it is not valid JSON) nor hide it
                 message = f"the model produced a non-finite reward ({reward}) for item {entry.index}"
-                entry.pending.fail(BackendFailed(message, param=f"items[{entry.index}]"))
+                entry.pending.fail(BackendFailed(message, index=entry.index))
 
-    def _record(self, items: int, real: int, padded_tokens: int, seconds: float) -> None:
-        """`real`/`padded_tokens`: what the forward pass computed (a shared prompt counts once)."""
-        stats = self.stats
+    def _replan(self, batch: list[_Entry]) -> Plan:
+        plan = Plan(self.policy.packed)
+        for entry in batch:
+            plan.add(entry.encoded, entry.prompt)
+        return plan
+
+    def _record(self, items: int, real: int, computed: int, seconds: float) -> None:
+        stats = self.stats  # `real`: the items' tokens (a shared prompt once); `computed`: the rows the linears ran
         stats.batches += 1
         stats.items += items
         stats.real_tokens += real
-        stats.padded_tokens += padded_tokens
+        stats.padded_tokens += computed
         stats.batch_sizes = [*stats.batch_sizes[-999:], items]
-        self.observer.batch(items, real, padded_tokens, seconds)
+        self.observer.batch(items, real, computed, seconds)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from app.model.checkpoint import MANIFEST, Manifest, Normalization
+from app.model.checkpoint import MANIFEST, Manifest
 from app.model.loading import load_reward_model
 from app.model.recipe import ScoringRecipe
 
@@ -91,12 +91,11 @@ def export_seq_cls(source: Path, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     exported.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    stored = model.info.get("normalization")
     manifest = Manifest(
         format="seq_cls",
         recipe=recipe,
-        normalization=Normalization(**stored) if stored else None,
-        extra={"exported_from": str(source), "fingerprint_of_source": model.info["fingerprint"]},
+        normalization=model.info.checkpoint_normalization,
+        extra={"exported_from": str(source), "fingerprint_of_source": model.info.model_fingerprint},
     )
     (out / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
     return out

@@ -3,7 +3,7 @@
 A model's fingerprint covers what it computes with: the checkpoint files loading reads (not optimizer states, trainer
 state or `checkpoint-*/` snapshots), the base model by content, the recipe (max length included), the head index, the
 dtype, the device type, the attention implementation, and torch and transformers major.minor. A scoring fingerprint
-adds how items are scheduled into batches and the normalization reported.
+adds how the kernels run a plan and the normalization reported.
 """
 
 from __future__ import annotations
@@ -81,20 +81,8 @@ def model_fingerprint(
     )
 
 
-def scoring_fingerprint(
-    model: str,
-    *,
-    share_prefixes: bool,
-    pad_to_multiple_of: int,
-    block_rows: int | None,
-    threads: int | None,
-    normalization: dict[str, float] | None,
-) -> str:
-    """What a server (or an offline scorer) reports: the model's fingerprint with its scheduling and normalization.
-    Batch-invariant (`block_rows`), padding no longer moves a reward, but the row blocks and the CPU threads do (a
-    kernel's reduction order follows its thread split)."""
-    if block_rows is None:
-        schedule: dict[str, Any] = {"pad_to_multiple_of": pad_to_multiple_of}
-    else:
-        schedule = {"block_rows": block_rows, "threads": threads}
-    return fingerprint(model=model, share_prefixes=share_prefixes, normalization=normalization, **schedule)
+def scoring_fingerprint(model: str, kernels: dict[str, Any], normalization: dict[str, float] | None) -> str:
+    """What a server (or an offline scorer) reports: the model's fingerprint with how its kernels run a plan
+    (`Kernels.fingerprint_part`: the layout, and for invariant kernels the linears' calls and the CPU threads, since a
+    reduction's order follows its thread split) and the normalization."""
+    return fingerprint(model=model, kernels=kernels, normalization=normalization)

@@ -1,25 +1,24 @@
 """Batch-invariant kernels: each item's numbers a function of the item alone, whatever else shares its forward.
 
-Two kernels moved a bf16 reward with its batch on CPU (docs/benchmarks.md): a matmul's result for one row depends on
-how many rows the call has (oneDNN and MKL choose their blocking, and whether threads split the reduction, by shape;
-measured: a [M, 576] x [576, 1536] bf16 product differs in the last bit for one row between M = 256 and M = 768),
-and the attention kernel's depends on the padded length and on whether a padding mask is given at all. So, in the
-invariant mode:
-- every linear of the model (`nn.Linear`, GPT-2's `Conv1D`) runs in calls of exactly `rows` rows (the last call
-  padded with zeros): a fixed shape gives every row the same arithmetic, whatever the other rows hold and wherever
-  the row sits (measured);
-- attention runs per item over that item's own tokens only (its shared prompt's keys, at the front of the packed
-  row, and its own): the same call whether the item is alone or in any batch. Items are then packed with no padding
-  at all (`packed`).
-Elementwise ops and the per-row norms are row-local already. Outside `running` both kernels are the stock ones.
+Two kernels moved a bf16 reward with its batch (docs/benchmarks.md): a matmul's row can depend on how many rows the
+call has (oneDNN, MKL and cuBLAS choose blocking and split reductions by shape), and attention depends on the
+padded length and on the mask. So, installed once when the model is loaded (`install`):
+- attention runs per item over its own tokens (its prompt's keys at the front of the packed row, and its own):
+  the same call whether the item is alone or in any batch (`rowwise_attention`, the backbone's attention
+  implementation from then on; without spans it is stock SDPA);
+- every linear runs its rows in calls of a shape its rows cannot tell apart (`Blocking`). Whether a kernel's rows
+  depend on the call's row count is a property of the CPU or GPU, the dtype and the shape, so `choose` measures it
+  per linear shape of the model: where a dense sweep finds rows equal for every count from some small minimum up,
+  one call per linear padded to a multiple of 16 (a lone item computes a few rows); elsewhere fixed blocks of
+  `FIXED_ROWS` rows, the last one padded with zeros (a fixed shape gives every row the same arithmetic).
+Elementwise ops and the per-row norms are row-local already.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,45 +26,86 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from app.model.plan import Span
+
 ATTENTION = "reward_rowwise"
-Span = tuple[int, int, int, int]  # (its prompt's offset in the row, that length, own offset, own length): `packed`
+FIXED_ROWS = {"cpu": 512, "cuda": 1024}  # CPU measured (docs/benchmarks.md); accelerators: larger, not measured
+SWEEP_ROWS = 512  # the largest call the flexible strategy makes, and the sweep's reference
+MULTIPLE = 16  # flexible calls are padded to a multiple of this (few distinct shapes for the kernels' caches)
 
-_rows: ContextVar[int | None] = ContextVar("reward_block_rows", default=None)
-_per_item_calls = [0]  # attention calls that ran per item: the probe's proof that the spans reach attention
+
+@dataclass(frozen=True, slots=True)
+class Blocking:
+    """Calls of at most `max_rows` rows, each padded with zero rows up to a multiple of `multiple`, at least
+    `min_rows`. Fixed blocks: all three equal."""
+
+    min_rows: int
+    multiple: int
+    max_rows: int
+
+    def rows(self, n: int) -> int:
+        """The rows a call holding `n` real rows computes."""
+        return max(self.min_rows, -(-n // self.multiple) * self.multiple)
+
+    def describe(self) -> str:
+        if self.min_rows == self.max_rows:
+            return f"blocks of {self.max_rows} rows"
+        return f"one call of {self.min_rows}-{self.max_rows} rows, padded to a multiple of {self.multiple}"
 
 
-def _in_row_blocks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> torch.Tensor:
-    """`x @ weight + bias` in calls of exactly [rows, in] x [in, out], written in place."""
-    flat = x.reshape(-1, x.shape[-1])
-    total = flat.shape[0]
-    out = flat.new_empty(total, weight.shape[1])
-    for start in range(0, total, rows):
-        block = flat[start : start + rows]
-        if block.shape[0] < rows:  # the tail: zero rows make up the block, computed by the same call
-            tail = torch.cat((block, block.new_zeros(rows - block.shape[0], block.shape[1])))
-            out[start:] = torch.mm(tail, weight, out=out.new_empty(rows, weight.shape[1]))[: block.shape[0]]
-        else:
+def blocked_mm(x: torch.Tensor, weight: torch.Tensor, blocking: Blocking) -> torch.Tensor:
+    """`x @ weight` ([N, in] x [in, out]) in calls `blocking` shapes."""
+    total = x.shape[0]
+    out = x.new_empty(total, weight.shape[1])
+    for start in range(0, total, blocking.max_rows):
+        block = x[start : start + blocking.max_rows]
+        rows = blocking.rows(block.shape[0])
+        if rows == block.shape[0]:
             torch.mm(block, weight, out=out[start : start + rows])
-    if bias is not None:
-        out += bias
-    return out.reshape(*x.shape[:-1], weight.shape[1])
+        else:
+            padded = torch.cat((block, block.new_zeros(rows - block.shape[0], block.shape[1])))
+            out[start : start + block.shape[0]] = torch.mm(padded, weight)[: block.shape[0]]
+    return out
 
 
-class RowBlockLinear(nn.Linear):
-    """`nn.Linear` whose rows run in fixed-size calls inside `running` (the class of an existing Linear is swapped,
-    so its parameters, hooks and state-dict names stay as they are)."""
+class _Blocked:
+    """Mixed into a linear's class (swapped once, at load: parameters, hooks and state-dict names stay as they are).
+    `blocking` None: the stock kernel."""
+
+    blocking: Blocking | None = None
+
+    def _blocked(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        assert self.blocking is not None
+        out = blocked_mm(x.reshape(-1, x.shape[-1]), weight, self.blocking)
+        if bias is not None:
+            out += bias
+        return out.reshape(*x.shape[:-1], weight.shape[1])
+
+
+class BlockedLinear(_Blocked, nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) if self.blocking is None else self._blocked(x, self.weight.t(), self.bias)
+
+
+class BlockedConv1D(_Blocked, Conv1D):
+    """GPT-2's transposed linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = _rows.get()
-        return super().forward(x) if rows is None else _in_row_blocks(x, self.weight.t(), self.bias, rows)
+        return super().forward(x) if self.blocking is None else self._blocked(x, self.weight, self.bias)
 
 
-class RowBlockConv1D(Conv1D):
-    """GPT-2's transposed linear (`x @ weight + bias` by `addmm` over every row at once), the same way."""
+BLOCKED: dict[type[nn.Module], type[nn.Module]] = {nn.Linear: BlockedLinear, Conv1D: BlockedConv1D}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = _rows.get()
-        return super().forward(x) if rows is None else _in_row_blocks(x, self.weight, self.bias, rows)
+
+class Spans:
+    """Where each item's tokens are in a packed row, passed down through the backbone's forward; `reached` counts
+    the attention calls that read them (the probe's evidence that the backbone passes its arguments down)."""
+
+    __slots__ = ("reached", "spans")
+
+    def __init__(self, spans: Sequence[Span]) -> None:
+        self.spans = tuple(spans)
+        self.reached = 0
 
 
 def rowwise_attention(
@@ -76,24 +116,23 @@ def rowwise_attention(
     attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
-    reward_spans: Sequence[Span] | None = None,
+    reward_spans: Spans | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' attention interface, for a packed batch (`packed`): `reward_spans` (passed down through the
-    backbone's forward) says where each item's own tokens and its shared prompt's are in the row. Without spans this
-    is stock SDPA."""
+    """transformers' attention interface, per span of a packed row; without spans, stock SDPA."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     if reward_spans is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if kwargs.get("softcap") is not None:
         raise ValueError("batch-invariant attention does not support logit soft-capping (nor does sdpa)")
-    _per_item_calls[0] += 1
-    index, starts, masks = _layout(tuple(reward_spans), kwargs.get("sliding_window"), query.dtype, key.device)
+    reward_spans.reached += 1
+    spans = reward_spans.spans
+    index, starts, masks = _layout(spans, kwargs.get("sliding_window"), query.dtype, key.device)
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key.index_select(2, index), groups), repeat_kv(value.index_select(2, index), groups)
     out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
-    for (_, cached, at, own), start, mask in zip(reward_spans, starts, masks, strict=True):
+    for (_, cached, at, own), start, mask in zip(spans, starts, masks, strict=True):
         q = query[:, :, at : at + own]
         k, v = key[:, :, start : start + cached + own], value[:, :, start : start + cached + own]
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling)
@@ -105,7 +144,7 @@ def rowwise_attention(
 def _layout(
     spans: tuple[Span, ...], window: int | None, dtype: torch.dtype, device: torch.device
 ) -> tuple[torch.Tensor, list[int], list[torch.Tensor | None]]:
-    """For one gather of the row's keys: each span's prompt tokens then its own (the index), where each span's start
+    """For one gather of the row's keys: each span's prompt tokens then its own (the index), where each span starts
     there, and each span's causal mask (None where SDPA's own causal flag says the same), additive in `dtype` as SDPA
     would turn a boolean one (so it is turned once per batch, not once per layer)."""
     parts, starts, masks, start = [], [], [], 0
@@ -123,41 +162,77 @@ def _layout(
     return torch.cat(parts).to(device), starts, masks
 
 
-BLOCKED: dict[type[nn.Module], type[nn.Module]] = {nn.Linear: RowBlockLinear, Conv1D: RowBlockConv1D}
+def _padding_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """SDPA's mask where a padded batch gives one; none for a packed row (which would be T x T)."""
+    from transformers.masking_utils import sdpa_mask
+
+    return None if kwargs.get("attention_mask") is None else sdpa_mask(*args, **kwargs)
 
 
-def install(backbone: nn.Module) -> bool:
-    """Make `backbone` able to run invariantly (`running`; stock behaviour outside it): its linears become
-    blocked (`RowBlockLinear`, `RowBlockConv1D`). Only for SDPA decoders: per-item attention replaces SDPA's causal
-    attention."""
+def install(backbone: nn.Module, head: nn.Module | None) -> bool:
+    """Once, at load: an SDPA decoder's attention becomes `rowwise_attention` and its linears (and the head's)
+    become blockable (stock until `choose` sets their blocking). False (nothing changed) for other backbones."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
 
     config = getattr(backbone, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
         return False
-    AttentionInterface.register(ATTENTION, rowwise_attention)  # no mask function: transformers then builds none
-    block_linears(backbone)
+    AttentionInterface.register(ATTENTION, rowwise_attention)
+    AttentionMaskInterface.register(ATTENTION, _padding_mask)
+    config._attn_implementation = ATTENTION
+    for module in (backbone, head):
+        for sub in module.modules() if module is not None else ():
+            if type(sub) in BLOCKED:
+                sub.__class__ = BLOCKED[type(sub)]
     return True
 
 
-def block_linears(module: nn.Module) -> None:
+def _weight(linear: nn.Module) -> torch.Tensor:
+    """The [in, out] matrix `blocked_mm` multiplies by."""
+    return linear.weight if isinstance(linear, Conv1D) else linear.weight.t()
+
+
+def sweep(weight: torch.Tensor, rows: int = SWEEP_ROWS) -> int | None:
+    """The smallest row count from which every call's rows equal the reference's ([rows, in] in one call), over
+    counts 1-64 and every multiple of 16 up to `rows`, each at a different offset (a row's position in the call
+    must not matter either); None when no count below `rows` does."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, weight.shape[0], generator=generator).to(weight.device, weight.dtype)
+    reference = torch.mm(x, weight)
+    counts = [*range(1, 65), *range(80, rows, MULTIPLE)]
+    bad = 0
+    for m in counts:
+        at = (m * 37) % (rows - m + 1)
+        if not torch.equal(torch.mm(x[at : at + m], weight), reference[at : at + m]):
+            bad = m
+    return next((m for m in counts if m > bad), None)  # every call `Blocking.rows` makes from it was swept
+
+
+def choose(module: nn.Module, device_type: str, fixed_rows: int = 0) -> dict[str, str]:
+    """Sets every blockable linear's `Blocking`, measured per (in, out, dtype); what was chosen, by shape.
+    `fixed_rows`: fixed blocks of that many rows everywhere, unmeasured (0: measure)."""
+    fixed = fixed_rows or FIXED_ROWS.get(device_type, FIXED_ROWS["cuda"])
+    by_shape: dict[tuple[int, int, torch.dtype], list[_Blocked]] = {}
     for sub in module.modules():
-        if type(sub) in BLOCKED:
-            sub.__class__ = BLOCKED[type(sub)]
+        if isinstance(sub, _Blocked):
+            w = _weight(sub)  # type: ignore[arg-type]
+            by_shape.setdefault((w.shape[0], w.shape[1], w.dtype), []).append(sub)
+    chosen: dict[str, str] = {}
+    for (n_in, n_out, dtype), linears in sorted(by_shape.items(), key=str):
+        with torch.inference_mode():
+            least = None if fixed_rows else sweep(_weight(linears[0]))  # type: ignore[arg-type]
+        blocking = (
+            Blocking(fixed, fixed, fixed) if least is None or least >= fixed else Blocking(least, MULTIPLE, SWEEP_ROWS)
+        )
+        for linear in linears:
+            linear.blocking = blocking
+        chosen[f"{n_in}x{n_out} {str(dtype).removeprefix('torch.')}"] = blocking.describe()
+    return chosen
 
 
-@contextmanager
-def running(backbone: nn.Module, rows: int) -> Iterator[None]:
-    """Within: `backbone` (installed) and any blocked linear compute batch-invariantly."""
-    config = backbone.config
-    stock, config._attn_implementation = config._attn_implementation, ATTENTION
-    token = _rows.set(rows)
-    try:
-        yield
-    finally:
-        _rows.reset(token)
-        config._attn_implementation = stock
-
-
-def per_item_calls() -> int:
-    return _per_item_calls[0]
+def unblock(module: nn.Module) -> None:
+    """Stock kernels for every linear (batch invariance off)."""
+    for sub in module.modules():
+        if isinstance(sub, _Blocked):
+            sub.blocking = None

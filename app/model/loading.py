@@ -45,6 +45,7 @@ from app.model.checkpoint import (
 )
 from app.model.cpu import cpu_has_fast_bf16
 from app.model.fingerprint import content_digest, model_fingerprint, versions
+from app.model.info import ModelInfo
 from app.model.recipe import RecipeEncoder
 from app.model.reward_model import RewardHeadModel, RewardModel
 
@@ -315,24 +316,24 @@ def load_reward_model(
     if module.head is not None:
         module.head.to(device=torch_device)
     inputs_device = module.backbone.get_input_embeddings().weight.device  # the first device, under a device map
-    info = {
-        "model_path": str(path),
-        "format": fmt,
-        "architecture": (getattr(config, "architectures", None) or [type(module.backbone).__name__])[0],
-        "model_type": config.model_type,
-        "pooling": module.pooling,
-        "head_index": module.head_index,
-        "base_model": base_identity,
-        "num_parameters": sum(p.numel() for p in module.parameters()),
-        "dtype": str(torch_dtype).removeprefix("torch."),
-        "dtype_source": dtype_source,
-        "versions": versions(),
-        "device": str(inputs_device),
-        "device_map": device_map,
-        "max_length": recipe.max_length,
-        "recipe": recipe.model_dump(),
-        "normalization": normalization.model_dump() if normalization else None,
-        "fingerprint": model_fingerprint(
+    info = ModelInfo(
+        model_path=str(path),
+        format=fmt,
+        architecture=(getattr(config, "architectures", None) or [type(module.backbone).__name__])[0],
+        model_type=config.model_type,
+        pooling=module.pooling,
+        head_index=module.head_index,
+        base_model=base_identity,
+        num_parameters=sum(p.numel() for p in module.parameters()),
+        dtype=str(torch_dtype).removeprefix("torch."),
+        dtype_source=dtype_source,
+        versions=versions(),
+        device=str(inputs_device),
+        device_map=device_map,
+        max_length=recipe.max_length,
+        recipe=recipe.model_dump(),
+        checkpoint_normalization=normalization,
+        model_fingerprint=model_fingerprint(
             path,
             base=base_identity,
             recipe=recipe.model_dump(),
@@ -341,8 +342,8 @@ def load_reward_model(
             device=inputs_device,
             attention=module.attention,
         ),
-    }
-    log.info("loaded %s checkpoint %s (%s, %s)", fmt, path, info["architecture"], info["dtype"])
+    )
+    log.info("loaded %s checkpoint %s (%s, %s)", fmt, path, info.architecture, info.dtype)
     return RewardModel(
         module=module, encoder=encoder, pad_id=int(pad_id), device=inputs_device, dtype=torch_dtype, info=info
     )

@@ -9,7 +9,7 @@ The rules, fixed here and stored with every checkpoint:
 - truncation to `max_length` keeps the end: prompt tokens are dropped from the left first, then response tokens
   from the left; tokens the tokenizer added (BOS, CLS, SEP, the appended EOS) and a leading BOS that a chat template
   wrote are never dropped. Reported per item.
-- the value head reads the last token whose attention mask is 1 (see `collate.py`).
+- the value head reads the item's last token (`plan.py`, `collate.py`).
 A `Formatted` item (a sequence its client formatted: vLLM's `input`, an OpenRLHF query in no known template) skips
 the template only; given as token ids it is the exact sequence.
 """
@@ -75,8 +75,8 @@ Cut = Literal["left", "right", "keep-left", "keep-right"]  # the recipe's trunca
 @dataclass(frozen=True, slots=True)
 class Encoded:
     """`prefix`: how many leading tokens are the prompt's own tokens, exactly as they appear in the whole sequence
-    (a token that merges prompt and response text is not counted). Items whose first `prefix` tokens are equal may
-    compute them once (`collate.collate_shared`); 0 when nothing can be shared. Always < len(input_ids)."""
+    (a token that merges prompt and response text is not counted). Items whose first `prefix` tokens are equal
+    compute them once (`plan.Plan`); 0 when nothing can be shared. Always < len(input_ids)."""
 
     input_ids: list[int]
     token_type_ids: list[int] | None

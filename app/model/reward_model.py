@@ -1,4 +1,5 @@
-"""The reward math: backbone -> hidden state of the last real token -> linear head -> one float per sequence."""
+"""The reward math: backbone -> hidden state of the last real token -> linear head -> one float per sequence; and
+the one way a plan (`app.model.plan`) is run."""
 
 from __future__ import annotations
 
@@ -6,22 +7,22 @@ import inspect
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from app.model import invariant
-from app.model.collate import Batch, SharedBatch, collate, collate_shared, last_real_index
-from app.model.packed import PackedBatch, pack
+from app.model.collate import collate, last_real_index
+from app.model.info import Kernels, ModelInfo
+from app.model.plan import Plan, Tokens, plan_of
 from app.model.recipe import Encoded, RecipeEncoder
 
 log = logging.getLogger(__name__)
 
 Pooling = Literal["last_token", "classifier"]
-INVARIANT_PROBE_ROWS = 64
+PROBE = ["Which planet is the largest?", "Jupiter.", "Saturn, by far, if you count its rings as well."]
 
 
 def sigmoid(x: float) -> float:
@@ -37,13 +38,7 @@ class RewardHeadModel(nn.Module):
     (encoders, whose pooler reads [CLS]). Rewards come back as float32 whatever the compute dtype.
     """
 
-    def __init__(
-        self,
-        backbone: nn.Module,
-        head: nn.Module | None,
-        pooling: Pooling,
-        head_index: int = 0,
-    ) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Module | None, pooling: Pooling, head_index: int = 0) -> None:
         super().__init__()
         if pooling == "last_token" and head is None:
             raise ValueError("last_token pooling needs a head")
@@ -55,18 +50,10 @@ class RewardHeadModel(nn.Module):
         self._takes_positions = "position_ids" in accepted
         self._takes_types = "token_type_ids" in accepted
         self._takes_cache_flag = "use_cache" in accepted
-        self._takes_cache = cache_argument(backbone) is not None
         config = getattr(backbone, "config", None)
         self.attention: str | None = getattr(config, "_attn_implementation", None)  # the stock kernel
-        # decoders read at the last token can run batch-invariantly (`forward_packed`); stock kernels until asked
-        self.may_be_invariant = pooling == "last_token" and self._takes_positions and invariant.install(backbone)
-        if self.may_be_invariant and head is not None:
-            invariant.block_linears(head)
-
-    @property
-    def may_share_prefixes(self) -> bool:
-        """Whether `forward_shared` can run at all; `RewardModel` checks it also gives `forward`'s numbers."""
-        return self.pooling == "last_token" and self._takes_cache and self._takes_positions
+        # decoders read at the last token pack their items (`forward_packed`): the kernels are installed once, here
+        self.may_pack = pooling == "last_token" and self._takes_positions and invariant.install(backbone, head)
 
     def forward(
         self,
@@ -75,6 +62,7 @@ class RewardHeadModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """A padded batch (left or right), the stock way: training, and models that cannot pack."""
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self._takes_positions:
             if position_ids is None:  # left or right padding: count real tokens so far
@@ -88,19 +76,14 @@ class RewardHeadModel(nn.Module):
             kwargs["use_cache"] = False
         return self._read(self.backbone(**kwargs).last_hidden_state, last_real_index(attention_mask))
 
-    def forward_shared(self, batch: SharedBatch) -> torch.Tensor:
-        """`forward` for a `SharedBatch`: each prefix runs once and its keys/values serve all of its items."""
-        return self._read(shared_hidden(self.backbone, batch)[1], batch.last_index)
-
-    def forward_packed(self, batch: PackedBatch) -> torch.Tensor:
-        """`forward` for a `PackedBatch`, batch-invariantly (`invariant`): each item's reward a function of it alone."""
-        if not self.may_be_invariant:
-            raise ValueError("this model cannot run batch-invariantly: its batch policy must not ask it to")
-        with invariant.running(self.backbone, batch.block_rows):
-            hidden = self.backbone(
-                input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, reward_spans=batch.spans
-            ).last_hidden_state
-            return self._read(hidden.expand(len(batch), -1, -1), batch.last_index)  # one packed row, read per item
+    def forward_packed(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, spans: invariant.Spans, last: torch.Tensor
+    ) -> torch.Tensor:
+        """One packed row ([1, T]); `last`: each item's last token in it."""
+        hidden = self.backbone(
+            input_ids=input_ids, position_ids=position_ids, use_cache=False, reward_spans=spans
+        ).last_hidden_state
+        return self._read(hidden.expand(len(last), -1, -1), last)
 
     def _read(self, hidden: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index.to(hidden.device)]
@@ -109,131 +92,99 @@ class RewardHeadModel(nn.Module):
         return self.head(last.to(device=weight.device, dtype=weight.dtype))[:, self.head_index].float()
 
 
-def cache_argument(backbone: nn.Module) -> str | None:
-    """The keyword a backbone takes its key/value cache by (transformers 5 renamed `past_key_values` to `cache`)."""
-    accepted = inspect.signature(backbone.forward).parameters
-    return next((name for name in ("cache", "past_key_values") if name in accepted), None)
-
-
-def shared_hidden(backbone: nn.Module, batch: SharedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hidden states of a `SharedBatch` through a causal backbone: ([prefixes, Lp, H], [items, Ls, H])."""
-    p = batch.prefixes
-    out = backbone(input_ids=p.input_ids, attention_mask=p.attention_mask, position_ids=p.position_ids, use_cache=True)
-    cache = getattr(out, "cache", None) or out.past_key_values  # transformers 5 renamed it
-    cache.reorder_cache(batch.group)  # one copy of its prefix's keys/values per item
-    suffix = backbone(
-        input_ids=batch.suffix_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=False,
-        **{cache_argument(backbone) or "past_key_values": cache},
-    ).last_hidden_state
-    return out.last_hidden_state, suffix
-
-
 @dataclass
 class RewardModel:
-    """A loaded checkpoint, ready to score encoded items: module + recipe + what `/info` reports."""
+    """A loaded checkpoint, ready to score encoded items: module + recipe + what `/info` reports. `prepare` (once,
+    on the thread that will run it) decides how plans run; until then, and for `score`, it is prepared by default."""
 
     module: RewardHeadModel
     encoder: RecipeEncoder
     pad_id: int
     device: torch.device
     dtype: torch.dtype
-    info: dict[str, Any] = field(default_factory=dict)
+    info: ModelInfo
+    kernels: Kernels | None = None
 
     @property
     def max_length(self) -> int:
         return self.encoder.recipe.max_length
 
     @property
-    def device_type(self) -> str:
-        return self.device.type
+    def packs(self) -> bool:
+        """The layout every plan for this model takes."""
+        return self.prepared.layout == "packed"
 
-    def plan(
-        self,
-        items: Sequence[Encoded],
-        pad_to_multiple_of: int = 1,
-        share: bool = False,
-        block_rows: int | None = None,
-    ) -> Batch | SharedBatch | PackedBatch:
-        """The layout `run` computes; with `share` (which the batch policy decides, from the setting and
-        `can_share_prefixes`), prompts that items share run once. With `block_rows` (the policy decides it too, from
-        the setting and `can_be_invariant`) the items are packed and each one's reward is a function of it alone."""
-        if share and not self.can_share_prefixes:
-            raise ValueError("this model cannot share prompts: its batch policy must not ask it to")
-        if block_rows is not None:
-            return pack(items, block_rows, share)
-        shared = collate_shared(items, self.pad_id, pad_to_multiple_of) if share else None
-        return shared if shared is not None else collate(items, self.pad_id, pad_to_multiple_of)
+    @property
+    def prepared(self) -> Kernels:
+        return self.kernels or self.prepare()
 
-    def run(self, batch: Batch | SharedBatch | PackedBatch) -> list[float]:
-        """One forward pass; the rewards of the batch's items, in order."""
-        on = batch.to(self.device)
-        with torch.inference_mode():
-            if isinstance(on, PackedBatch):
-                rewards = self.module.forward_packed(on)
-            elif isinstance(on, SharedBatch):
-                rewards = self.module.forward_shared(on)
-            else:
-                rewards = self.module(on.input_ids, on.attention_mask, on.position_ids, on.token_type_ids)
-        if rewards.shape[0] != len(batch):
-            raise RuntimeError(f"model returned {rewards.shape[0]} rewards for {len(batch)} items")
+    def prepare(self, batch_invariant: bool = True, fixed_rows: int = 0) -> Kernels:
+        """Measured here, with this thread's CPU threads: whether the backbone packs (its attention reads the spans),
+        and per linear shape the calls that keep its rows batch-invariant (`invariant.choose`; `fixed_rows`: fixed
+        blocks of that size instead). Returns the evidence, also kept as `kernels`."""
+        threads = torch.get_num_threads() if self.device.type == "cpu" else None
+        self.kernels = Kernels(layout="padded", batch_invariant=False, linears={}, attention_calls=0, threads=threads)
+        if not self.module.may_pack:
+            note = "not an SDPA decoder read at its last token: padded, stock kernels"
+            self.kernels = self.kernels.model_copy(update={"note": note})
+            return self.kernels
+        ids = self.encoder.tokenizer(PROBE, add_special_tokens=False).input_ids
+        probe = [Encoded(x, None, False) for x in ids]
+        invariant.unblock(self.module)
+        try:
+            spans = self._run_packed(plan_of(probe, packed=True))[1]
+        except Exception:  # a backbone this code cannot pack: serve it padded
+            log.warning("packing unavailable: the per-item attention failed", exc_info=True)
+            return self._padded("the per-item attention failed")
+        if not spans.reached:
+            return self._padded("this backbone does not pass its arguments down to attention")
+        packed = self.kernels.model_copy(update={"layout": "packed", "attention_calls": spans.reached})
+        self.kernels = packed
+        if not batch_invariant:
+            return packed
+        linears = invariant.choose(self.module, self.device.type, fixed_rows)
+        alone = [self.run(plan_of([item], packed=True))[0] for item in probe]
+        together = self.run(plan_of(probe, packed=True))
+        if alone != together:
+            invariant.unblock(self.module)
+            log.warning("batch invariance unavailable: batched %s vs alone %s", together, alone)
+            return packed.model_copy(update={"note": f"batched {together} != alone {alone}: stock kernels"})
+        self.kernels = packed.model_copy(update={"batch_invariant": True, "linears": linears})
+        return self.kernels
+
+    def _padded(self, note: str) -> Kernels:
+        assert self.kernels is not None
+        self.kernels = self.kernels.model_copy(update={"note": f"{note}: padded, stock kernels"})
+        return self.kernels
+
+    def run(self, plan: Plan) -> list[float]:
+        """One forward pass of `plan`; its items' rewards, in order."""
+        if plan.packed != self.packs:
+            raise ValueError(f"a {'packed' if plan.packed else 'padded'} plan for a {self.prepared.layout} model")
+        rewards = self._run_packed(plan)[0] if plan.packed else self._padded_forward(plan.items)
+        if rewards.shape[0] != len(plan):
+            raise RuntimeError(f"model returned {rewards.shape[0]} rewards for {len(plan)} items")
         return rewards.cpu().tolist()
 
-    def score(
-        self,
-        items: Sequence[Encoded],
-        pad_to_multiple_of: int = 1,
-        share: bool = False,
-        block_rows: int | None = None,
-    ) -> list[float]:
-        return self.run(self.plan(items, pad_to_multiple_of, share, block_rows))
+    def _run_packed(self, plan: Plan) -> tuple[torch.Tensor, invariant.Spans]:
+        ids, positions, spans = plan.layout()
+        last = [at + own - 1 for _, _, at, own in spans[-len(plan) :]]
+        as_row = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)[None]  # noqa: E731
+        carried = invariant.Spans(spans)
+        with torch.inference_mode():
+            rewards = self.module.forward_packed(as_row(ids), as_row(positions), carried, as_row(last)[0])
+        return rewards, carried
 
-    @cached_property
-    def can_be_invariant(self) -> bool:
-        """Checked once, on numbers: the per-item attention was reached (a backbone that does not pass its keyword
-        arguments down to attention keeps the stock kernel) and items alone equal the same items batched."""
-        if not self.module.may_be_invariant:
-            return False
-        texts = ["Which planet is the largest?", "Jupiter.", "Saturn, by far, if you count its rings as well."]
-        probe = [Encoded(ids, None, False) for ids in self.encoder.tokenizer(texts, add_special_tokens=False).input_ids]
-        calls = invariant.per_item_calls()
-        try:
-            alone = [self.score([item], block_rows=INVARIANT_PROBE_ROWS)[0] for item in probe]
-            together = self.score(probe, block_rows=INVARIANT_PROBE_ROWS)
-        except Exception:
-            log.warning("batch invariance unavailable: the per-item kernels failed", exc_info=True)
-            return False
-        if invariant.per_item_calls() == calls:
-            log.warning("batch invariance unavailable: this backbone does not pass its arguments to attention")
-            return False
-        if alone != together:
-            log.warning("batch invariance unavailable: batched %s vs alone %s", together, alone)
-            return False
-        return True
+    def _padded_forward(self, items: Sequence[Tokens]) -> torch.Tensor:
+        batch = collate(items, self.pad_id).to(self.device)
+        with torch.inference_mode():
+            return self.module(batch.input_ids, batch.attention_mask, batch.position_ids, batch.token_type_ids)
 
-    @cached_property
-    def can_share_prefixes(self) -> bool:
-        """Checked once, on numbers: a backbone whose cached path differs from its plain forward (attention that is
-        not causal, a cache it does not honour) never shares prompts."""
-        if not self.module.may_share_prefixes:
-            return False
-        # Token ids straight from the tokenizer, not through the recipe: the question is what the backbone computes,
-        # and a recipe's truncation (a short max_length) could cut the shared prompt out of the probe.
-        ids = self.encoder.tokenizer(
-            ["Which planet is the largest?", " Jupiter.", " Saturn, by far."], add_special_tokens=False
-        ).input_ids
-        probe = [Encoded(ids[0] + reply, None, False, prefix=len(ids[0])) for reply in ids[1:]]
-        shared = collate_shared(probe, self.pad_id)
-        assert shared is not None  # both items begin with the same prompt
-        try:
-            reference, reused = self.run(collate(probe, self.pad_id)), self.run(shared)
-        except Exception:  # a cache API this code does not know: serve the plain way
-            log.warning("prompt sharing disabled: the cached forward failed", exc_info=True)
-            return False
-        tolerance = 1e-3 if self.dtype == torch.float32 else 5e-2
-        if any(abs(a - b) > tolerance * max(1.0, abs(a)) for a, b in zip(reference, reused, strict=True)):
-            log.warning("prompt sharing disabled: it changes this model's rewards (%s vs %s)", reused, reference)
-            return False
-        return True
+    def score(self, items: Sequence[Tokens]) -> list[float]:
+        """`items` in one plan (no budget): probes, peers and tests; the server plans with `app.engine.batching`."""
+        return self.run(plan_of(items, self.packs))
+
+    def stock(self, items: Sequence[Tokens]) -> list[float]:
+        """One padded forward of `items`, as a plain server runs it (the benchmark's peers; stock linears until
+        `prepare` blocks them)."""
+        return self._padded_forward(items).cpu().tolist()

@@ -68,7 +68,6 @@ def described(settings: Settings) -> dict[str, int | float]:
         "max_queue_items",
         "max_batch_tokens",
         "max_batch_size",
-        "pad_to_multiple_of",
         "max_body_bytes",
         "max_text_chars",
         "max_messages",

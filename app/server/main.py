@@ -48,9 +48,9 @@ def normalization_in_force(settings: Settings, model: RewardModel) -> Normalizat
     """Decided once at start-up; every route reports this one. The settings' mean/std override the checkpoint's."""
     if not settings.normalize:
         return None
-    stored = model.info.get("normalization") or {}
-    mean = settings.reward_mean if settings.reward_mean is not None else stored.get("mean")
-    std = settings.reward_std if settings.reward_std is not None else stored.get("std")
+    stored = model.info.checkpoint_normalization
+    mean = settings.reward_mean if settings.reward_mean is not None else stored and stored.mean
+    std = settings.reward_std if settings.reward_std is not None else stored and stored.std
     if mean is None or std is None:
         raise ValueError(
             "REWARD_NORMALIZE is on but neither the settings (REWARD_REWARD_MEAN/STD) nor the checkpoint give mean/std"
@@ -74,9 +74,8 @@ def create_app(
         loaded = model or await asyncio.to_thread(load_model, settings)
         normalization = normalization_in_force(settings, loaded)
         worker = Worker(loaded, settings, app.state.metrics, on_death=on_model_death)
-        await asyncio.to_thread(worker.start)  # fits the batch policy to the model
-        raw = normalization.model_dump() if normalization else None
-        fingerprint = served_fingerprint(loaded, worker.policy, raw, worker.threads)
+        await worker.start()  # measures how the model runs plans, on its own thread
+        fingerprint = served_fingerprint(loaded, normalization.model_dump() if normalization else None)
         model_id = settings.served_model_name or str(settings.model_path)
         app.state.served = Served(
             normalization, fingerprint, QueryReader.for_encoder(loaded.encoder), model_id, int(time.time())
@@ -86,7 +85,7 @@ def create_app(
         try:
             yield
         finally:
-            await asyncio.to_thread(worker.stop)
+            await worker.stop()
 
     app = FastAPI(
         title="reward-server",

@@ -10,17 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import BaseModel, Field, StrictStr, model_validator
 
 from app.model.checkpoint import Normalization
 from app.model.conversations import ChatFormat, chat_formats, read_query, repeats
 from app.model.recipe import Formatted, Item, RecipeEncoder, ScoringInput
-from app.server.schemas import item_scores
-
-if TYPE_CHECKING:
-    from app.engine.worker import ItemResult
+from app.server.schemas import Scores
 
 TEXT, RAW = "text", "raw"  # a plain-text prompt split off its reply; a sequence scored as it is
 
@@ -90,15 +87,8 @@ class GetRewardResponse(BaseModel):
     normalization: Normalization | None = Field(None, description="when set, rewards are (raw - mean) / std")
 
     @classmethod
-    def build(
-        cls,
-        results: Sequence[ItemResult],
-        read_as: list[str],
-        readings: Sequence[str],
-        normalization: Normalization | None,
-    ) -> GetRewardResponse:
-        items = item_scores(results, normalization)
-        rewards = [i.reward for i in items]
+    def build(cls, scores: Scores, read_as: list[str], readings: Sequence[str]) -> GetRewardResponse:
+        items, rewards, normalization = scores.items, scores.rewards, scores.normalization
         logs = {
             "reward_num_tokens": [float(i.num_tokens) for i in items],
             "reward_truncated": [float(i.truncated) for i in items],

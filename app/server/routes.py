@@ -12,12 +12,12 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 from app.engine.errors import DeadlineExceeded, EngineError
-from app.engine.worker import ItemResult, Scored, Worker
+from app.engine.worker import Scored, Worker
 from app.model.checkpoint import Normalization
 from app.model.recipe import Item
 from app.server import limits
 from app.server.decode import DecodedRoute
-from app.server.errors import ErrorType, ServiceError, openapi_responses
+from app.server.errors import FROM_ENGINE, ErrorType, ServiceError, openapi_responses
 from app.server.openrlhf import GetRewardRequest, GetRewardResponse, QueryReader
 from app.server.schemas import (
     CompareRequest,
@@ -29,6 +29,7 @@ from app.server.schemas import (
     Ready,
     ScoreRequest,
     ScoreResponse,
+    Scores,
 )
 from app.server.vllm import ClassifyRequest, ClassifyResponse, ModelCard, ModelList
 from app.settings import Settings
@@ -92,10 +93,11 @@ async def _scored(
     count: int,
     convert: Callable[[], list[Item]],
     field: str = "items",
-) -> list[ItemResult]:
+) -> Scores:
     """The one path every scoring route takes: the item limit, the deadline (counted from the request's arrival),
     the conversion to items off the event loop, the worker call, the work of a client that went away or of a
-    cancelled handler dropped, timing headers. `field`: the body's list an item's error names (`input[2]`)."""
+    cancelled handler dropped, an item's error named in the body (`field`: `input[2]`), the normalization in force
+    applied, timing headers."""
     settings = worker.settings
     limits.check_items(count, settings)
     timeout = limits.deadline(request.headers.get("x-request-timeout"), settings)
@@ -113,14 +115,13 @@ async def _scored(
     try:
         scored = task.result()
     except EngineError as exc:
-        if exc.param and exc.param.startswith("items["):
-            exc.param = field + exc.param.removeprefix("items")
-        raise
+        where = None if exc.index is None else f"{field}[{exc.index}]"
+        raise ServiceError(FROM_ENGINE[type(exc)], exc.message, where) from exc
     t = scored.timing
     response.headers["x-tokenize-time-ms"] = f"{t.tokenize_s * 1000:.1f}"
     response.headers["x-queue-time-ms"] = f"{t.queue_s * 1000:.1f}"
     response.headers["x-inference-time-ms"] = f"{t.inference_s * 1000:.1f}"
-    return scored.results
+    return Scores.of(scored.results, request.app.state.served.normalization)
 
 
 async def _converted_and_scored(
@@ -140,8 +141,8 @@ async def score(
     body: ScoreRequest, request: Request, response: Response, worker: WorkerDep, served: ServedDep
 ) -> ScoreResponse:
     """Rewards for prompt/response items (or whole conversations), aligned with `items`."""
-    results = await _scored(request, response, worker, body.size(), body.to_inputs)
-    return ScoreResponse.build(results, served.fingerprint, served.normalization)
+    scores = await _scored(request, response, worker, body.size(), body.to_inputs)
+    return ScoreResponse.build(scores, served.fingerprint)
 
 
 @router.post("/compare", responses=ERRORS)
@@ -149,8 +150,8 @@ async def compare(
     body: CompareRequest, request: Request, response: Response, worker: WorkerDep, served: ServedDep
 ) -> CompareResponse:
     """Bradley-Terry P(response_a preferred to response_b) per pair, with both rewards."""
-    results = await _scored(request, response, worker, body.size(), body.to_inputs)
-    return CompareResponse.build(results, served.fingerprint)
+    scores = await _scored(request, response, worker, body.size(), body.to_inputs)
+    return CompareResponse.build(scores, served.fingerprint)
 
 
 @router.post("/rank", responses=ERRORS)
@@ -160,8 +161,8 @@ async def rank(
     """GRPO/RLOO groups: rewards, group mean/std, normalized advantages, leave-one-out baselines, ranks."""
     if body.probabilities:
         limits.check_probabilities([len(group.responses) for group in body.groups], worker.settings)
-    results = await _scored(request, response, worker, body.size(), body.to_inputs)
-    return RankResponse.build(body, results, served.fingerprint, served.normalization)
+    scores = await _scored(request, response, worker, body.size(), body.to_inputs)
+    return RankResponse.build(body, scores, served.fingerprint)
 
 
 @router.post("/get_reward", responses=ERRORS)
@@ -176,8 +177,8 @@ async def get_reward(
         read_as.extend(names)
         return inputs
 
-    results = await _scored(request, response, worker, len(body.query), convert, field="query")
-    return GetRewardResponse.build(results, read_as, served.reader.readings, served.normalization)
+    scores = await _scored(request, response, worker, len(body.query), convert, field="query")
+    return GetRewardResponse.build(scores, read_as, served.reader.readings)
 
 
 @router.post("/classify", responses=ERRORS)
@@ -186,8 +187,8 @@ async def classify(
     body: ClassifyRequest, request: Request, response: Response, worker: WorkerDep, served: ServedDep
 ) -> ClassifyResponse:
     """vLLM's classify API: `probs` per input (sigmoid of the reward; `use_activation: false` for the reward)."""
-    results = await _scored(request, response, worker, body.size(), body.to_inputs, field="input")
-    return ClassifyResponse.build(body, results, served.model_id, served.normalization)
+    scores = await _scored(request, response, worker, body.size(), body.to_inputs, field="input")
+    return ClassifyResponse.build(body, scores, served.model_id)
 
 
 @router.post("/pooling", responses=ERRORS)
@@ -195,8 +196,8 @@ async def pooling(
     body: ClassifyRequest, request: Request, response: Response, worker: WorkerDep, served: ServedDep
 ) -> ClassifyResponse:
     """vLLM's pooling API with `task: classify` (the default): the same values as /classify, in pooling's shape."""
-    results = await _scored(request, response, worker, body.size(), body.to_inputs, field="input")
-    return ClassifyResponse.build(body, results, served.model_id, served.normalization, pooling=True)
+    scores = await _scored(request, response, worker, body.size(), body.to_inputs, field="input")
+    return ClassifyResponse.build(body, scores, served.model_id, pooling=True)
 
 
 @router.get("/v1/models", responses=ERRORS)
@@ -206,7 +207,7 @@ async def models(worker: WorkerDep, served: ServedDep) -> ModelList:
         id=served.model_id,
         created=served.created,
         root=str(worker.settings.model_path),
-        max_model_len=worker.model.encoder.recipe.max_length,
+        max_model_len=worker.model.max_length,
     )
     return ModelList(data=[card])
 
@@ -215,11 +216,10 @@ async def models(worker: WorkerDep, served: ServedDep) -> ModelList:
 async def info(worker: WorkerDep, served: ServedDep) -> Info:
     """What is served and how it reads a sequence; `fingerprint` is also in every scoring response."""
     return Info(
-        **{**worker.model.info, "normalization": served.normalization, "fingerprint": served.fingerprint},
-        model_fingerprint=worker.model.info["fingerprint"],
-        checkpoint_normalization=worker.model.info["normalization"],
-        shares_prefixes=worker.policy.share_prefixes,
-        batch_invariant=worker.policy.batch_invariant,
+        **worker.model.info.model_dump(),
+        normalization=served.normalization,
+        fingerprint=served.fingerprint,
+        kernels=worker.model.prepared,
         limits=limits.described(worker.settings),
     )
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 
 from app.model.checkpoint import Normalization
 from app.model.conversations import Message as RecipeMessage
+from app.model.info import Kernels, ModelInfo
 from app.model.recipe import ScoringInput
 from app.model.reward_model import sigmoid
 
@@ -110,9 +112,30 @@ class ItemScore(BaseModel):
     truncated: bool = Field(description="true when the start of the prompt (or reply) was cut to fit max_length")
 
 
-def item_scores(results: Sequence[ItemResult], normalization: Normalization | None = None) -> list[ItemScore]:
-    norm = normalization.apply if normalization else float
-    return [ItemScore(reward=norm(r.reward), num_tokens=r.num_tokens, truncated=r.truncated) for r in results]
+@dataclass(frozen=True, slots=True)
+class Scores:
+    """A request's results with the normalization in force applied, once (`of`): what every response builder reads.
+    `raw`: the model's rewards, for what must not be normalized (Bradley-Terry probabilities)."""
+
+    items: list[ItemScore]
+    raw: list[float]
+    normalization: Normalization | None
+
+    @classmethod
+    def of(cls, results: Sequence[ItemResult], normalization: Normalization | None) -> Scores:
+        norm = normalization.apply if normalization else float
+        items = [ItemScore(reward=norm(r.reward), num_tokens=r.num_tokens, truncated=r.truncated) for r in results]
+        return cls(items, [r.reward for r in results], normalization)
+
+    @property
+    def rewards(self) -> list[float]:
+        return [i.reward for i in self.items]
+
+    def raw_items(self) -> list[ItemScore]:
+        return [i.model_copy(update={"reward": r}) for i, r in zip(self.items, self.raw, strict=True)]
+
+    def chunk(self, start: int, stop: int) -> Scores:
+        return Scores(self.items[start:stop], self.raw[start:stop], self.normalization)
 
 
 class ScoreResponse(BaseModel):
@@ -122,11 +145,9 @@ class ScoreResponse(BaseModel):
     normalization: Normalization | None = Field(None, description="when set, rewards are (raw - mean) / std")
 
     @classmethod
-    def build(
-        cls, results: Sequence[ItemResult], fingerprint: str, normalization: Normalization | None
-    ) -> ScoreResponse:
-        items = item_scores(results, normalization)
-        return cls(rewards=[i.reward for i in items], items=items, fingerprint=fingerprint, normalization=normalization)
+    def build(cls, scores: Scores, fingerprint: str) -> ScoreResponse:
+        normalization = scores.normalization
+        return cls(rewards=scores.rewards, items=scores.items, fingerprint=fingerprint, normalization=normalization)
 
 
 class PairResult(BaseModel):
@@ -141,9 +162,9 @@ class CompareResponse(BaseModel):
     fingerprint: str
 
     @classmethod
-    def build(cls, results: Sequence[ItemResult], fingerprint: str) -> CompareResponse:
-        """`results` holds a0, b0, a1, b1, ... as `ComparePair.to_inputs` produced them; always raw rewards."""
-        items = item_scores(results)
+    def build(cls, scores: Scores, fingerprint: str) -> CompareResponse:
+        """`scores` holds a0, b0, a1, b1, ... as `ComparePair.to_inputs` produced them; always raw rewards."""
+        items = scores.raw_items()
         pairs = [
             PairResult(probability=sigmoid(a.reward - b.reward), a=a, b=b)
             for a, b in zip(items[0::2], items[1::2], strict=True)
@@ -190,20 +211,16 @@ class RankResponse(BaseModel):
     normalization: Normalization | None = None
 
     @classmethod
-    def build(
-        cls, request: RankRequest, results: Sequence[ItemResult], fingerprint: str, normalization: Normalization | None
-    ) -> RankResponse:
+    def build(cls, request: RankRequest, scores: Scores, fingerprint: str) -> RankResponse:
         groups, start = [], 0
         for group in request.groups:
-            chunk = results[start : start + len(group.responses)]
+            chunk = scores.chunk(start, start + len(group.responses))
             start += len(group.responses)
-            items = item_scores(chunk, normalization)
-            rewards = [i.reward for i in items]
+            items, rewards, raw = chunk.items, chunk.rewards, chunk.raw
             n = len(rewards)
             mean = sum(rewards) / n
             std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (n - 1)) if n > 1 else 0.0
             total = sum(rewards)
-            raw = [r.reward for r in chunk]
             groups.append(
                 GroupResult(
                     rewards=rewards,
@@ -216,7 +233,7 @@ class RankResponse(BaseModel):
                     items=items,
                 )
             )
-        return cls(groups=groups, fingerprint=fingerprint, normalization=normalization)
+        return cls(groups=groups, fingerprint=fingerprint, normalization=scores.normalization)
 
 
 class Health(BaseModel):
@@ -229,30 +246,8 @@ class Ready(BaseModel):
     queued_items: int
 
 
-class Info(BaseModel):
-    model_config = ConfigDict(protected_namespaces=())
-
-    model_path: str
-    format: str
-    architecture: str
-    model_type: str
-    pooling: str
-    head_index: int
-    base_model: str | None
-    num_parameters: int
-    dtype: str
-    device: str
-    device_map: str | None = Field(description="the device map the backbone was spread with, if any")
-    max_length: int
-    recipe: dict[str, Any]
+class Info(ModelInfo):
     normalization: Normalization | None = Field(description="every reward route but /compare; null: raw")
-    checkpoint_normalization: Normalization | None = Field(description="the mean/std the checkpoint stores")
-    fingerprint: str = Field(description="equal fingerprints give equal rewards: model, scheduling, normalization")
-    model_fingerprint: str = Field(description="the loaded model's part of it: files, base, recipe, dtype, device")
-    dtype_source: str = Field(description="why this dtype: REWARD_DTYPE, or what the checkpoint states")
-    versions: dict[str, str] = Field(description="torch and transformers major.minor, part of the fingerprint")
-    shares_prefixes: bool = Field(description="items sharing a prompt compute it once (see REWARD_SHARE_PREFIXES)")
-    batch_invariant: bool = Field(
-        description="each reward is bitwise a function of its item alone, whatever its batch (REWARD_BATCH_INVARIANT)"
-    )
+    fingerprint: str = Field(description="equal fingerprints give equal rewards: model, kernels, normalization")
+    kernels: Kernels = Field(description="how the model runs a plan: layout, invariance, each linear's calls")
     limits: dict[str, int | float]

@@ -15,17 +15,13 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
 
-from app.model.checkpoint import Normalization
 from app.model.recipe import Formatted, Item, ScoringInput
 from app.model.reward_model import sigmoid
-from app.server.schemas import Message, item_scores
-
-if TYPE_CHECKING:
-    from app.engine.worker import ItemResult
+from app.server.schemas import Message, Scores
 
 
 class _Lenient(BaseModel):
@@ -141,13 +137,11 @@ class ClassifyResponse(BaseModel):
     def build(
         cls,
         request: ClassifyRequest,
-        results: Sequence[ItemResult],
+        scores: Scores,
         model: str,
-        normalization: Normalization | None,
         pooling: bool = False,
     ) -> ClassifyResponse:
-        items = item_scores(results, normalization)  # the rewards /score would report
-        values = [i.reward for i in items]
+        items, values = scores.items, scores.rewards  # the rewards /score would report
         if request.activated:
             values = [sigmoid(v) for v in values]
         data: list[ClassifyData] | list[PoolingData] = (
