@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -15,6 +15,7 @@ import pytest
 from asgi_lifespan import LifespanManager
 
 from app.model.loading import load_reward_model
+from app.model.recipe import Item
 from app.model.reward_model import RewardModel
 from app.server.main import create_app
 from app.settings import Settings
@@ -50,6 +51,12 @@ def load(checkpoints: dict[str, Path]) -> Callable[..., RewardModel]:
         return cache[key]
 
     return _load
+
+
+def direct(model: RewardModel, inputs: Sequence[Item]) -> list[float]:
+    """The reference every numeric test compares with: each item alone, one plain padded forward through the
+    backbone's stock forward (no plan, no packing, no prompt laid out apart)."""
+    return [model.stock([e])[0] for e in model.encoder.encode_batch(list(inputs))]
 
 
 def test_settings(model_path: Path, **overrides: object) -> Settings:
