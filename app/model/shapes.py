@@ -1,5 +1,4 @@
-"""The one padding rule. The batch policy's cost model (pure Python) and the collator (torch) both count with it, so
-the batch the policy plans is the batch that runs."""
+"""The one padding rule: the collator (padded plans, training) and training's feature cache count with it."""
 
 
 def padded(length: int, multiple: int) -> int:
