@@ -107,6 +107,11 @@ class ServiceError(Exception):
         return {"error": {"type": self.type.value, "message": self.message, "param": self.param}}
 
 
+def from_engine(exc: engine.EngineError, field: str) -> ServiceError:
+    """An engine error in the client's terms: its status, and the item it names as the body's `field[index]`."""
+    return ServiceError(FROM_ENGINE[type(exc)], exc.message, None if exc.index is None else f"{field}[{exc.index}]")
+
+
 def _loc_to_param(loc: tuple[int | str, ...]) -> str | None:
     """('body', 'items', 3, 'response') -> 'items[3].response'."""
     parts = list(loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc)
@@ -136,10 +141,6 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service(request: Request, exc: ServiceError) -> JSONResponse:
         return render(exc, request)
-
-    @app.exception_handler(engine.EngineError)
-    async def _engine(request: Request, exc: engine.EngineError) -> JSONResponse:
-        return render(ServiceError(FROM_ENGINE[type(exc)], exc.message, exc.param), request)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -17,7 +17,7 @@ from app.model.checkpoint import Normalization
 from app.model.recipe import Item
 from app.server import limits
 from app.server.decode import DecodedRoute
-from app.server.errors import FROM_ENGINE, ErrorType, ServiceError, openapi_responses
+from app.server.errors import ErrorType, ServiceError, from_engine, openapi_responses
 from app.server.openrlhf import GetRewardRequest, GetRewardResponse, QueryReader
 from app.server.schemas import (
     CompareRequest,
@@ -115,8 +115,7 @@ async def _scored(
     try:
         scored = task.result()
     except EngineError as exc:
-        where = None if exc.index is None else f"{field}[{exc.index}]"
-        raise ServiceError(FROM_ENGINE[type(exc)], exc.message, where) from exc
+        raise from_engine(exc, field) from exc
     t = scored.timing
     response.headers["x-tokenize-time-ms"] = f"{t.tokenize_s * 1000:.1f}"
     response.headers["x-queue-time-ms"] = f"{t.queue_s * 1000:.1f}"
