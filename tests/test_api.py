@@ -262,8 +262,8 @@ async def test_not_ready_is_503(make_client: Any) -> None:
 async def test_the_served_fingerprint_changes_with_anything_that_moves_a_reward(
     make_client: Any, checkpoints: dict[str, Any]
 ) -> None:
-    """Equal fingerprints, equal rewards: two identical servers agree; the dtype, the prompt-sharing schedule and the
-    normalization in force each change it."""
+    """Equal fingerprints, equal rewards: two identical servers agree; the dtype, the kernels (stock linears, or
+    fixed row blocks instead of the measured calls) and the normalization in force each change it."""
     from asgi_lifespan import LifespanManager
 
     from app.model.loading import load_reward_model
@@ -279,7 +279,8 @@ async def test_the_served_fingerprint_changes_with_anything_that_moves_a_reward(
 
     first = await served("openrlhf")
     assert await served("openrlhf") == first
-    assert await served("openrlhf", share_prefixes=False) != first
+    assert await served("openrlhf", batch_invariant=False) != first
+    assert await served("openrlhf", block_rows=64) != first
     assert await served("openrlhf", normalize=True) != first
     bf16 = load_reward_model(checkpoints["openrlhf"], dtype="bfloat16", device="cpu")
     assert await served("openrlhf", model=bf16) != first

@@ -20,10 +20,10 @@ DEFAULT = ROOT / "models" / "default"
 def test_default_model_orders_the_reports_pairs_as_the_report_says() -> None:
     report = json.loads((DEFAULT / "eval" / "report.json").read_text())
     model = load_reward_model(DEFAULT, device="cpu")
-    assert model.info["dtype"] == "float32"  # what it was trained in, whatever the CPU
-    if model.info["versions"] == report["versions"]:  # else the fingerprint rightly differs: kernels may have moved
+    assert model.info.dtype == "float32"  # what it was trained in, whatever the CPU
+    if model.info.versions == report["versions"]:  # else the fingerprint rightly differs: kernels may have moved
         assert served_fingerprint(model) == report["fingerprint"]  # the committed files are the evaluated ones
-    assert model.info["recipe"]["template"] == "chat" and model.info["base_model"].startswith("smollm2-135m-instruct")
+    assert model.info.recipe["template"] == "chat" and (model.info.base_model or "").startswith("smollm2-135m-instruct")
     examples = report["example_pairs"]
     assert len(examples["right"]) == 5 and len(examples["wrong"]) == 3
     for side in ("right", "wrong"):

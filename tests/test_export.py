@@ -32,9 +32,9 @@ def test_export_is_exact(
     assert main(["export", "--model", str(checkpoints[name]), "--out", str(out)]) == 0
     want = source.score(source.encoder.encode_batch(ITEMS))
     ours = load_reward_model(out, dtype="float32", device="cpu")
-    assert ours.info["format"] == "seq_cls" and ours.info["recipe"] == source.info["recipe"]
+    assert ours.info.format == "seq_cls" and ours.info.recipe == source.info.recipe
     encoded = ours.encoder.encode_batch(ITEMS)
-    assert ours.score(encoded, 16) == pytest.approx(want, abs=1e-5)
+    assert ours.score(encoded) == pytest.approx(want, abs=1e-5)
     # plain transformers, padded batch with the exported tokenizer's pad token (distinct from EOS)
     hf = AutoModelForSequenceClassification.from_pretrained(out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)

@@ -48,7 +48,7 @@ def test_scored_as_the_card_reads_it(family: tuple[str, Path], max_length: int |
     name, path = family
     want, want_ids = card_reading(path, max_length)
     model = load_reward_model(path, dtype="float32", device="cpu", max_length=max_length)
-    assert model.info["recipe"]["template"] == "chat" and not model.info["recipe"]["append_eos"]
+    assert model.info.recipe["template"] == "chat" and not model.info.recipe["append_eos"]
     encoded = model.encoder.encode(ScoringInput(CONVERSATION[:1], CONVERSATION[1]["content"]))  # type: ignore[arg-type]
     assert encoded.input_ids == want_ids, name
     assert encoded.truncated == (max_length is not None)

@@ -123,15 +123,15 @@ async def test_a_dead_model_thread_fails_every_caller_at_once_and_health_says_so
         worker = client.app.state.worker
         entered, release = gate(worker)
         waiting = asyncio.create_task(client.post("/score", json={"items": [ITEM]}))
-        await asyncio.to_thread(entered.wait, 30)  # the model thread holds one batch
+        await asyncio.to_thread(entered.wait, 30)  # the model thread runs one plan
         queued = asyncio.create_task(client.post("/score", json={"items": [ITEM] * 3}))
-        while worker.queued_items < 3:
+        while not worker._handoff.holding:  # the next plan waits for the model thread
             await asyncio.sleep(0.01)
 
-        def poisoned() -> list[Any]:
+        def poisoned() -> Any:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-        worker._queue.next_batch = poisoned  # the next batch is taken outside any batch's own error handling
+        worker._handoff.take = poisoned  # the next plan is taken outside any plan's own error handling
         release.set()
         first, second = await asyncio.wait_for(asyncio.gather(waiting, queued), 10)  # not their 120 s deadline
         later = await client.post("/score", json={"items": [ITEM]})
@@ -186,7 +186,7 @@ async def test_a_request_still_tokenizing_at_shutdown_is_finished(
         entered, release = gate_tokenizer(worker, monkeypatch)
         request = asyncio.create_task(client.post("/score", json={"items": [ITEM] * 2}))
         await asyncio.to_thread(entered.wait, 30)
-        stopping = asyncio.create_task(asyncio.to_thread(worker.stop, 30))
+        stopping = asyncio.create_task(worker.stop(30))
         await asyncio.sleep(0.2)
         refused = await client.post("/score", json={"items": [ITEM]})  # new work is refused while draining
         release.set()

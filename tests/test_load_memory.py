@@ -34,4 +34,4 @@ def test_the_value_head_stays_float32_in_a_bf16_model(generated: dict[str, Gener
     model = load_reward_model(generated["value_head"].path, dtype="bfloat16", device="cpu")
     assert {p.dtype for p in model.module.backbone.parameters()} == {torch.bfloat16}
     assert next(model.module.head.parameters()).dtype == torch.float32
-    assert Path(model.info["model_path"]) == generated["value_head"].path
+    assert Path(model.info.model_path) == generated["value_head"].path

@@ -13,7 +13,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForSequenceClassification
 
-from app.model.checkpoint import CheckpointError
+from app.model.checkpoint import CheckpointError, Normalization
 from app.model.loading import load_reward_model
 from app.model.recipe import ScoringInput
 from app.model.reward_model import RewardModel
@@ -54,7 +54,7 @@ def reference(name: str, path: Path, ids: list[int], types: list[int] | None) ->
 def test_matches_direct_forward(name: str, checkpoints: dict[str, Path], load: Callable[..., RewardModel]) -> None:
     model = load(name)
     encoded = model.encoder.encode_batch(ITEMS)
-    batched = model.score(encoded, pad_to_multiple_of=16)
+    batched = model.score(encoded)
     for enc, got in zip(encoded, batched, strict=True):
         assert got == pytest.approx(reference(name, checkpoints[name], enc.input_ids, enc.token_type_ids), abs=1e-5)
     assert len(set(batched)) == len(batched)  # not a constant
@@ -71,23 +71,23 @@ def test_formats_and_info(load: Callable[..., RewardModel]) -> None:
     }
     for name, (fmt, pooling, template) in expected.items():
         info = load(name).info
-        assert (info["format"], info["pooling"], info["recipe"]["template"]) == (fmt, pooling, template), name
-        assert len(info["fingerprint"]) == 16
-    assert load("openrlhf").info["normalization"] == {"mean": 0.5, "std": 2.0}
-    assert load("value_head").info["recipe"]["append_eos"] is True
+        assert (info.format, info.pooling, info.recipe["template"]) == (fmt, pooling, template), name
+        assert len(info.model_fingerprint) == 16
+    assert load("openrlhf").info.checkpoint_normalization == Normalization(mean=0.5, std=2.0)
+    assert load("value_head").info.recipe["append_eos"] is True
 
 
 def test_fingerprint_tracks_weights_and_recipe(checkpoints: dict[str, Path], tmp_path: Path) -> None:
     copy = shutil.copytree(checkpoints["gpt2"], tmp_path / "gpt2")
-    first = load_reward_model(copy, dtype="float32", device="cpu").info["fingerprint"]
-    assert load_reward_model(copy, dtype="float32", device="cpu").info["fingerprint"] == first
-    assert load_reward_model(copy, dtype="float32", device="cpu", max_length=64).info["fingerprint"] != first
+    first = load_reward_model(copy, dtype="float32", device="cpu").info.model_fingerprint
+    assert load_reward_model(copy, dtype="float32", device="cpu").info.model_fingerprint == first
+    assert load_reward_model(copy, dtype="float32", device="cpu", max_length=64).info.model_fingerprint != first
     (copy / "README.md").write_text("docs do not change scores")
-    assert load_reward_model(copy, dtype="float32", device="cpu").info["fingerprint"] == first
+    assert load_reward_model(copy, dtype="float32", device="cpu").info.model_fingerprint == first
     config = json.loads((copy / "config.json").read_text())
     config["layer_norm_epsilon"] = 1e-3
     (copy / "config.json").write_text(json.dumps(config))
-    assert load_reward_model(copy, dtype="float32", device="cpu").info["fingerprint"] != first
+    assert load_reward_model(copy, dtype="float32", device="cpu").info.model_fingerprint != first
 
 
 def test_multi_label_head_needs_an_index(checkpoints: dict[str, Path], load: Callable[..., RewardModel]) -> None:
@@ -160,7 +160,7 @@ def test_fingerprint_covers_what_changes_a_reward_and_nothing_else(
     copy = shutil.copytree(checkpoints["gpt2"], tmp_path / "gpt2")
 
     def fp(**options: object) -> str:
-        return load_reward_model(copy, device="cpu", **options).info["fingerprint"]  # type: ignore[arg-type]
+        return load_reward_model(copy, device="cpu", **options).info.model_fingerprint  # type: ignore[arg-type]
 
     first = fp(dtype="float32")
     assert fp(dtype="bfloat16") != first  # another dtype moves rewards
@@ -178,10 +178,10 @@ def test_a_base_model_counts_by_content_not_by_name(checkpoints: dict[str, Path]
     base = shutil.copytree(checkpoints["value_head"] / "base", tmp_path / "elsewhere" / "base")
     manifest = json.loads((checkpoint / "reward_manifest.json").read_text())
     (checkpoint / "reward_manifest.json").write_text(json.dumps({**manifest, "base_model": str(base)}))
-    first = load_reward_model(checkpoint, dtype="float32", device="cpu").info["fingerprint"]
+    first = load_reward_model(checkpoint, dtype="float32", device="cpu").info.model_fingerprint
     config = json.loads((base / "config.json").read_text())
     (base / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-3}))  # the same name, other numbers
-    assert load_reward_model(checkpoint, dtype="float32", device="cpu").info["fingerprint"] != first
+    assert load_reward_model(checkpoint, dtype="float32", device="cpu").info.model_fingerprint != first
 
 
 @pytest.mark.parametrize(("stated", "served"), [("float32", "float32"), ("bfloat16", "bfloat16")])
@@ -193,9 +193,9 @@ def test_auto_dtype_serves_what_the_checkpoint_was_trained_in(
     config = json.loads((copy / "config.json").read_text())
     (copy / "config.json").write_text(json.dumps({**config, "dtype": stated}))
     info = load_reward_model(copy, dtype="auto", device="cpu").info
-    assert info["dtype"] == served and stated in info["dtype_source"]
+    assert info.dtype == served and stated in info.dtype_source
     asked = load_reward_model(copy, dtype="float32", device="cpu").info
-    assert asked["dtype"] == "float32" and asked["dtype_source"] == "REWARD_DTYPE"
+    assert asked.dtype == "float32" and asked.dtype_source == "REWARD_DTYPE"
 
 
 def test_a_timing_names_the_cpu_and_any_kernel_cap(monkeypatch: pytest.MonkeyPatch) -> None:

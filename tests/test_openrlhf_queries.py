@@ -16,7 +16,6 @@ import httpx
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from app.engine.worker import settings_policy
 from app.model.conversations import KNOWN_FORMATS, Message, chat_formats, own_format, read_query
 from app.model.recipe import Formatted
 from tests import tiny
@@ -92,8 +91,9 @@ async def test_text_in_no_template_is_scored_as_the_sequence_it_is(
 ) -> None:
     query = "<|im_start|>user\nunterminated <|im_start|>weird"
     model = load("llama")
-    layout = settings_policy(test_settings(checkpoints["llama"])).for_model(model).layout  # the server's kernels
-    [want] = model.score([model.encoder.encode(Formatted(query))], *layout)
+    settings = test_settings(checkpoints["llama"])
+    model.prepare(settings.batch_invariant, settings.block_rows)  # the server's kernels
+    [want] = model.score([model.encoder.encode(Formatted(query))])
     async with make_client("llama") as client:
         r = await client.post("/get_reward", json={"query": [query]})
     assert r.json()["read_as"] == ["raw"] and r.json()["rewards"][0] == pytest.approx(want, abs=1e-6)

@@ -187,7 +187,7 @@ async def test_failing_batch_is_split_and_only_the_bad_item_fails(make_client: A
             poison = asyncio.create_task(
                 client.post("/score", json={"items": [{"prompt": "x " * 80, "response": "y"}]})
             )
-            while worker.queued_items < 10:
+            while len(worker._inflight) < 5 or not worker._handoff.holding:  # all 10 in the plan handed off next
                 await asyncio.sleep(0.01)
             release.set()
             done = await asyncio.gather(first, *goods, poison)

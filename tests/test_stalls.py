@@ -195,8 +195,8 @@ async def test_a_cancelled_handler_cancels_its_items(make_client: Any) -> None:
             "scheme": "http",
         }
         call = asyncio.create_task(app(scope, receive, send))
-        await asyncio.to_thread(entered.wait, 30)  # the first batch of 4 is in the model
-        while worker.queued_items < 196:
+        await asyncio.to_thread(entered.wait, 30)  # the first plan of 4 is in the model
+        while not (worker.queued_items == 192 and worker._handoff.holding):  # the next plan of 4 waits for it
             await asyncio.sleep(0.01)
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -205,7 +205,7 @@ async def test_a_cancelled_handler_cancels_its_items(make_client: Any) -> None:
         while worker.queued_items:
             await asyncio.sleep(0.01)
         computed = worker.stats.items
-    assert computed <= 8  # the batch already in the model (and at most one more), not 200
+    assert computed <= 8  # the plan already in the model (and at most the one handed off), not 200
 
 
 async def test_the_deadline_counts_from_arrival(make_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -272,10 +272,11 @@ async def test_a_dead_model_thread_asks_the_process_to_exit(checkpoints: dict[st
         httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://t") as client,
     ):
 
-        def poisoned() -> list[Any]:
+        def poisoned(*args: Any) -> None:
             raise RuntimeError("CUDA error: device-side assert triggered")
 
-        app.state.worker._queue.next_batch = poisoned
+        # the plan taken, outside its own error handling (the split and retry inside `_run_plan`)
+        app.state.worker._run_plan = poisoned
         response = await client.post("/score", json={"items": [ITEM]})
         assert await asyncio.to_thread(died.wait, 10)
     assert response.status_code == 503

@@ -229,7 +229,7 @@ def test_train_cli_writes_a_checkpoint(base: Path, tmp_path: Path) -> None:
         )
         == 0
     )
-    assert load_reward_model(out, dtype="float32", device="cpu").info["format"] == "value_head"
+    assert load_reward_model(out, dtype="float32", device="cpu").info.format == "value_head"
     card = (out / "README.md").read_text()
     assert f"reward-server train --base-model {base}" in card and "Training time, measured" in card
     assert "| corr(reward, length) |" in card

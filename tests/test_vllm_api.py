@@ -135,4 +135,4 @@ async def test_normalization_in_force_applies(make_client: Any) -> None:
 def _exact_score(model: Any, ids: list[int]) -> float:
     from app.model.recipe import Formatted
 
-    return float(model.score([model.encoder.encode(Formatted(ids=tuple(ids), keep=-1))], share=False)[0])
+    return float(model.score([model.encoder.encode(Formatted(ids=tuple(ids), keep=-1))])[0])

@@ -24,11 +24,12 @@ from dataclasses import dataclass
 import torch
 
 from app.engine.batching import BatchPolicy, TokenBudgetQueue
-from app.engine.errors import BackendFailed, DeadlineExceeded, EngineError, InputRejected, NotReady, Overloaded
+from app.engine.errors import BackendFailed, DeadlineExceeded, InputRejected, NotReady, Overloaded
 from app.engine.handoff import Handoff
 from app.engine.memory import Trimmer
 from app.engine.observer import EngineObserver, WorkerStats
 from app.engine.offline import Queued
+from app.engine.results import ItemResult, Pending, Scored, Timing
 from app.model.plan import Plan
 from app.model.recipe import Item, UnreadableItem
 from app.model.reward_model import RewardModel
@@ -37,65 +38,9 @@ from app.settings import Settings
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class ItemResult:
-    reward: float
-    num_tokens: int
-    truncated: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Timing:
-    tokenize_s: float
-    queue_s: float  # from admission to the first forward pass that held one of the request's items
-    inference_s: float  # forward passes that held the request's items
-
-
-@dataclass(frozen=True, slots=True)
-class Scored:
-    results: list[ItemResult]
-    timing: Timing
-
-
-class _Pending:
-    """One request's items in flight; touched by the inference thread only, resolved on the event loop."""
-
-    __slots__ = ("enqueued", "failed", "future", "inference_s", "loop", "remaining", "rewards", "started")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, size: int) -> None:
-        self.loop = loop
-        self.future: asyncio.Future[list[float]] = loop.create_future()
-        self.rewards: list[float] = [math.nan] * size
-        self.remaining = size
-        self.failed = False
-        self.enqueued = time.perf_counter()
-        self.started: float | None = None
-        self.inference_s = 0.0
-
-    def record(self, index: int, reward: float) -> None:
-        self.rewards[index] = reward
-        self.remaining -= 1
-        if self.remaining == 0:
-            self.loop.call_soon_threadsafe(_settle, self.future, self.rewards, None)
-
-    def fail(self, error: EngineError) -> None:
-        if not self.failed:
-            self.failed = True
-            self.loop.call_soon_threadsafe(_settle, self.future, None, error)
-
-
-def _settle(future: asyncio.Future[list[float]], rewards: list[float] | None, error: Exception | None) -> None:
-    if future.done():  # cancelled: the caller went away or its deadline passed
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(rewards)  # type: ignore[arg-type]
-
-
 @dataclass(slots=True)
 class _Entry(Queued):
-    pending: _Pending
+    pending: Pending
 
     @property
     def abandoned(self) -> bool:
@@ -120,11 +65,12 @@ class Worker:
         self._queue: TokenBudgetQueue[_Entry] = TokenBudgetQueue(BatchPolicy(0, 0))  # set once the model is prepared
         self.observer.track_queue(lambda: len(self._queue))
         self._handoff: Handoff[tuple[list[_Entry], Plan] | None] = Handoff()
+        self._offered = 0  # entries in the offered plan, until the loop learns it was taken
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._tokenizers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
-        self._inflight: set[_Pending] = set()  # admitted and not yet answered: what a dying model thread fails
+        self._inflight: set[Pending] = set()  # admitted and not yet answered: what a dying model thread fails
         self._reserved = 0  # items of admitted requests still tokenizing: admission counts them beside the queue
         self._trimmer = Trimmer()  # gives memory back to the system when the queue drains
         self.ready = False
@@ -160,7 +106,8 @@ class Worker:
 
     @property
     def queued_items(self) -> int:
-        return len(self._queue)
+        """Items admitted and waiting for the model: queued, or in the plan offered to the model thread."""
+        return len(self._queue) + self._offered
 
     # ---- request path (event loop) ----------------------------------------------------------------
     def _admit(self, count: int) -> None:
@@ -170,11 +117,13 @@ class Worker:
             raise self._dead()
         if not self.ready:
             raise NotReady("the model is not ready (starting or shutting down)")
-        if len(self._queue) + self._reserved + count > self.settings.max_queue_items:
-            pruned = self._queue.prune()  # count live work only: entries of requests that timed out or left go first
+        if self.queued_items + self._reserved + count > self.settings.max_queue_items:
+            self._reclaim()  # count live work only: entries of requests that timed out or left go first
+            pruned = self._queue.prune()
             if pruned:
                 self.observer.dropped(pruned)
-        waiting = len(self._queue) + self._reserved
+            self._refill()
+        waiting = self.queued_items + self._reserved
         if waiting + count > self.settings.max_queue_items:
             raise Overloaded(f"the queue is full ({waiting} items admitted and waiting); retry later")
 
@@ -185,7 +134,7 @@ class Worker:
         if not inputs:
             return Scored([], Timing(0.0, 0.0, 0.0))
         loop = asyncio.get_running_loop()
-        pending = _Pending(loop, len(inputs))
+        pending = Pending(loop, len(inputs))
         self._reserved += len(inputs)
         reserved = len(inputs)
         try:
@@ -219,7 +168,7 @@ class Worker:
         results = [ItemResult(r, len(e.encoded), e.encoded.truncated) for r, e in zip(rewards, entries, strict=True)]
         return Scored(results, timing)
 
-    def _entries(self, inputs: list[Item], pending: _Pending) -> list[_Entry]:
+    def _entries(self, inputs: list[Item], pending: Pending) -> list[_Entry]:
         """Tokenizer thread: the queue entries of one request's items."""
         try:
             encoded = self.model.encoder.encode_batch(inputs, chunk_chars=self.settings.tokenize_chunk_chars)
@@ -235,22 +184,28 @@ class Worker:
         and nothing is left, tell the thread to end."""
         if self.failure is not None or self._loop is None:
             return
-        waiting = self._handoff.reclaim()
-        if waiting is not None:  # not taken yet: its entries go back to the front and the plan grows
-            self._queue.requeue(waiting[0])
+        self._reclaim()
         dropped = self._queue.dropped
         planned = self._queue.next_plan()
         if self._queue.dropped > dropped:
             self.observer.dropped(self._queue.dropped - dropped)
         if planned is not None or (self._stopping and not self._reserved):
             self._handoff.offer(planned)  # None: the thread ends
+            self._offered = len(planned[0]) if planned else 0
+
+    def _reclaim(self) -> None:
+        """Loop: an offered plan not taken yet goes back to the queue's front (to grow, or be pruned)."""
+        waiting, self._offered = self._handoff.reclaim(), 0
+        if waiting is not None:
+            self._queue.requeue(waiting[0])
 
     # ---- model path (inference thread) ------------------------------------------------------------
     def _run(self, warmed: Future[None]) -> None:
         try:
             self._prepare()
         except Exception as exc:  # noqa: BLE001 (`start` raises it again, on the loop)
-            warmed.set_exception(exc)
+            if not warmed.cancelled():  # `start` gave up waiting (the lifespan's own timeout)
+                warmed.set_exception(exc)
             return
         warmed.set_result(None)
         try:

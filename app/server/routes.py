@@ -12,7 +12,8 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 from app.engine.errors import DeadlineExceeded, EngineError
-from app.engine.worker import Scored, Worker
+from app.engine.results import Scored
+from app.engine.worker import Worker
 from app.model.checkpoint import Normalization
 from app.model.recipe import Item
 from app.server import limits

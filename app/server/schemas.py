@@ -16,7 +16,7 @@ from app.model.recipe import ScoringInput
 from app.model.reward_model import sigmoid
 
 if TYPE_CHECKING:
-    from app.engine.worker import ItemResult
+    from app.engine.results import ItemResult
 
 
 class _Strict(BaseModel):
