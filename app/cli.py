@@ -111,8 +111,8 @@ def _eval(args: argparse.Namespace) -> int:
         model = load_reward_model(args.model, dtype=args.dtype, device=args.device, max_length=args.max_length)
         report = evaluate(pairs, lambda inputs: score_offline(model, inputs), progress=True)
         report["max_length"] = model.max_length
-        report["fingerprint"] = served_fingerprint(model)
-        report["versions"] = model.info.versions
+        report["fingerprint"], report["versions"] = served_fingerprint(model), model.info.versions
+        report["model_fingerprint"], report["kernels"] = model.info.model_fingerprint, model.prepared.model_dump()
         title = f"{args.model} on {args.data.name}"
     else:
         from app.clients import RewardClient
@@ -123,6 +123,7 @@ def _eval(args: argparse.Namespace) -> int:
             info = client.info()
             report["max_length"] = info["max_length"]
             report["fingerprint"], report["versions"] = info["fingerprint"], info["versions"]
+            report["model_fingerprint"], report["kernels"] = info["model_fingerprint"], info["kernels"]
         title = f"{args.url} on {args.data.name}"
     report["data"] = str(args.data)
     write_report(report, args.out, title)

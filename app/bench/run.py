@@ -38,7 +38,7 @@ from app.bench.served import Served
 from app.bench.workloads import Result, build_workloads, run_engine
 from app.model.invariant import FIXED_ROWS
 
-MODES = ("engine", "server", "server-before", "server-stock", "naive", "litserve", "ray", "ray-2")
+MODES = ("engine", "server", "server-stock", "naive", "litserve", "ray", "ray-2")
 WORKLOADS = ("grpo", "storm", "shared", "idle", "hostile")
 SKIPPED = {("naive", "hostile"), ("litserve", "hostile")}  # see the docstring
 DEV = Path("../shared/data/preferences/dev.jsonl")
@@ -63,7 +63,7 @@ def report(results: list[Result], header: str, roofline_tokens: float | None = N
         lines += ["| " + " | ".join(_fmt(row[c]) for c in cols) + " |" for row in rows]
         lines.append("")
     lines += ["### ratios (items/s)", "", "| workload | ratio | value |", "|---|---|---|"]
-    pairs = [("server", other) for other in ("engine", "server-before", "server-stock", "naive", "litserve")]
+    pairs = [("server", other) for other in ("engine", "server-stock", "naive", "litserve")]
     pairs += [(ray_mode, "server") for ray_mode in ("ray", "ray-2")]  # the Ray path against the single process
     for workload in dict.fromkeys(r.workload for r in results):
         for mode, other in pairs:
@@ -154,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
             args.out.with_suffix(".md").write_text(text)
         return 0
     model = load_reward_model(args.model, dtype=args.dtype)
+    kernels = model.prepare()  # what the start-up probe chooses on this CPU (each server measures its own)
     probes = [matmul_probe(model.dtype)]  # before and after the modes: the roofline is the better of the two
     workloads = build_workloads(model, args.data, args.prompts, args.group, args.clients, args.idle_items, args.seed)
     chosen = [workloads[w] for w in args.workloads.split(",")]
@@ -181,7 +182,8 @@ def run(args: argparse.Namespace) -> int:
         f"{max(probes) / 1e9:.0f} GFLOP/s (probes {', '.join(f'{p / 1e9:.0f}' for p in probes)}) / "
         f"{per_token / 1e6:.0f} MFLOP per token = {roofline_tokens:.0f} tokens/s; the model's linears at {rows} rows: "
         + ", ".join(f"{k}->{n} {r / 1e9:.0f}" for (k, n), r in linears.items())
-        + " GFLOP/s"
+        + f" GFLOP/s; kernels: {kernels.layout}, {'batch-invariant' if kernels.batch_invariant else 'stock'}, "
+        + "; ".join(f"{shape}: {how}" for shape, how in kernels.linears.items())
     )
     text = report(results, header, roofline_tokens)
     print(text)

@@ -69,14 +69,10 @@ class Served:
 
     def __init__(self, mode: str, model_path: Path, dtype: str, port: int, log: Path) -> None:
         self.mode, self.base = mode, f"http://127.0.0.1:{port}"
-        cwd = None
         env = {**os.environ, "REWARD_MODEL_PATH": str(model_path), "REWARD_DTYPE": dtype, "REWARD_PORT": str(port)}
         if mode.startswith(("server", "ray")):  # this service: `reward-server serve`, plainly or on Ray
             env.update(REWARD_LOG_LEVEL="warning", REWARD_BATCH_INVARIANT=str(mode != "server-stock").lower())
             command = [sys.executable, "-m", "app.cli", "serve"]
-            if mode == "server-before":  # TEMPORARY (#30): the previous engine, from a checkout at REWARD_BENCH_BEFORE
-                env.update(REWARD_MODEL_PATH=str(model_path.resolve()))
-                cwd = os.environ["REWARD_BENCH_BEFORE"]
             self.url = f"{self.base}/score"
             if mode.startswith("ray"):  # a local Ray cluster of this machine's cores, split over the replicas
                 replicas = 2 if mode == "ray-2" else 1
@@ -89,7 +85,7 @@ class Served:
             self.url = f"{self.base}/predict" if mode == "litserve" else f"{self.base}/score"
         self.log = log.open("w")
         self.proc = subprocess.Popen(  # its own process group: LitServe starts worker processes of its own
-            command, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd
+            command, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
         )
 
     def __enter__(self) -> Served:

@@ -130,12 +130,16 @@ def rowwise_attention(
     spans = reward_spans.spans
     index, starts, masks = _layout(spans, kwargs.get("sliding_window"), query.dtype, key.device)
     groups = getattr(module, "num_key_value_groups", 1)
-    key, value = repeat_kv(key.index_select(2, index), groups), repeat_kv(value.index_select(2, index), groups)
+    key, value = key.index_select(2, index), value.index_select(2, index)
     out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
     for (_, cached, at, own), start, mask in zip(spans, starts, masks, strict=True):
         q = query[:, :, at : at + own]
         k, v = key[:, :, start : start + cached + own], value[:, :, start : start + cached + own]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling)
+        if mask is None:  # SDPA reads grouped heads itself (without a mask, as transformers asks it to)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=groups > 1)
+        else:
+            k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
         out[0, at : at + own] = o[0].transpose(0, 1)
     return out, None
 
