@@ -125,11 +125,11 @@ class RewardModel:
         threads = torch.get_num_threads() if self.device.type == "cpu" else None
         self.kernels = Kernels(layout="padded", batch_invariant=False, linears={}, attention_calls=0, threads=threads)
         if not self.module.may_pack:
-            note = "not an SDPA decoder read at its last token: padded, stock kernels"
-            self.kernels = self.kernels.model_copy(update={"note": note})
-            return self.kernels
-        ids = self.encoder.tokenizer(PROBE, add_special_tokens=False).input_ids
-        probe = [Encoded(x, None, False) for x in ids]
+            return self._padded("not an SDPA decoder read at its last token")
+        # a prompt two replies share (read from the row's front) and an item that runs whole
+        prompt, *replies = self.encoder.tokenizer(PROBE, add_special_tokens=False).input_ids
+        probe = [Encoded(prompt + reply, None, False, prefix=len(prompt)) for reply in replies]
+        probe.append(Encoded(replies[-1], None, False))
         invariant.unblock(self.module)
         try:
             spans = self._run_packed(plan_of(probe, packed=True))[1]
