@@ -270,17 +270,22 @@ async def test_the_served_fingerprint_changes_with_anything_that_moves_a_reward(
     from app.server.main import create_app
     from tests.conftest import test_settings
 
+    invariant: list[bool] = []
+
     async def served(name: str, model: RewardModel | None = None, **overrides: object) -> str:
         app = create_app(test_settings(checkpoints[name], **overrides), model=model)
         async with LifespanManager(app) as manager:
             transport = httpx.ASGITransport(app=manager.app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-                return str((await client.get("/info")).json()["fingerprint"])
+                info = (await client.get("/info")).json()
+                invariant.append(info["kernels"]["batch_invariant"])
+                return str(info["fingerprint"])
 
     first = await served("openrlhf")
     assert await served("openrlhf") == first
-    assert await served("openrlhf", batch_invariant=False) != first
-    assert await served("openrlhf", block_rows=64) != first
+    if invariant[0]:  # else this CPU's kernels are stock either way (`kernels.note` says why)
+        assert await served("openrlhf", batch_invariant=False) != first
+        assert await served("openrlhf", block_rows=64) != first
     assert await served("openrlhf", normalize=True) != first
     bf16 = load_reward_model(checkpoints["openrlhf"], dtype="bfloat16", device="cpu")
     assert await served("openrlhf", model=bf16) != first

@@ -199,23 +199,33 @@ def _weight(linear: nn.Module) -> torch.Tensor:
 
 def sweep(weight: torch.Tensor, rows: int = SWEEP_ROWS) -> int | None:
     """The smallest row count from which every call's rows equal the reference's ([rows, in] in one call), over
-    counts 1-64 and every multiple of 16 up to `rows`, each at a different offset (a row's position in the call
-    must not matter either); None when no count below `rows` does."""
+    counts 1-64 and every multiple of 16 up to `rows`, each at two offsets (a row's place in the call must not
+    matter either); None when no count below `rows` does."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(rows, weight.shape[0], generator=generator).to(weight.device, weight.dtype)
     reference = torch.mm(x, weight)
     counts = [*range(1, 65), *range(80, rows, MULTIPLE)]
     bad = 0
     for m in counts:
-        at = (m * 37) % (rows - m + 1)
-        if not torch.equal(torch.mm(x[at : at + m], weight), reference[at : at + m]):
-            bad = m
+        for at in {(m * 37) % (rows - m + 1), (m * 37 + 1) % (rows - m + 1)}:  # two places: an odd one and its next
+            if not torch.equal(torch.mm(x[at : at + m], weight), reference[at : at + m]):
+                bad = m
     return next((m for m in counts if m > bad), None)  # every call `Blocking.rows` makes from it was swept
 
 
-def choose(module: nn.Module, device_type: str, fixed_rows: int = 0) -> dict[str, str]:
-    """Sets every blockable linear's `Blocking`, measured per (in, out, dtype); what was chosen, by shape.
-    `fixed_rows`: fixed blocks of that many rows everywhere, unmeasured (0: measure)."""
+def rows_stay_put(weight: torch.Tensor, rows: int) -> bool:
+    """Whether a call of exactly `rows` rows gives a row the same numbers wherever it sits in the call (what fixed
+    blocks rely on: a row's place in its block follows its place in the packed row)."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(rows, weight.shape[0], generator=generator).to(weight.device, weight.dtype)
+    reference = torch.mm(x, weight)
+    return all(torch.equal(torch.mm(x.roll(s, 0), weight), reference.roll(s, 0)) for s in (1, 7, rows // 3))
+
+
+def choose(module: nn.Module, device_type: str, fixed_rows: int = 0) -> tuple[dict[str, str], list[str]]:
+    """Sets every blockable linear's `Blocking`, measured per (in, out, dtype). Returns what was chosen, by shape,
+    and the shapes whose rows move even in fixed blocks (then nothing here keeps them batch-invariant).
+    `fixed_rows`: fixed blocks of that many rows everywhere, no sweep (0: measure)."""
     fixed = fixed_rows or FIXED_ROWS.get(device_type, FIXED_ROWS["cuda"])
     by_shape: dict[tuple[int, int, torch.dtype], list[_Blocked]] = {}
     for sub in module.modules():
@@ -223,16 +233,20 @@ def choose(module: nn.Module, device_type: str, fixed_rows: int = 0) -> dict[str
             w = _weight(sub)  # type: ignore[arg-type]
             by_shape.setdefault((w.shape[0], w.shape[1], w.dtype), []).append(sub)
     chosen: dict[str, str] = {}
+    moving: list[str] = []
     for (n_in, n_out, dtype), linears in sorted(by_shape.items(), key=str):
+        name = f"{n_in}x{n_out} {str(dtype).removeprefix('torch.')}"
+        weight = _weight(linears[0])  # type: ignore[arg-type]
         with torch.inference_mode():
-            least = None if fixed_rows else sweep(_weight(linears[0]))  # type: ignore[arg-type]
-        blocking = (
-            Blocking(fixed, fixed, fixed) if least is None or least >= fixed else Blocking(least, MULTIPLE, SWEEP_ROWS)
-        )
+            least = None if fixed_rows else sweep(weight)
+            flexible = least is not None and least < fixed
+            if not flexible and not rows_stay_put(weight, fixed):
+                moving.append(name)
+        blocking = Blocking(least, MULTIPLE, SWEEP_ROWS) if flexible else Blocking(fixed, fixed, fixed)  # type: ignore[arg-type]
         for linear in linears:
             linear.blocking = blocking
-        chosen[f"{n_in}x{n_out} {str(dtype).removeprefix('torch.')}"] = blocking.describe()
-    return chosen
+        chosen[name] = blocking.describe()
+    return chosen, moving
 
 
 def unblock(module: nn.Module) -> None:

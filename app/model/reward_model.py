@@ -142,13 +142,20 @@ class RewardModel:
         self.kernels = packed
         if not batch_invariant:
             return packed
-        linears = invariant.choose(self.module, self.device.type, fixed_rows)
+        linears, moving = invariant.choose(self.module, self.device.type, fixed_rows)
+        if moving:
+            invariant.unblock(self.module)
+            note = f"rows of {', '.join(moving)} move with their place in a call on this device: stock kernels"
+            log.warning("batch invariance unavailable: %s", note)
+            self.kernels = packed.model_copy(update={"note": note})
+            return self.kernels
         alone = [self.run(plan_of([item], packed=True))[0] for item in probe]
         together = self.run(plan_of(probe, packed=True))
         if alone != together:
             invariant.unblock(self.module)
             log.warning("batch invariance unavailable: batched %s vs alone %s", together, alone)
-            return packed.model_copy(update={"note": f"batched {together} != alone {alone}: stock kernels"})
+            self.kernels = packed.model_copy(update={"note": f"batched {together} != alone {alone}: stock kernels"})
+            return self.kernels
         self.kernels = packed.model_copy(update={"batch_invariant": True, "linears": linears})
         return self.kernels
 
