@@ -23,16 +23,9 @@ class Batch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    @property
-    def real_tokens(self) -> int:
-        return int(self.attention_mask.sum())
-
-    @property
-    def padded_tokens(self) -> int:
-        return self.input_ids.numel()
-
     def to(self, device: torch.device) -> Batch:
-        return Batch(*(t.to(device) if isinstance(t, torch.Tensor) else t for t in astuple_shallow(self)))
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}  # not `asdict`: it deep-copies tensors
+        return Batch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
 
 
 def collate(items: Sequence[Tokens], pad_id: int, multiple: int = 1) -> Batch:
@@ -66,8 +59,3 @@ def last_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Last position with mask 1, for left or right padding alike (never a padding token, even when pad == eos)."""
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     return (positions * attention_mask.to(positions.dtype)).argmax(dim=1)
-
-
-def astuple_shallow(obj: object) -> tuple[object, ...]:
-    """A dataclass's field values, not recursed into (`dataclasses.astuple` deep-copies tensors)."""
-    return tuple(getattr(obj, f.name) for f in fields(obj))  # type: ignore[arg-type]
