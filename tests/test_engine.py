@@ -122,6 +122,7 @@ def test_requeued_entries_go_back_to_the_front_in_order() -> None:
     q.extend(Entry(Tok([i]), str(i)) for i in range(5))
     planned = q.next_plan()
     assert planned is not None
+    assert q.replan(planned[0]).layout() == planned[1].layout()  # the same entries give the same plan
     q.requeue(planned[0])
     assert [[e.name for e in p] for p in drain(q)] == [["0", "1"], ["2", "3"], ["4"]]
 

@@ -25,7 +25,7 @@ def invariance(model: RewardModel, inputs: list[ScoringInput]) -> dict[str, floa
     """Largest |reward - reward alone| over `inputs` batched together and in reversed order, for the batch-invariant
     kernels and the stock ones (each against its own reading alone)."""
     worst: dict[str, float] = {}
-    for name, invariant in (("batch-invariant", True), ("stock kernels", False)):
+    for name, invariant in (("stock kernels", False), ("batch-invariant", True)):  # left prepared invariant
         model.prepare(batch_invariant=invariant)
         alone = [score_offline(model, [x])[0] for x in inputs]
         batched = score_offline(model, inputs)
@@ -45,7 +45,7 @@ def gpu_check(root: Path, params: float, device: str, port: int) -> str:
     inputs = [ScoringInput(p, r) for p in prompts for r in replies]  # 8 prompts x 8 replies: a GRPO step
     lines += ["", f"Invariance (bf16, {model.device}): max |reward - reward alone| over {len(inputs)} items", ""]
     lines += [f"- {name}: {diff:.3g}" for name, diff in invariance(model, inputs).items()]
-    kernels = model.prepare()
+    kernels = model.prepared
     lines += ["", "Calls per linear (the start-up probe's choice):", ""]
     lines += [f"- {shape}: {how}" for shape, how in kernels.linears.items()]
     results: list[Result] = []

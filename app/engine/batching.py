@@ -64,6 +64,13 @@ class TokenBudgetQueue(Generic[T]):
         """Entries of a plan not run after all, back at the front in their order."""
         self._entries.extendleft(reversed(entries))
 
+    def replan(self, entries: list[T]) -> Plan:
+        """A plan of exactly `entries` (split-and-retry, or a plan some of whose requests left)."""
+        plan = Plan(self.policy.packed)
+        for entry in entries:
+            plan.add(entry.encoded, entry.prompt)
+        return plan
+
     def prune(self) -> int:
         """Drop every abandoned entry now (not only when a plan reaches it); how many were dropped."""
         before = len(self._entries)

@@ -33,10 +33,8 @@ class Queued:
 def policy_for(
     model: RewardModel, max_batch_tokens: int = OFFLINE_TOKENS, max_batch_size: int = OFFLINE_ITEMS
 ) -> BatchPolicy:
-    """The batch policy for `model`'s layout, checked against its longest item."""
-    policy = BatchPolicy(max(max_batch_tokens, model.max_length), max_batch_size, model.packs)
-    policy.check(model.max_length)
-    return policy
+    """The batch policy for `model`'s layout; the budget at least one full-length item."""
+    return BatchPolicy(max(max_batch_tokens, model.max_length), max_batch_size, model.packs)
 
 
 def served_fingerprint(model: RewardModel, normalization: dict[str, float] | None = None) -> str:

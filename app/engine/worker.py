@@ -254,7 +254,7 @@ class Worker:
         live = [e for e in batch if not e.abandoned]
         if len(live) < len(batch):  # left while the plan waited: not computed
             self.observer.dropped(len(batch) - len(live))
-            batch, plan = live, self._replan(live)
+            batch, plan = live, self._queue.replan(live)
         if not batch:
             return
         began = time.perf_counter()
@@ -268,8 +268,8 @@ class Worker:
             if len(batch) > 1:
                 log.warning("forward failed for a plan of %d (%s); retrying its halves", len(batch), exc)
                 half = len(batch) // 2
-                self._run_plan(batch[:half], self._replan(batch[:half]))
-                self._run_plan(batch[half:], self._replan(batch[half:]))
+                self._run_plan(batch[:half], self._queue.replan(batch[:half]))
+                self._run_plan(batch[half:], self._queue.replan(batch[half:]))
                 return
             log.exception("forward failed for a single item")
             batch[0].pending.fail(BackendFailed(f"the model failed on this item: {type(exc).__name__}"))
@@ -284,12 +284,6 @@ class Worker:
             else:  # never let NaN/inf out as a number (it is not valid JSON) nor hide it
                 message = f"the model produced a non-finite reward ({reward}) for item {entry.index}"
                 entry.pending.fail(BackendFailed(message, index=entry.index))
-
-    def _replan(self, batch: list[_Entry]) -> Plan:
-        plan = Plan(self.policy.packed)
-        for entry in batch:
-            plan.add(entry.encoded, entry.prompt)
-        return plan
 
     def _record(self, items: int, real: int, computed: int, seconds: float) -> None:
         stats = self.stats  # `real`: the items' tokens (a shared prompt once); `computed`: the rows the linears ran
