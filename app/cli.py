@@ -1,20 +1,73 @@
-"""`reward-server` command line."""
+"""`reward-server` command line. Building the parser imports argparse, pydantic and the train settings only (no
+torch, transformers or server), so `--help` and a usage error answer in a fraction of a second; each command imports
+what it runs."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import operator
+import re
 import shlex
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+import types
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
-if TYPE_CHECKING:
-    pass
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<="), "lt": (operator.lt, "<")}
+
+
+# ---- argument types: a bad value is argparse's one-line error naming the flag ---------------------------------
+
+
+def device(text: str) -> str:
+    if not DEVICE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not auto, cpu, mps, cuda or cuda:N")
+    return text
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+positive_int.__name__ = "int"  # argparse names the type in "invalid int value: 'x'"
+
+
+def bounded(kind: type, field: FieldInfo, optional: bool) -> Callable[[str], Any]:
+    """`kind` plus the field's pydantic bounds, checked by argparse; `none` unsets an optional number."""
+    limits = [(op, getattr(m, op)) for m in field.metadata for op in BOUNDS if hasattr(m, op)]
+
+    def convert(text: str) -> Any:
+        if optional and kind in (int, float) and text.lower() == "none":
+            return None
+        value = kind(text)
+        for op, bound in limits:
+            ok, sign = BOUNDS[op]
+            if not ok(value, bound):
+                raise argparse.ArgumentTypeError(f"must be {sign} {bound}, got {text}")
+        return value
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def problems(exc: ValidationError, prog: str, flag: Callable[[str], str]) -> str:
+    """pydantic's report as one line per problem, each naming the flag (or variable) at fault."""
+    lines = [f"{prog}: error: {flag(str(e['loc'][0])) if e['loc'] else 'settings'}: {e['msg']}" for e in exc.errors()]
+    return "\n".join(lines)
+
+
+# ---- commands ----------------------------------------------------------------------------------------------------
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -29,7 +82,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        raise SystemExit(f"invalid settings: {exc}") from exc
+        flags = {"model_path": "--model", "host": "--host", "port": "--port"}
+        raise SystemExit(problems(exc, "reward-server serve", lambda f: flags.get(f, f"REWARD_{f.upper()}"))) from exc
     from app.server.middleware import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
@@ -80,11 +134,15 @@ def _train(args: argparse.Namespace) -> int:
     from app.training.data import DataError
     from app.training.train import Trainer
 
-    values = {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields and v is not None}
+    values = {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields}  # flags given (the rest: absent)
     try:
         config = TrainConfig(**values)
+    except ValidationError as exc:
+        print(problems(exc, "reward-server train", lambda f: "--" + f.replace("_", "-")), file=sys.stderr)
+        return 2
+    try:
         summary = Trainer(config).train(command=shlex.join(["reward-server", *args.argv]))
-    except (ValidationError, DataError, CheckpointError) as exc:
+    except (DataError, CheckpointError) as exc:
         raise SystemExit(f"reward-server train: {exc}") from exc
     print(f"wrote {config.output} (best epoch {summary['best_epoch']}, {summary['train_seconds']:.0f} s)")
     return 0
@@ -94,8 +152,6 @@ def _eval(args: argparse.Namespace) -> int:
     from app.training.data import DataError, load_pairs
     from app.training.evaluate import evaluate, write_report
 
-    if (args.model is None) == (args.url is None):
-        raise SystemExit("reward-server eval: give exactly one of --model PATH or --url URL")
     if args.url is not None and args.max_length is not None:
         raise SystemExit("reward-server eval: --max-length applies to --model (a server reads with its own)")
     try:
@@ -145,55 +201,141 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- parser ------------------------------------------------------------------------------------------------------
+
+
+def _flag_type(annotation: Any) -> tuple[Any, bool]:
+    """(the type without None, whether None is allowed) of a field annotation."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        kinds = [a for a in get_args(annotation) if a is not type(None)]
+        return (kinds[0] if len(kinds) == 1 else str), len(kinds) < len(get_args(annotation))
+    return annotation, False
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (its type, bounds, choices and description), so settings and flags never
+    drift apart. Absent flags stay absent (SUPPRESS): TrainConfig's defaults apply, and the help shows them."""
+    from app.training.config import TrainConfig
+
+    required = parser.add_argument_group("required")  # listed before the settings, after -h
+    settings = parser.add_argument_group("settings (defaults: the recipe of models/default)")
+    for name, field in TrainConfig.model_fields.items():
+        kind, optional = _flag_type(field.annotation)
+        options: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+            shown = "on" if field.default else "off"
+        elif get_origin(kind) is Literal:
+            options["choices"], shown = get_args(kind), field.default
+        else:
+            options["type"] = bounded(kind, field, optional)
+            none = "none" if kind in (int, float) else "unset"
+            shown = none if field.default is None else field.default
+        text = (field.description or "").replace("%", "%%")
+        if field.is_required():
+            required.add_argument(f"--{name.replace('_', '-')}", required=True, help=text, **options)
+        else:
+            settings.add_argument(f"--{name.replace('_', '-')}", help=f"{text} (default: {shown})", **options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reward-server", description="Serve, train and evaluate reward models.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="serve a checkpoint over HTTP (settings also from REWARD_* variables)")
-    serve.add_argument("--model", type=Path, help="checkpoint directory (REWARD_MODEL_PATH)")
-    serve.add_argument("--host", help="bind address (REWARD_HOST, default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (REWARD_PORT, default 8000)")
+    sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
+    serve = sub.add_parser(
+        "serve",
+        help="serve a checkpoint over HTTP",
+        description="Serve a checkpoint over HTTP. Every setting also reads a REWARD_* environment variable "
+        "(app/settings.py); a flag overrides it.",
+    )
+    serve.add_argument("--model", type=Path, help="Checkpoint directory to serve (REWARD_MODEL_PATH).")
     serve.add_argument(
-        "--ray", action="store_true", help="serve on Ray Serve: replicas and resources from the REWARD_RAY_* settings"
+        "--host", help="Address to bind; 0.0.0.0 accepts other machines (REWARD_HOST, default 127.0.0.1)."
+    )
+    serve.add_argument("--port", type=int, help="TCP port to listen on (REWARD_PORT, default 8000).")
+    serve.add_argument(
+        "--ray",
+        action="store_true",
+        help="Serve on Ray Serve instead of one process: replicas and resources from the REWARD_RAY_* settings.",
     )
     serve.set_defaults(func=_serve)
 
-    from app.training.config import TrainConfig
-
-    train = sub.add_parser("train", help="train a value-head reward model on JSONL preference pairs")
-    for name, field in TrainConfig.model_fields.items():
-        default = "" if field.is_required() else f" (default {field.default})"
-        train.add_argument(f"--{name.replace('_', '-')}", dest=name, help=f"{field.description or name}{default}")
+    train = sub.add_parser(
+        "train",
+        help="train a value-head reward model on preference pairs",
+        description="Train a value-head reward model on JSONL preference pairs (Bradley-Terry loss). The defaults "
+        "are the recipe that trained models/default.",
+        usage="%(prog)s --base-model BASE_MODEL --train-file TRAIN_FILE --output OUTPUT [options]",
+    )
+    add_train_arguments(train)
     train.set_defaults(func=_train)
 
-    ev = sub.add_parser("eval", help="accuracy, calibration and length bias on preference pairs; report + plots")
-    ev.add_argument("--model", type=Path, help="checkpoint directory, scored in-process")
-    ev.add_argument("--url", help="a running server, scored over HTTP (same numbers)")
-    ev.add_argument("--api-key")
-    ev.add_argument("--data", type=Path, required=True, help="JSONL preference pairs")
-    ev.add_argument("--out", type=Path, required=True, help="directory for report.json, summary.md, *.png")
-    ev.add_argument("--limit", type=int, help="only the first N pairs")
-    ev.add_argument("--dtype", default="auto", help="in-process dtype (default: what the checkpoint states)")
-    ev.add_argument("--device", default="auto")
-    ev.add_argument(
-        "--max-length", type=int, help="in-process: read items with this context instead of the checkpoint's recipe"
+    ev = sub.add_parser(
+        "eval",
+        help="accuracy, calibration and length bias on preference pairs",
+        description="Score preference pairs with a checkpoint or a running server: accuracy, calibration and "
+        "length bias, written as report.json, summary.md and plots.",
+    )
+    required = ev.add_argument_group("required: --data, --out and one of --model or --url")
+    source = required.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", type=Path, help="Checkpoint directory, scored in this process.")
+    source.add_argument("--url", help="A running reward-server, scored over HTTP: the same numbers as --model.")
+    required.add_argument("--data", type=Path, required=True, help="JSONL preference pairs to score.")
+    required.add_argument("--out", type=Path, required=True, help="Directory for report.json, summary.md, *.png.")
+    settings = ev.add_argument_group("settings")  # after the required ones in --help
+    settings.add_argument("--api-key", help="--url: the bearer key, when the server was started with one.")
+    settings.add_argument(
+        "--limit", type=positive_int, help="Score only the first N pairs: a quick look before a full run."
+    )
+    settings.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPES,
+        help="--model: compute dtype; auto is the one the checkpoint states, since another moves its rewards "
+        "(default: auto).",
+    )
+    settings.add_argument(
+        "--device",
+        type=device,
+        default="auto",
+        help="--model: auto (CUDA when present, else CPU), cpu, mps, cuda or cuda:N (default: auto).",
+    )
+    settings.add_argument(
+        "--max-length",
+        type=positive_int,
+        help="--model: read items with this many tokens instead of the checkpoint's recipe (default: the recipe's).",
     )
     ev.set_defaults(func=_eval)
 
-    ex = sub.add_parser("export", help="write any loadable checkpoint as a merged AutoModelForSequenceClassification")
-    ex.add_argument("--model", type=Path, required=True, help="checkpoint directory (any supported format)")
-    ex.add_argument("--out", type=Path, required=True, help="output directory")
+    ex = sub.add_parser(
+        "export",
+        help="write a checkpoint as a plain transformers model",
+        description="Write any loadable checkpoint as a merged AutoModelForSequenceClassification (num_labels=1) "
+        "with its tokenizer, for tools that load plain transformers models.",
+    )
+    required = ex.add_argument_group("required")
+    required.add_argument("--model", type=Path, required=True, help="Checkpoint directory, any supported format.")
+    required.add_argument("--out", type=Path, required=True, help="Directory to write the merged model to.")
     ex.set_defaults(func=_export)
 
-    from app.bench import run as bench
+    from app.bench import run as bench  # its flags only: the benchmark's own imports wait for `run`
 
-    be = sub.add_parser("bench", help="throughput and latency beside the engine limit, a naive server and LitServe")
+    be = sub.add_parser(
+        "bench",
+        help="throughput and latency beside the engine limit and peers",
+        description="Throughput and latency under trainer traffic, beside the engine limit, a naive server and "
+        "LitServe (app/bench/run.py describes the workloads and modes).",
+    )
     bench.add_arguments(be).set_defaults(func=bench.run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not argv:  # no command: the overview, not just "the following arguments are required: COMMAND"
+        parser.print_help(sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     args.argv = argv
     return int(args.func(args))
 

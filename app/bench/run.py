@@ -29,14 +29,15 @@ import json
 import os
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from app.bench.roofline import PROBE_SIZE, flops_per_token, linear_rates, matmul_probe
-from app.bench.served import Served
-from app.bench.workloads import Result, build_workloads, run_engine
-from app.model.invariant import FIXED_ROWS
+from app.cli import DTYPES, device, positive_int
+
+if TYPE_CHECKING:  # the benchmark's modules import torch: `run` imports them, so `--help` stays instant
+    from app.bench.workloads import Result
 
 MODES = ("engine", "server", "server-stock", "naive", "litserve", "ray", "ray-2")
 WORKLOADS = ("grpo", "storm", "shared", "idle", "hostile")
@@ -89,41 +90,100 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run(build_parser().parse_args(argv))
 
 
+def comma_list(allowed: Sequence[str]) -> Callable[[str], str]:
+    """A comma-separated subset of `allowed`, checked when parsed (one line naming the flag, not a KeyError later)."""
+
+    def convert(text: str) -> str:
+        if unknown := [x for x in text.split(",") if x not in allowed]:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)} (choose from {','.join(allowed)})")
+        return text
+
+    return convert
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--model", type=Path, default=Path("models/default"), help="checkpoint directory")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=Path("models/default"),
+        help="Checkpoint directory to measure (default: %(default)s).",
+    )
     parser.add_argument(
         "--data",
         type=Path,
         default=DEV if DEV.exists() else None,
-        help=f"preference pairs to draw items from (default: {DEV} when present, else generated plain-word pairs "
-        "with realistic lengths)",
+        help=f"Preference pairs to draw items from, so lengths are real (default: {DEV} when present, else generated "
+        "plain-word pairs with realistic lengths).",
     )
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 where the hardware has it), float32, bfloat16")
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--group", type=int, default=8, help="replies per prompt")
-    parser.add_argument("--clients", type=int, default=32, help="storm: concurrent clients")
-    parser.add_argument("--idle-items", type=int, default=24)
-    parser.add_argument("--modes", default=",".join(MODES))
-    parser.add_argument("--workloads", default=",".join(WORKLOADS))
-    parser.add_argument("--port", type=int, default=18321)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, help="write the markdown table and raw results here (.md and .json)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPES,
+        help="Compute dtype of every mode; auto: the checkpoint's (--load: bfloat16) (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--prompts", type=positive_int, default=8, help="grpo, shared: prompts per request (default: %(default)s)."
+    )
+    parser.add_argument(
+        "--group", type=positive_int, default=8, help="grpo, shared: replies per prompt (default: %(default)s)."
+    )
+    parser.add_argument(
+        "--clients",
+        type=positive_int,
+        default=32,
+        help="storm, hostile: concurrent single-item clients (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--idle-items", type=positive_int, default=24, help="idle: requests sent one at a time (default: %(default)s)."
+    )
+    parser.add_argument(
+        "--modes",
+        type=comma_list(MODES),
+        default=",".join(MODES),
+        help="Comma-separated servers to measure, from %(default)s (default: all).",
+    )
+    parser.add_argument(
+        "--workloads",
+        type=comma_list(WORKLOADS),
+        default=",".join(WORKLOADS),
+        help="Comma-separated traffic shapes, from %(default)s (default: all).",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=18321,
+        help="First port for the servers; mode i uses port + i (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="Seeds which items each workload draws (default: %(default)s)."
+    )
+    parser.add_argument("--out", type=Path, help="Write the markdown table and raw results here (.md and .json).")
     parser.add_argument(
         "--load",
         type=Path,
         metavar="DIR",
-        help="measure loading instead: generate a random bf16 Llama in each format under DIR, load each in a fresh "
-        "process (peak host RSS, time to ready); --dtype and --device apply",
+        help="Measure loading instead: generate a random bf16 Llama in each format under DIR, load each in a fresh "
+        "process (peak host RSS, time to ready); --dtype and --device apply.",
     )
     parser.add_argument(
         "--gpu-check",
         type=Path,
         metavar="DIR",
-        help="every GPU check in one run (load, invariance, server vs naive) on a model generated under DIR; "
-        "with --device (cuda) and --load-params",
+        help="Every GPU check in one run (load, invariance, server vs naive) on a model generated under DIR; "
+        "with --device (cuda) and --load-params.",
     )
-    parser.add_argument("--load-params", type=float, default=0.8e9, help="--load: parameters of the generated model")
-    parser.add_argument("--device", default="cpu", help="--load, --gpu-check: where to load (cpu, cuda)")
+    parser.add_argument(
+        "--load-params",
+        type=float,
+        default=0.8e9,
+        help="--load, --gpu-check: parameters of the generated model (default: %(default).1e).",
+    )
+    parser.add_argument(
+        "--device",
+        type=device,
+        default="cpu",
+        help="--load, --gpu-check: where to load: cpu, cuda or cuda:N (default: %(default)s).",
+    )
     return parser
 
 
@@ -134,7 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from app.bench.roofline import PROBE_SIZE, flops_per_token, linear_rates, matmul_probe
+    from app.bench.served import Served
+    from app.bench.workloads import build_workloads, run_engine
     from app.model.cpu import cpu_description
+    from app.model.invariant import FIXED_ROWS
     from app.model.loading import load_reward_model
 
     text = None
