@@ -67,6 +67,12 @@ def test_cpu_locks_hold_no_cuda_wheel_and_the_cuda_lock_only_those() -> None:
     assert any(name.startswith("nvidia-") for name in cuda)
     for lock in LOCKS:
         assert not [name for name in pinned(lock) if CUDA.fullmatch(name)], f"{lock}: run `bash deploy/lock.sh`"
+    # what the CUDA torch needs besides its CUDA wheels (left out of cuda.txt) comes from the lock installed after it
+    text = (ROOT / "deploy" / "lock" / "cuda.txt").read_text()
+    left_out = re.findall(r"^# (\S+)$", text.split("excluded from the output:", 1)[1], re.M)
+    assert "sympy" in left_out
+    for lock in ("serve.txt", "ray.txt"):
+        assert set(left_out) <= set(pinned(lock)), lock
 
 
 def test_one_torch_version_everywhere() -> None:
