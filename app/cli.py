@@ -122,8 +122,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     server = GracefulServer(config)
     server.run()
-    if not server.started:
-        return 3  # start-up failed (e.g. a broken checkpoint), as `uvicorn.run` exits
+    failure = app.state.startup.failure
+    if not server.started or failure is not None:  # the port was taken, or loading failed (e.g. a broken checkpoint)
+        print(f"reward-server serve: start-up failed: {failure or 'the server did not start'}", file=sys.stderr)
+        return 3  # as `uvicorn.run` exits
     worker = getattr(app.state, "worker", None)
     return 1 if worker is not None and worker.failure is not None else 0  # 1: the model thread died
 

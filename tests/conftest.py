@@ -78,7 +78,7 @@ def make_client(
     @asynccontextmanager
     async def _client(name: str = "llama", **overrides: object) -> AsyncIterator[httpx.AsyncClient]:
         settings = test_settings(checkpoints[name], **overrides)
-        app = create_app(settings, model=load(name))
+        app = create_app(settings, model=load(name), wait=True)
         async with LifespanManager(app) as manager:
             transport = httpx.ASGITransport(app=manager.app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:

@@ -273,7 +273,7 @@ async def test_the_served_fingerprint_changes_with_anything_that_moves_a_reward(
     invariant: list[bool] = []
 
     async def served(name: str, model: RewardModel | None = None, **overrides: object) -> str:
-        app = create_app(test_settings(checkpoints[name], **overrides), model=model)
+        app = create_app(test_settings(checkpoints[name], **overrides), model=model, wait=True)
         async with LifespanManager(app) as manager:
             transport = httpx.ASGITransport(app=manager.app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:

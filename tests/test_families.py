@@ -81,7 +81,7 @@ async def verl_classify(path: Path) -> float:
     text = tokenizer.apply_chat_template(CONVERSATION, add_generation_prompt=False, tokenize=False)
     if tokenizer.bos_token is not None and text.startswith(tokenizer.bos_token):
         text = text[len(tokenizer.bos_token) :]
-    app = create_app(test_settings(path))
+    app = create_app(test_settings(path), wait=True)
     async with LifespanManager(app) as manager:
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:

@@ -62,7 +62,7 @@ def strict_checkpoint(checkpoints: dict[str, Path], tmp_path_factory: pytest.Tem
 
 def test_hostile_text_and_conversations_never_get_a_5xx(strict_checkpoint: Path) -> None:
     statuses: Counter[int] = Counter()
-    with TestClient(create_app(test_settings(strict_checkpoint))) as client:  # runs the lifespan
+    with TestClient(create_app(test_settings(strict_checkpoint), wait=True)) as client:  # runs the lifespan
 
         @given(request=BODIES)
         @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)

@@ -54,7 +54,7 @@ async def test_a_conversation_the_template_refuses_is_422_with_its_message(
     (path / "chat_template.jinja").unlink(missing_ok=True)
     system = [{"role": "system", "content": "be nice"}, {"role": "user", "content": "hi"}]
     items = [ITEM, {"messages": [*system, {"role": "assistant", "content": "hello"}]}]
-    app = create_app(test_settings(path))
+    app = create_app(test_settings(path), wait=True)
     async with (
         LifespanManager(app) as manager,
         httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://t") as client,

@@ -115,18 +115,18 @@ async def test_one_thread_runs_every_forward(
 ) -> None:
     """Warm-up and serving forwards run on the model thread and loading leaves no thread behind: each thread that ran
     a parallel torch op keeps an OpenMP team, and more teams than cores slow every forward (libgomp stops spinning)."""
-    import app.server.main
+    import app.server.startup
     from tests.conftest import test_settings
 
     loaders: list[threading.Thread] = []
-    real_load = app.server.main.load_reward_model
+    real_load = app.server.startup.load_reward_model
 
     def recording_load(*args: Any, **kwargs: Any) -> Any:
         loaders.append(threading.current_thread())
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(app.server.main, "load_reward_model", recording_load)
-    app.server.main.load_model(test_settings(checkpoints["gpt2"]))
+    monkeypatch.setattr(app.server.startup, "load_reward_model", recording_load)
+    app.server.startup.load_model(test_settings(checkpoints["gpt2"]))
     assert len(loaders) == 1 and not loaders[0].is_alive()
 
     model = load("gpt2")

@@ -266,7 +266,7 @@ async def test_a_dead_model_thread_asks_the_process_to_exit(checkpoints: dict[st
     from app.server.main import create_app
 
     died = threading.Event()
-    app = create_app(test_settings(checkpoints["gpt2"]), model=load("gpt2"), on_model_death=died.set)
+    app = create_app(test_settings(checkpoints["gpt2"]), model=load("gpt2"), on_model_death=died.set, wait=True)
     async with (
         LifespanManager(app) as manager,
         httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://t") as client,

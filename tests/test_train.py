@@ -143,6 +143,8 @@ def test_feature_cached_training_reads_exactly_what_the_server_reads(base: Path,
         head_lr=1e-2,
         max_length=64,
         calibrate=False,
+        average_from=None,  # the live weights are the saved ones: no mean, no rounding
+        delta_dtype="float32",
     )
     trainer = Trainer(config)
     assert trainer.split is not None
@@ -206,7 +208,7 @@ def test_feature_cache_on_disk_is_reused_across_runs_and_changes_nothing(base: P
         assert not torch.equal(a.chosen, b.chosen) and torch.allclose(a.chosen, b.chosen, atol=0.1, rtol=0.05)
 
 
-def test_train_cli_writes_a_checkpoint(base: Path, tmp_path: Path) -> None:
+def test_train_cli_writes_a_checkpoint(base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     train = write_pairs(tmp_path / "train.jsonl", 8)
     out = tmp_path / "cli"
     assert (
@@ -233,8 +235,9 @@ def test_train_cli_writes_a_checkpoint(base: Path, tmp_path: Path) -> None:
     card = (out / "README.md").read_text()
     assert f"reward-server train --base-model {base}" in card and "Training time, measured" in card
     assert "| corr(reward, length) |" in card
-    with pytest.raises(SystemExit, match="epochs"):
+    with pytest.raises(SystemExit) as exited:  # argparse's one line, naming the flag
         main(["train", "--base-model", str(base), "--train-file", str(train), "--output", str(out), "--epochs", "0"])
+    assert exited.value.code == 2 and "argument --epochs: must be >= 1" in capsys.readouterr().err
 
 
 def test_eval_metrics_and_temperature() -> None:
@@ -330,6 +333,7 @@ def test_the_length_term_takes_what_length_alone_predicts_out_of_the_served_rewa
             max_length=64,
             calibrate=False,
             length_term=term,
+            center_coef=0.0,  # the losses compared are the Bradley-Terry term alone
         )
         trainer = Trainer(config)
         summary = trainer.train()
@@ -377,6 +381,8 @@ def test_a_shallower_model_keeps_the_bases_first_blocks_and_serves_as_trained(tm
         head_lr=1e-2,
         max_length=64,
         calibrate=False,
+        average_from=None,  # the live weights are the saved ones: no mean, no rounding
+        delta_dtype="float32",
     )
     trainer = Trainer(config)
     assert trainer.split is not None and len(trainer.split.bottom.layers) == 1 and len(trainer.split.top.layers) == 1
@@ -416,6 +422,7 @@ def test_a_bf16_delta_halves_the_checkpoint_and_dev_measures_the_rounded_weights
         max_length=64,
         calibrate=False,
         delta_dtype="bfloat16",
+        average_from=None,  # the live weights, rounded, are the saved ones
     )
     trainer = Trainer(config)
     trainer.train()

@@ -30,6 +30,7 @@ from app.engine.memory import Trimmer
 from app.engine.observer import EngineObserver, WorkerStats
 from app.engine.offline import Queued
 from app.engine.results import ItemResult, Pending, Scored, Timing
+from app.model.backbones import default_cache_dir
 from app.model.plan import Plan
 from app.model.recipe import Item, UnreadableItem
 from app.model.reward_model import RewardModel
@@ -217,7 +218,8 @@ class Worker:
         """Measures how the model runs plans (`RewardModel.prepare`), with this thread's CPU threads."""
         if self.settings.num_threads:
             torch.set_num_threads(self.settings.num_threads)
-        kernels = self.model.prepare(self.settings.batch_invariant, self.settings.block_rows)
+        measured = (self.settings.cache_dir or default_cache_dir()) / "kernels"
+        kernels = self.model.prepare(self.settings.batch_invariant, self.settings.block_rows, measured)
         policy = BatchPolicy(self.settings.max_batch_tokens, self.settings.max_batch_size, kernels.layout == "packed")
         policy.check(self.model.max_length)
         self._queue.policy = policy

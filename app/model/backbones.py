@@ -6,15 +6,20 @@ a plain Hugging Face directory, converting it once into a cache outside git.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 class BackboneError(RuntimeError):
@@ -48,10 +53,16 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 def _convert_gguf_llama(gguf: Path, target: Path) -> None:
     """transformers dequantizes the GGUF but refuses to save it as is; rebuild a clean Llama and save that."""
     import torch
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    bar = gguf_utils.tqdm  # its progress bar would break a log of one record per line: the caller logs instead
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    finally:
+        gguf_utils.tqdm = bar
     cfg = {k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"}
     clean = LlamaForCausalLM(LlamaConfig(**cfg))
     clean.load_state_dict(loaded.state_dict(), strict=True)
@@ -104,8 +115,11 @@ def resolve(name: str, cache_dir: Path | None = None) -> Path:
         raise BackboneError(f"{source}: sha256 {actual} does not match the expected {spec.sha256}")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    began = time.monotonic()
+    log.info("converting backbone %s into %s, once (about 15 s on 2 cores; later starts reuse it)", name, target)
     try:
         spec.convert(source, staging)
+        log.info("converted backbone %s in %.1f s", name, time.monotonic() - began)
         (staging / "source.json").write_text(json.dumps({"file": str(source), "sha256": actual}))
         try:
             staging.rename(target)  # atomic; refused when the target exists and is not empty

@@ -46,6 +46,12 @@ class Kernels(BaseModel):
     threads: int | None = Field(description="CPU threads of the model thread (a reduction's order follows them)")
     note: str = Field("", description="why a layout or invariance was not available")
 
+    def describe(self) -> str:
+        """One phrase for the start-up log."""
+        how = "batch-invariant" if self.batch_invariant else "stock kernels"
+        where = f"{self.threads} CPU threads" if self.threads else "GPU"
+        return f"{self.layout}, {how}, {where}" + (f" ({self.note})" if self.note else "")
+
     def fingerprint_part(self) -> dict[str, Any]:
         """What moves a reward: the layout, and for invariant kernels their shapes and threads."""
         if not self.batch_invariant:

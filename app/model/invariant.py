@@ -17,8 +17,12 @@ Elementwise ops and the per-row norms are row-local already.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,12 +30,15 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from app.model.cpu import cpu_description
 from app.model.plan import Span
 
+log = logging.getLogger(__name__)
 ATTENTION = "reward_rowwise"
 FIXED_ROWS = {"cpu": 512, "cuda": 1024}  # CPU measured (docs/benchmarks.md); accelerators: larger, not measured
 SWEEP_ROWS = 512  # the largest call the flexible strategy makes, and the sweep's reference
 MULTIPLE = 16  # flexible calls are padded to a multiple of this (few distinct shapes for the kernels' caches)
+MEASURE_VERSION = 1  # bump when `sweep` or `rows_stay_put` change what they measure: older memos are then unread
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,11 +229,58 @@ def rows_stay_put(weight: torch.Tensor, rows: int) -> bool:
     return all(torch.equal(torch.mm(x.roll(s, 0), weight), reference.roll(s, 0)) for s in (1, 7, rows // 3))
 
 
-def choose(module: nn.Module, device_type: str, fixed_rows: int = 0) -> tuple[dict[str, str], list[str]]:
-    """Sets every blockable linear's `Blocking`, measured per (in, out, dtype). Returns what was chosen, by shape,
-    and the shapes whose rows move even in fixed blocks (then nothing here keeps them batch-invariant).
-    `fixed_rows`: fixed blocks of that many rows everywhere, no sweep (0: measure)."""
+class Measurements:
+    """What `sweep` and `rows_stay_put` found per linear shape, kept across starts in `directory`: a kernel's rows
+    behave the same for the same device, torch build, kernel caps and threads, so a second start reads them instead
+    of measuring again (about 10 s of a 135M model's start on 2 cores). The probe that follows in
+    `RewardModel.prepare` still checks the result bitwise. `directory` None: measure, keep nothing."""
+
+    def __init__(self, directory: Path | None, device: torch.device) -> None:
+        self.file = directory / f"{_machine_key(device)}.json" if directory is not None else None
+        self.found: dict[str, Any] = {}
+        self.dirty = False
+        if self.file is not None and self.file.exists():
+            try:
+                self.found = json.loads(self.file.read_text())
+            except (OSError, ValueError):  # unreadable: measured again and rewritten
+                log.warning("%s: unreadable kernel measurements, measuring again", self.file)
+
+    def get(self, name: str, measure: Callable[[], Any]) -> Any:
+        if name not in self.found:
+            self.found[name], self.dirty = measure(), True
+        return self.found[name]
+
+    def save(self) -> None:
+        if self.file is None or not self.dirty:
+            return
+        try:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            staging = self.file.with_suffix(f".{id(self)}.tmp")
+            staging.write_text(json.dumps(self.found, indent=1, sort_keys=True))
+            staging.replace(self.file)  # atomic: a racing replica reads either file whole
+        except OSError as exc:  # a read-only cache costs the next start its measurement, nothing else
+            log.warning("kernel measurements not kept (%s)", exc)
+
+
+def _machine_key(device: torch.device) -> str:
+    """What decides a kernel's arithmetic, hashed: the device, the torch build, the kernel caps and the threads."""
+    if device.type == "cuda":
+        index = device.index or 0
+        hardware = f"{torch.cuda.get_device_name(index)} {torch.cuda.get_device_capability(index)} {torch.version.cuda}"
+    else:
+        hardware = f"{cpu_description()} {torch.backends.cpu.get_cpu_capability()} {torch.get_num_threads()} threads"
+    facts = f"v{MEASURE_VERSION} {torch.__version__} {device.type} {hardware} {SWEEP_ROWS} {MULTIPLE} {FIXED_ROWS}"
+    return hashlib.sha256(facts.encode()).hexdigest()[:24]
+
+
+def choose(
+    module: nn.Module, device_type: str, fixed_rows: int = 0, measured: Measurements | None = None
+) -> tuple[dict[str, str], list[str]]:
+    """Sets every blockable linear's `Blocking`, measured per (in, out, dtype) or read from `measured`. Returns what
+    was chosen, by shape, and the shapes whose rows move even in fixed blocks (then nothing here keeps them
+    batch-invariant). `fixed_rows`: fixed blocks of that many rows everywhere, no sweep (0: measure)."""
     fixed = fixed_rows or FIXED_ROWS.get(device_type, FIXED_ROWS["cuda"])
+    memo = measured or Measurements(None, torch.device(device_type))
     by_shape: dict[tuple[int, int, torch.dtype], list[_Blocked]] = {}
     for sub in module.modules():
         if isinstance(sub, _Blocked):
@@ -238,14 +292,15 @@ def choose(module: nn.Module, device_type: str, fixed_rows: int = 0) -> tuple[di
         name = f"{n_in}x{n_out} {str(dtype).removeprefix('torch.')}"
         weight = _weight(linears[0])  # type: ignore[arg-type]
         with torch.inference_mode():
-            least = None if fixed_rows else sweep(weight)
+            least = None if fixed_rows else memo.get(f"{name} sweep", lambda w=weight: sweep(w))
             flexible = least is not None and least < fixed
-            if not flexible and not rows_stay_put(weight, fixed):
+            if not flexible and not memo.get(f"{name} stays in {fixed}", lambda w=weight: rows_stay_put(w, fixed)):
                 moving.append(name)
         blocking = Blocking(least, MULTIPLE, SWEEP_ROWS) if flexible else Blocking(fixed, fixed, fixed)  # type: ignore[arg-type]
         for linear in linears:
             linear.blocking = blocking
         chosen[name] = blocking.describe()
+    memo.save()
     return chosen, moving
 
 

@@ -8,6 +8,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -118,10 +119,11 @@ class RewardModel:
     def prepared(self) -> Kernels:
         return self.kernels or self.prepare()
 
-    def prepare(self, batch_invariant: bool = True, fixed_rows: int = 0) -> Kernels:
+    def prepare(self, batch_invariant: bool = True, fixed_rows: int = 0, measured: Path | None = None) -> Kernels:
         """Measured here, with this thread's CPU threads: whether the backbone packs (its attention reads the spans),
         and per linear shape the calls that keep its rows batch-invariant (`invariant.choose`; `fixed_rows`: fixed
-        blocks of that size instead). Returns the evidence, also kept as `kernels`."""
+        blocks of that size instead; `measured`: where those measurements are kept across starts). Returns the
+        evidence, also kept as `kernels`."""
         threads = torch.get_num_threads() if self.device.type == "cpu" else None
         self.kernels = Kernels(layout="padded", batch_invariant=False, linears={}, attention_calls=0, threads=threads)
         if not self.module.may_pack:
@@ -142,7 +144,8 @@ class RewardModel:
         self.kernels = packed
         if not batch_invariant:
             return packed
-        linears, moving = invariant.choose(self.module, self.device.type, fixed_rows)
+        memo = invariant.Measurements(measured, self.device)
+        linears, moving = invariant.choose(self.module, self.device.type, fixed_rows, memo)
         if moving:
             invariant.unblock(self.module)
             note = f"rows of {', '.join(moving)} move with their place in a call on this device: stock kernels"

@@ -83,15 +83,13 @@ class RequestContext:
             path = getattr(route, "path", None) or "unmatched"
             self.metrics.requests.labels(path, str(status["code"])).inc()
             self.metrics.request_seconds.labels(path).observe(time.perf_counter() - began)
-            log.info(
-                "request",
-                extra={
-                    "method": scope.get("method"),
-                    "path": scope.get("path"),
-                    "status": status["code"],
-                    "duration_ms": round((time.perf_counter() - began) * 1000, 2),
-                },
-            )
+            fields = {
+                "method": scope.get("method"),
+                "path": scope.get("path"),
+                "status": status["code"],
+                "duration_ms": round((time.perf_counter() - began) * 1000, 2),
+            }
+            log.info("%(method)s %(path)s %(status)s %(duration_ms)s ms", fields, extra=fields)
             request_id.reset(token)
 
     async def _read_body(self, receive: Receive) -> bytes:

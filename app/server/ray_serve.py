@@ -21,7 +21,8 @@ from ray import serve
 from ray.serve import Application
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.server.main import create_app, load_model
+from app.server.main import create_app
+from app.server.startup import load_model
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class RewardReplica:
     def __serve_build_asgi_app__(self) -> FastAPI:
         # Loaded here, not in the app's lifespan: a broken checkpoint's own error (CheckpointError naming the file)
         # then reaches the deployment status, where Ray would only say that the ASGI lifespan failed.
-        app = create_app(self.settings, model=load_model(self.settings))
+        app = create_app(self.settings, model=load_model(self.settings), wait=True)
         app.add_middleware(ReplicaHeader, replica=serve.get_replica_context().replica_id.unique_id)
         return app
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from app.engine.errors import DeadlineExceeded, EngineError
 from app.engine.results import Scored
@@ -182,7 +182,7 @@ async def get_reward(
 
 
 @router.post("/classify", responses=ERRORS)
-@router.post("/v1/classify", responses=ERRORS, include_in_schema=False)
+@router.post("/v1/classify", responses=ERRORS)
 async def classify(
     body: ClassifyRequest, request: Request, response: Response, worker: WorkerDep, served: ServedDep
 ) -> ClassifyResponse:
@@ -226,24 +226,38 @@ async def info(worker: WorkerDep, served: ServedDep) -> Info:
 
 @open_router.get("/health", response_model=Health, response_model_exclude_none=True, responses={503: {"model": Health}})
 async def health(request: Request) -> Any:
-    """The process can serve (the model may still be loading); 503 once its model thread died: restart it."""
+    """The process is up (the model may still be loading: see /ready); 503 once start-up failed or the model thread
+    died: restart it."""
     worker: Worker | None = getattr(request.app.state, "worker", None)
-    if worker is not None and worker.failure is not None:
-        return JSONResponse(Health(status="failed", failure=worker.failure).model_dump(), status_code=503)
+    failure = request.app.state.startup.failure or (worker.failure if worker is not None else None)
+    if failure is not None:
+        return JSONResponse(Health(status="failed", failure=failure).model_dump(), status_code=503)
     return Health()
 
 
 @open_router.get("/ready", response_model=Ready, responses={503: {"model": Ready}})
 async def ready(request: Request, settings: SettingsDep) -> Any:
-    """200 once the model is loaded and warmed up; 503 before, and while shutting down."""
+    """200 once the model is loaded and warmed up; 503 before (with the start-up stage), and while shutting down."""
     worker: Worker | None = getattr(request.app.state, "worker", None)
-    state = Ready(ready=bool(worker and worker.ready), queued_items=worker.queued_items if worker else 0)
+    startup = request.app.state.startup
+    state = Ready(
+        ready=bool(worker and worker.ready),
+        queued_items=worker.queued_items if worker else 0,
+        status="stopping" if startup.status == "ready" and not (worker and worker.ready) else startup.status,
+        stage=startup.stage,
+        elapsed_s=startup.elapsed_s,
+    )
     if state.ready:
         return state
     return JSONResponse(state.model_dump(), status_code=503, headers={"Retry-After": str(settings.retry_after_seconds)})
 
 
-@open_router.get("/metrics", include_in_schema=False)
+@open_router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}}
+    | openapi_responses(ErrorType.unauthorized),
+)
 async def metrics(request: Request) -> Response:
     """Prometheus text format; behind the API key when keys are set and `protect_metrics` is on."""
     return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

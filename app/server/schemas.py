@@ -244,6 +244,9 @@ class Health(BaseModel):
 class Ready(BaseModel):
     ready: bool
     queued_items: int
+    status: Literal["starting", "ready", "failed", "stopping"] = Field(description="where the server is")
+    stage: str = Field(description="what start-up is doing (loading, measuring kernels), or what stopped it")
+    elapsed_s: float = Field(description="seconds since start-up began")
 
 
 class Info(ModelInfo):

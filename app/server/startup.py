@@ -1,0 +1,112 @@
+"""Start-up, run after the port opens: load, measure, warm up. `/ready` reports the stage it is at until the model
+serves; a failure ends it with one line naming the problem (its traceback at debug level)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
+
+from fastapi import FastAPI
+
+from app.engine.offline import served_fingerprint
+from app.engine.worker import Worker
+from app.model.checkpoint import Normalization
+from app.model.loading import load_reward_model
+from app.model.reward_model import RewardModel
+from app.server.openrlhf import QueryReader
+from app.server.routes import Served
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def load_model(settings: Settings) -> RewardModel:
+    """Loads on a thread that then exits, so that it leaves no OpenMP thread team behind (see `Worker.start`)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="load-model") as passing:
+        return passing.submit(
+            load_reward_model,
+            settings.model_path,
+            dtype=settings.dtype,
+            device=settings.device,
+            max_length=settings.max_length,
+            head_index=settings.head_index,
+            trust_remote_code=settings.trust_remote_code,
+            cache_dir=settings.cache_dir,
+            device_map=settings.device_map,
+        ).result()
+
+
+def normalization_in_force(settings: Settings, model: RewardModel) -> Normalization | None:
+    """Decided once at start-up; every route reports this one. The settings' mean/std override the checkpoint's."""
+    if not settings.normalize:
+        return None
+    stored = model.info.checkpoint_normalization
+    mean = settings.reward_mean if settings.reward_mean is not None else stored and stored.mean
+    std = settings.reward_std if settings.reward_std is not None else stored and stored.std
+    if mean is None or std is None:
+        raise ValueError(
+            "REWARD_NORMALIZE is on but neither the settings (REWARD_REWARD_MEAN/STD) nor the checkpoint give mean/std"
+        )
+    return Normalization(mean=mean, std=std)
+
+
+class Startup:
+    """Where start-up is: `status` and `stage` for `/ready`, `failure` once it failed. Each stage is one log line
+    with the time since the process began starting."""
+
+    def __init__(self) -> None:
+        self.began = time.monotonic()
+        self.status: Literal["starting", "ready", "failed"] = "starting"
+        self.stage = "starting"
+        self.failure: str | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def elapsed_s(self) -> float:
+        return round(time.monotonic() - self.began, 1)
+
+    def step(self, stage: str) -> None:
+        self.stage = stage
+        log.info("start-up: %s (%.1f s)", stage, self.elapsed_s)
+
+    async def finished(self) -> None:
+        """Waits until the model serves; raises what made start-up fail."""
+        assert self.task is not None, "start-up has not begun (the app's lifespan starts it)"
+        await asyncio.shield(self.task)
+        if self.failure is not None:
+            raise RuntimeError(self.failure)
+
+
+async def start(app: FastAPI, model: RewardModel | None, on_failure: Callable[[], None] | None) -> None:
+    """Load (unless `model` is given), measure the kernels on the model thread, then serve. A failure is logged as
+    one line (a CheckpointError names its file) and ends the process through `on_failure` (None: it stays up, with
+    /ready 503 saying why: tests, Ray, which reports it)."""
+    settings: Settings = app.state.settings
+    startup: Startup = app.state.startup
+    try:
+        if model is None:
+            startup.step(f"loading {settings.model_path}")
+            model = await asyncio.to_thread(load_model, settings)
+        info = model.info
+        normalization = normalization_in_force(settings, model)
+        startup.step(f"loaded {info.format} checkpoint ({info.architecture}, {info.dtype}); measuring kernels")
+        worker = Worker(model, settings, app.state.metrics, on_death=app.state.on_model_death)
+        await worker.start()  # measures how the model runs plans, on its own thread
+        fingerprint = served_fingerprint(model, normalization.model_dump() if normalization else None)
+        model_id = settings.served_model_name or str(settings.model_path)
+        reader = QueryReader.for_encoder(model.encoder)
+        app.state.served = Served(normalization, fingerprint, reader, model_id, int(time.time()))
+        app.state.worker = worker
+        startup.status = "ready"
+        startup.step(f"ready: {settings.model_path}, fingerprint {fingerprint}, {model.prepared.describe()}")
+    except Exception as exc:  # any failure ends start-up the same way
+        startup.status, startup.failure = "failed", f"{type(exc).__name__}: {exc}"
+        startup.stage = f"failed: {exc}"
+        log.error("start-up failed after %.1f s: %s", startup.elapsed_s, exc)
+        log.debug("start-up failure", exc_info=exc)
+        if on_failure is not None:
+            on_failure()
