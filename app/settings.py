@@ -50,7 +50,9 @@ class Settings(BaseSettings):
         False, description="Allow checkpoint code to run (off: only built-in architectures)."
     )
     cache_dir: Path | None = Field(
-        None, description="Where packaged backbones are converted once (default ~/.cache/reward-server)."
+        None,
+        description="Where packaged backbones are converted once and kernel measurements are kept, so a second start "
+        "skips both (default ~/.cache/reward-server).",
     )
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: all cores.")
 
@@ -165,7 +167,11 @@ class Settings(BaseSettings):
         "(httpx: 5 s) so a client never sends on a connection the server is closing.",
     )
     log_level: str = Field("info", description="Python log level name.")
-    log_format: Literal["json", "text"] = Field("json", description="json: one object per line, with request ids.")
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto",
+        description="json: one object per line, with request ids (for log collectors); text: plain lines; auto: text "
+        "on a terminal, json otherwise (a container, a pipe).",
+    )
 
     # --- ray serve (`reward-server serve --ray`) -------------------------------------------------------
     ray_address: str | None = Field(
@@ -205,3 +211,22 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """Read once per process; tests build their own `Settings` instead."""
     return Settings()
+
+
+def settings_table() -> str:
+    """The README's settings table, generated here so the two cannot drift (`python -m app.settings` prints it)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.default_factory() if field.default_factory is not None else field.default  # type: ignore[call-arg]
+        shown = (
+            "unset"
+            if default is None or default == []
+            else f"`{str(default).lower() if isinstance(default, bool) else default}`"
+        )
+        meaning = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `REWARD_{name.upper()}` | {shown} | {meaning} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(settings_table())
