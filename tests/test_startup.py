@@ -126,3 +126,16 @@ async def test_the_api_pages_work_offline_and_list_every_route(make_client: Any)
     assert len(assets) == 2 and all(r.status_code == 200 and len(r.content) > 10_000 for r in fetched)
     assert {"/v1/classify", "/metrics", "/score", "/ready", "/health"} <= set(schema["paths"])
     assert sneaking.status_code in (401, 404) and locked.status_code == 401
+
+
+@pytest.mark.slow
+def test_the_startup_benchmark_times_three_starts(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    from app.bench.startup import STARTS, report
+    from tests.conftest import free_port
+
+    table = report(checkpoints["llama"], tmp_path / "cache", free_port())
+    rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| ") and "s |" not in line]
+    assert [row[0].strip() for row in rows] == list(STARTS)
+    for _, port, ready, reward in rows:
+        assert 0 < float(port) <= float(ready) <= float(reward)
+    assert list((tmp_path / "cache" / "kernels").glob("*.json"))  # what the later starts read

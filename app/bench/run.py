@@ -166,6 +166,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "process (peak host RSS, time to ready); --dtype and --device apply.",
     )
     parser.add_argument(
+        "--startup",
+        type=Path,
+        metavar="DIR",
+        help="Measure start-up instead: launch `reward-server serve --model` three times, the first with DIR as an "
+        "emptied REWARD_CACHE_DIR; seconds to the port answering, to /ready 200 and to a first reward.",
+    )
+    parser.add_argument(
         "--gpu-check",
         type=Path,
         metavar="DIR",
@@ -206,6 +213,10 @@ def run(args: argparse.Namespace) -> int:
         from app.bench.gpu import gpu_check
 
         text = gpu_check(args.gpu_check, args.load_params, args.device, args.port)
+    elif args.startup is not None:
+        from app.bench.startup import report as startup_report
+
+        text = startup_report(args.model, args.startup, args.port)
     elif args.load is not None:
         from app.bench.load import report as load_report
 
