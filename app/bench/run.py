@@ -42,7 +42,9 @@ if TYPE_CHECKING:  # the benchmark's modules import torch: `run` imports them, s
 MODES = ("engine", "server", "server-stock", "naive", "litserve", "ray", "ray-2")
 WORKLOADS = ("grpo", "storm", "shared", "idle", "hostile")
 SKIPPED = {("naive", "hostile"), ("litserve", "hostile")}  # see the docstring
-DEV = Path("../shared/data/preferences/dev.jsonl")
+ROOT = Path(__file__).resolve().parents[2]
+DEV = ROOT / "../shared/data/preferences/dev.jsonl"  # the real pairs, beside the repository in development
+EXAMPLES = ROOT / "examples/data/dev.jsonl"  # else the pairs the repository ships
 
 
 def _fmt(value: object) -> str:
@@ -111,9 +113,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--data",
         type=Path,
-        default=DEV if DEV.exists() else None,
-        help=f"Preference pairs to draw items from, so lengths are real (default: {DEV} when present, else generated "
-        "plain-word pairs with realistic lengths).",
+        default=next((f for f in (DEV, EXAMPLES) if f.exists()), None),
+        help="Preference pairs to draw items from, so lengths are real (default: ../shared/data/preferences/dev.jsonl "
+        "beside the repository, else the repository's examples/data/dev.jsonl).",
     )
     parser.add_argument(
         "--dtype",
@@ -226,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{cpu_description()}, torch {torch.__version__}\n")
         print(text)
         if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.with_suffix(".md").write_text(text)
         return 0
     model = load_reward_model(args.model, dtype=args.dtype)
@@ -263,6 +266,7 @@ def run(args: argparse.Namespace) -> int:
     text = report(results, header, roofline_tokens)
     print(text)
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".md").write_text(text)
         raw = [{**asdict(r), **r.row(roofline_tokens)} for r in results]
         limit = {"matmul_flops": probes, "flops_per_token": per_token, "roofline_tokens_per_s": roofline_tokens}

@@ -69,6 +69,7 @@ class Served:
 
     def __init__(self, mode: str, model_path: Path, dtype: str, port: int, log: Path) -> None:
         self.mode, self.base = mode, f"http://127.0.0.1:{port}"
+        self.probe = "/ready" if mode.startswith(("server", "ray")) else "/health"  # ours answer /health while loading
         env = {**os.environ, "REWARD_MODEL_PATH": str(model_path), "REWARD_DTYPE": dtype, "REWARD_PORT": str(port)}
         if mode.startswith(("server", "ray")):  # this service: `reward-server serve`, plainly or on Ray
             env.update(REWARD_LOG_LEVEL="warning", REWARD_BATCH_INVARIANT=str(mode != "server-stock").lower())
@@ -101,7 +102,7 @@ class Served:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.mode} server exited with {self.proc.returncode}; see {self.log.name}")
             try:
-                ready = httpx.get(f"{self.base}/health", timeout=5).status_code == 200
+                ready = httpx.get(f"{self.base}{self.probe}", timeout=5).status_code == 200
             except httpx.HTTPError:
                 ready = False
             if ready:
