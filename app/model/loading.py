@@ -175,7 +175,7 @@ def _check_weight_files(where: Path) -> None:
 
 
 @contextmanager
-def _errors_only() -> Iterator[None]:
+def transformers_errors_only() -> Iterator[None]:
     """transformers' log at error level: its load report would list every tensor it did not use as a warning."""
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
@@ -270,7 +270,7 @@ def load_reward_model(
     else:  # value_head
         assert manifest is not None
         shallower = depth(base_dir, manifest.num_layers, path)
-        with _errors_only() if shallower else nullcontext():  # the dropped blocks' weights are unused by design
+        with transformers_errors_only() if shallower else nullcontext():  # the dropped blocks: unused by design
             backbone = _from_pretrained(AutoModel, base_dir, **common, **shallower)
         if manifest.backbone_delta:
             delta_file = path / manifest.backbone_delta

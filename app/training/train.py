@@ -24,7 +24,7 @@ from transformers import AutoModel, AutoTokenizer
 from app.model.checkpoint import depth, fold_temperature, save_value_head_checkpoint
 from app.model.collate import collate
 from app.model.cpu import cpu_description
-from app.model.loading import resolve_base
+from app.model.loading import resolve_base, transformers_errors_only
 from app.model.recipe import Encoded, RecipeEncoder, ScoringRecipe
 from app.model.reward_model import RewardHeadModel
 from app.training.card import model_card
@@ -82,7 +82,8 @@ class Trainer:
         self.base_dir, _ = resolve_base(config.base_model, Path.cwd(), None)
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
         layers = depth(self.base_dir, config.layers, Path(config.base_model))
-        backbone = AutoModel.from_pretrained(self.base_dir, dtype=torch.float32, **layers)
+        with transformers_errors_only() if layers else nullcontext():  # the dropped blocks' weights: unused by design
+            backbone = AutoModel.from_pretrained(self.base_dir, dtype=torch.float32, **layers)
         chat = bool(getattr(self.tokenizer, "chat_template", None))
         self.recipe = ScoringRecipe(
             template="chat" if chat else "concat",
