@@ -223,7 +223,7 @@ class Worker:
         policy = BatchPolicy(self.settings.max_batch_tokens, self.settings.max_batch_size, kernels.layout == "packed")
         policy.check(self.model.max_length)
         self._queue.policy = policy
-        log.info("kernels: %s", kernels.model_dump_json())
+        log.debug("kernels: %s", kernels.model_dump_json())  # /info has them; the start-up line sums them up
 
     def _die(self, exc: BaseException) -> None:
         """Fail fast instead of letting callers wait out their deadlines: not ready, every admitted request answered

@@ -20,6 +20,7 @@ import functools
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -288,9 +289,10 @@ def choose(
             by_shape.setdefault((w.shape[0], w.shape[1], w.dtype), []).append(sub)
     chosen: dict[str, str] = {}
     moving: list[str] = []
-    for (n_in, n_out, dtype), linears in sorted(by_shape.items(), key=str):
+    for done, ((n_in, n_out, dtype), linears) in enumerate(sorted(by_shape.items(), key=str), 1):
         name = f"{n_in}x{n_out} {str(dtype).removeprefix('torch.')}"
         weight = _weight(linears[0])  # type: ignore[arg-type]
+        began, known = time.perf_counter(), len(memo.found)
         with torch.inference_mode():
             least = None if fixed_rows else memo.get(f"{name} sweep", lambda w=weight: sweep(w))
             flexible = least is not None and least < fixed
@@ -300,6 +302,9 @@ def choose(
         for linear in linears:
             linear.blocking = blocking
         chosen[name] = blocking.describe()
+        if len(memo.found) > known:  # measured, not read: say how far the first start is
+            took = time.perf_counter() - began
+            log.info("kernels %d/%d measured: %s, %s (%.1f s)", done, len(by_shape), name, chosen[name], took)
     memo.save()
     return chosen, moving
 
