@@ -152,6 +152,9 @@ class RewardModel:
             log.warning("batch invariance unavailable: %s", note)
             self.kernels = packed.model_copy(update={"note": note})
             return self.kernels
+        # and a long item, so that alone and together its rows run in calls of other sizes than the short ones'
+        unit = prompt + replies[-1]
+        probe.append(Encoded(unit * max(1, min(invariant.SWEEP_ROWS // 2, self.max_length) // len(unit)), None, False))
         alone = [self.run(plan_of([item], packed=True))[0] for item in probe]
         together = self.run(plan_of(probe, packed=True))
         if alone != together:
