@@ -23,6 +23,16 @@ from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Fixtures that start a live server process (uvicorn, `reward-server serve`, a Ray cluster): a test using one is in the
+# slow lane (`pytest -m slow`); `pytest -m "not slow"` runs everything that runs in this process.
+LIVE_FIXTURES = {"live_server", "server", "ray_url"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if LIVE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:

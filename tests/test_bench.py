@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from app.bench import run as bench
@@ -23,6 +24,7 @@ def sentence(n: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n))
 
 
+@pytest.mark.slow  # every mode and workload, over real server processes
 def test_bench_runs_every_mode_and_workload(checkpoints: dict[str, Path], tmp_path: Path) -> None:
     data = tmp_path / "pairs.jsonl"
     rows = [{"prompt": sentence(150), "chosen": sentence(30), "rejected": sentence(40)} for _ in range(6)]

@@ -13,6 +13,8 @@ from app.engine.offline import served_fingerprint
 from app.model.loading import load_reward_model
 from app.model.recipe import ScoringInput
 
+pytestmark = pytest.mark.slow  # the shipped 135M-parameter model, loaded and scored
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ROOT / "models" / "default"
 

@@ -18,8 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
+from tests.calibration import TARGET_S
 from tests.conftest import rss_kib
+
+pytestmark = pytest.mark.slow  # real server processes; the in-process side is tests/test_stalls.py
 
 FAST = {"REWARD_HEADER_TIMEOUT_S": "1", "REWARD_BODY_TIMEOUT_S": "2"}
 
@@ -121,12 +125,11 @@ def test_a_body_that_stops_arriving_gets_408_and_cannot_hold_sigterm(server: Cal
 
 # ---- the soak -------------------------------------------------------------------------------------------------------
 PROBE = """
-import json, sys, time, httpx
-url, seconds, out = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+import json, os, sys, time, httpx
+url, stop, out = sys.argv[1], sys.argv[2], sys.argv[3]
 latencies, failures = [], 0
-end = time.monotonic() + seconds
 with httpx.Client(timeout=5) as client:
-    while time.monotonic() < end:
+    while not os.path.exists(stop):
         began = time.perf_counter()
         try:
             ok = client.get(url + "/health").status_code == 200
@@ -160,30 +163,35 @@ def hostile_corpus() -> list[tuple[str, bytes, dict[str, str]]]:
     ]  # fmt: skip
 
 
+@pytest.mark.timeout(600)  # one round of the corpus took ~110 s beside a CPU hog on 2 shared cores
 def test_soak_over_the_hostile_corpus(server: Callable[..., Any], tmp_path: Path) -> None:
     """0 responses >= 500, /health p99 < 100 ms throughout, RSS back within 10% of where one pass of the corpus
-    left it (the first pass builds kernels and caches for its shapes), and the peak bounded."""
+    left it (the first pass builds kernels and caches for its shapes), and the peak bounded. The soak runs rounds of
+    the whole corpus at once for ~25 s (REWARD_TEST_LOAD_S), sized by the rounds' measured length: a round that would
+    end past the budget is not started, but the first always runs (a busy machine runs one, a fast one several)."""
     url, proc = server("gpt2", **FAST)
     corpus = hostile_corpus()
     valid = {"items": [{"prompt": "What is 2 + 2?", "response": "4"}] * 8}
     cold_rss = rss_kib(proc.pid)
-    with httpx.Client(base_url=url, timeout=120) as client:  # one pass first: kernels and caches for these shapes
+    began = time.monotonic()
+    with httpx.Client(base_url=url, timeout=300) as client:  # one pass first: kernels and caches for these shapes
         for path, body, headers in corpus:
             client.post(path, content=body, headers=headers)
+    first_pass = time.monotonic() - began
     time.sleep(1.5)
     start_rss = rss_kib(proc.pid)
-    probe_out = tmp_path / "probe.json"
-    seconds = 45.0
-    probe = subprocess.Popen([sys.executable, "-c", PROBE, url, str(seconds), str(probe_out)])
+    probe_out, stop = tmp_path / "probe.json", tmp_path / "stop"
+    probe = subprocess.Popen([sys.executable, "-c", PROBE, url, str(stop), str(probe_out)])
     statuses: dict[int, int] = {}
     deadlines: list[tuple[int, float]] = []
     peak = start_rss
     requests = 0
+    rounds: list[float] = []
 
     async def soak() -> None:
         nonlocal peak, requests
         limits = httpx.Limits(max_connections=16)
-        async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
 
             async def send(path: str, body: bytes, headers: dict[str, str]) -> None:
                 nonlocal requests
@@ -202,20 +210,26 @@ def test_soak_over_the_hostile_corpus(server: Callable[..., Any], tmp_path: Path
                     await asyncio.wait_for(client.post("/score", json=body), 0.5)
                 requests += 1
 
-            end = time.monotonic() + seconds - 10
-            while time.monotonic() < end:
+            end = time.monotonic() + TARGET_S
+            while not rounds or time.monotonic() + max(rounds) < end:
+                began = time.monotonic()
                 await asyncio.gather(*(send(*case) for case in corpus), abandoned(), send("/score", *_json(valid)))
+                rounds.append(time.monotonic() - began)
                 peak = max(peak, rss_kib(proc.pid))
 
+    time.sleep(1)  # the probe is up before the soak starts
     asyncio.run(soak())
-    probe.wait(seconds + 30)
+    stop.touch()  # the probe covered the whole soak, however long its last round took
+    probe.wait(30)
     time.sleep(2)
     final_rss = rss_kib(proc.pid)
     probed = json.loads(probe_out.read_text())
     latencies = sorted(probed["latencies"])
     p99 = latencies[int(0.99 * (len(latencies) - 1))]
     print(
-        f"hostile soak: {requests} requests, statuses {dict(sorted(statuses.items()))}, 0.5 s deadlines "
+        f"hostile soak: first pass {first_pass:.1f} s, then {len(rounds)} rounds in {sum(rounds):.1f} s: "
+        f"{requests} requests, statuses "
+        f"{dict(sorted(statuses.items()))}, 0.5 s deadlines "
         f"{sorted({s for s, _ in deadlines})} within {max(t for _, t in deadlines):.2f} s; /health {len(latencies)} "
         f"probes, p99 {p99 * 1000:.1f} ms, max {latencies[-1] * 1000:.1f} ms, {probed['failures']} failed; RSS cold "
         f"{cold_rss // 1024} MiB, after one pass {start_rss // 1024} MiB, peak {peak // 1024} MiB, final "

@@ -13,6 +13,8 @@ from tests import tiny
 
 GB = 1024**3
 
+pytestmark = pytest.mark.slow  # a ~260 MB model generated in four formats, each loaded in a fresh process
+
 
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Generated]:

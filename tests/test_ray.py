@@ -25,6 +25,7 @@ ray = pytest.importorskip("ray")
 REPLICA_PREFIX = "SERVE_REPLICA::reward-server#"
 
 
+@pytest.mark.slow  # a Ray cluster of its own
 def test_a_broken_checkpoint_fails_the_deployment_at_once_naming_the_file(tmp_path: Path) -> None:
     """Its own local cluster (no REWARD_RAY_ADDRESS); runs before the module's cluster starts."""
     broken = tmp_path / "broken"

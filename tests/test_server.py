@@ -16,6 +16,8 @@ import yaml
 
 from tests.conftest import ROOT, free_port, start_server, wait_ready
 
+pytestmark = pytest.mark.slow  # every test starts a server process
+
 ITEM = {"prompt": "What is the capital of France?", "response": "Paris."}
 
 

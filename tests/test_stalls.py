@@ -196,7 +196,7 @@ async def test_a_cancelled_handler_cancels_its_items(make_client: Any) -> None:
         }
         call = asyncio.create_task(app(scope, receive, send))
         await asyncio.to_thread(entered.wait, 30)  # the first plan of 4 is in the model
-        while not (worker.queued_items == 192 and worker._handoff.holding):  # the next plan of 4 waits for it
+        while not (worker.queued_items == 196 and worker._handoff.holding):  # the next plan of 4 (counted) waits
             await asyncio.sleep(0.01)
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
