@@ -1,7 +1,7 @@
-"""Load sized to this machine as it is now. A load test first times a few requests of its own shape against its own
-server, then picks its request count for a target duration and scales its deadlines by that measured speed: a busy
-machine runs fewer, slower requests (and waits longer for them) instead of timing out, a fast one still runs the full
-load. `REWARD_TEST_LOAD_S` sets the target seconds (default 25)."""
+"""Load sized to this machine as it is now, so that a busy machine runs less load (and waits longer for it) instead
+of timing out, and a fast one still runs the full load. A soak keeps its requests in flight for `TARGET_S` seconds
+(`REWARD_TEST_LOAD_S`, default 25) and counts what was served in that time; a test with a deadline first times a few
+requests of its own shape against its own server (`seconds_per_request`) and scales the deadline by that speed."""
 
 from __future__ import annotations
 
@@ -51,10 +51,3 @@ def seconds_per_request(
         return elapsed / (sent - counted)
 
     return asyncio.run(measure())
-
-
-def sized(per_request_s: float, lowest: int, highest: int, multiple: int = 1, target_s: float = TARGET_S) -> int:
-    """How many requests fill `target_s` at the measured speed, within [lowest, highest], rounded to `multiple`."""
-    count = int(target_s / max(per_request_s, 1e-6))
-    count = min(max(count, lowest), highest)
-    return max(multiple, count // multiple * multiple)

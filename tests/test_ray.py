@@ -23,6 +23,9 @@ from tests.conftest import free_port, start_server, wait_ready
 ray = pytest.importorskip("ray")
 
 REPLICA_PREFIX = "SERVE_REPLICA::reward-server#"
+# Ray Serve kills a proxy that has not answered its readiness check in 5 s three times running: on a busy machine the
+# proxy is still importing by then, and `serve.start` fails. Its clusters here get the room a slow machine needs.
+PATIENT = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
 
 
 @pytest.mark.slow  # a Ray cluster of its own
@@ -31,7 +34,7 @@ def test_a_broken_checkpoint_fails_the_deployment_at_once_naming_the_file(tmp_pa
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{}")
-    env = {"REWARD_MODEL_PATH": str(broken), "REWARD_PORT": str(free_port()), "REWARD_LOG_FORMAT": "text"}
+    env = {**PATIENT, "REWARD_MODEL_PATH": str(broken), "REWARD_PORT": str(free_port()), "REWARD_LOG_FORMAT": "text"}
     proc = start_server([sys.executable, "-m", "app.cli", "serve", "--ray"], env, 0, tmp_path / "serve.log")
     assert proc.wait(180) == 1
     last = (tmp_path / "serve.log").read_text().strip().splitlines()[-1]
@@ -41,7 +44,10 @@ def test_a_broken_checkpoint_fails_the_deployment_at_once_naming_the_file(tmp_pa
 @pytest.fixture(scope="module")
 def ray_url(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A local Ray cluster (this process is a driver, to find and kill replicas) and the CLI deploying onto it."""
-    context = ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    with pytest.MonkeyPatch.context() as env_of_the_cluster:
+        for name, value in PATIENT.items():
+            env_of_the_cluster.setenv(name, value)
+        context = ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     port = free_port()
     log = tmp_path_factory.mktemp("ray") / "serve.log"
     env = {
