@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LIVE_FIXTURES = {"live_server", "server", "ray_url"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if LIVE_FIXTURES & set(getattr(item, "fixturenames", ())):
