@@ -63,6 +63,7 @@ class Startup:
         self.status: Literal["starting", "ready", "failed"] = "starting"
         self.stage = "starting"
         self.failure: str | None = None
+        self.error: Exception | None = None
         self.task: asyncio.Task[None] | None = None
 
     @property
@@ -74,11 +75,12 @@ class Startup:
         log.info("start-up: %s (%.1f s)", stage, self.elapsed_s)
 
     async def finished(self) -> None:
-        """Waits until the model serves; raises what made start-up fail."""
+        """Waits until the model serves; raises what made start-up fail, as it was raised (a CheckpointError stays
+        one, for Ray and tests)."""
         assert self.task is not None, "start-up has not begun (the app's lifespan starts it)"
         await asyncio.shield(self.task)
-        if self.failure is not None:
-            raise RuntimeError(self.failure)
+        if self.error is not None:
+            raise self.error
 
 
 async def start(app: FastAPI, model: RewardModel | None, on_failure: Callable[[], None] | None) -> None:
@@ -104,7 +106,7 @@ async def start(app: FastAPI, model: RewardModel | None, on_failure: Callable[[]
         startup.status = "ready"
         startup.step(f"ready: {settings.model_path}, fingerprint {fingerprint}, {model.prepared.describe()}")
     except Exception as exc:  # any failure ends start-up the same way
-        startup.status, startup.failure = "failed", f"{type(exc).__name__}: {exc}"
+        startup.status, startup.failure, startup.error = "failed", f"{type(exc).__name__}: {exc}", exc
         startup.stage = f"failed: {exc}"
         log.error("start-up failed after %.1f s: %s", startup.elapsed_s, exc)
         log.debug("start-up failure", exc_info=exc)
