@@ -1,7 +1,8 @@
 """TRL GRPO with this service as the reward function: the one-line switch is `reward_funcs=[RewardFunction(url)]`.
+Run it beside the server:
 
-reward-server serve --model models/default &      # on 127.0.0.1:8000
-python examples/trl_grpo.py /path/to/policy        # any local causal LM (no hub access needed)
+    reward-server serve --model models/default &      # on 127.0.0.1:8000
+    python examples/trl_grpo.py /path/to/policy        # any local causal LM (no hub access needed)
 """
 
 from __future__ import annotations
