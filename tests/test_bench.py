@@ -92,14 +92,16 @@ def test_flops_per_token_counts_every_linear_weight_of_the_backbone(load: Any) -
 
 
 def test_without_a_data_file_the_bench_generates_pairs_of_realistic_length() -> None:
-    """A user's clone has no ../shared: the workloads are drawn from generated pairs instead of failing."""
+    """A user's clone has no ../shared: the workloads are drawn from the repository's example pairs, and from generated
+    pairs where even those are absent, instead of failing."""
     from app.bench.workloads import synthetic_pairs
 
     pairs = synthetic_pairs(seed=0)
     assert pairs == synthetic_pairs(seed=0) and len(pairs) == 48
     words = sorted(len(p.prompt.split()) for p in pairs if isinstance(p.prompt, str))
     assert 30 <= words[len(words) // 2] <= 80 and words[-1] > 2 * words[len(words) // 2]  # a median and a long tail
-    assert bench.build_parser().parse_args([]).data in (None, bench.DEV)
+    assert bench.EXAMPLES.exists()
+    assert bench.build_parser().parse_args([]).data == (bench.DEV if bench.DEV.exists() else bench.EXAMPLES)
 
 
 def test_the_invariance_check_measures_each_way_of_batching(load: Any) -> None:
