@@ -56,6 +56,8 @@ async def test_the_port_answers_while_the_model_loads(
         ready = await client.get("/ready")
         assert ready.status_code == 200 and ready.json()["status"] == "ready"
         assert "fingerprint" in ready.json()["stage"]
+        await asyncio.sleep(0.2)  # once ready, elapsed_s is how long start-up took: its clock has stopped
+        assert (await client.get("/ready")).json()["elapsed_s"] == ready.json()["elapsed_s"] >= body["elapsed_s"]
         assert (await client.post("/score", json={"items": [ITEM]})).status_code == 200
 
 

@@ -246,7 +246,7 @@ class Ready(BaseModel):
     queued_items: int
     status: Literal["starting", "ready", "failed", "stopping"] = Field(description="where the server is")
     stage: str = Field(description="what start-up is doing (loading, measuring kernels), or what stopped it")
-    elapsed_s: float = Field(description="seconds since start-up began")
+    elapsed_s: float = Field(description="seconds since start-up began; once it ended, how long it took")
 
 
 class Info(ModelInfo):

@@ -56,10 +56,12 @@ def normalization_in_force(settings: Settings, model: RewardModel) -> Normalizat
 
 class Startup:
     """Where start-up is: `status` and `stage` for `/ready`, `failure` once it failed. Each stage is one log line
-    with the time since the process began starting."""
+    with the time since the process began starting; the clock stops when start-up ends, so `/ready` then says how
+    long it took."""
 
     def __init__(self) -> None:
         self.began = time.monotonic()
+        self.ended: float | None = None
         self.status: Literal["starting", "ready", "failed"] = "starting"
         self.stage = "starting"
         self.failure: str | None = None
@@ -68,7 +70,10 @@ class Startup:
 
     @property
     def elapsed_s(self) -> float:
-        return round(time.monotonic() - self.began, 1)
+        return round((self.ended or time.monotonic()) - self.began, 1)
+
+    def end(self, status: Literal["ready", "failed"]) -> None:
+        self.status, self.ended = status, time.monotonic()
 
     def step(self, stage: str) -> None:
         self.stage = stage
@@ -103,10 +108,11 @@ async def start(app: FastAPI, model: RewardModel | None, on_failure: Callable[[]
         reader = QueryReader.for_encoder(model.encoder)
         app.state.served = Served(normalization, fingerprint, reader, model_id, int(time.time()))
         app.state.worker = worker
-        startup.status = "ready"
+        startup.end("ready")
         startup.step(f"ready: {settings.model_path}, fingerprint {fingerprint}, {model.prepared.describe()}")
     except Exception as exc:  # any failure ends start-up the same way
-        startup.status, startup.failure, startup.error = "failed", f"{type(exc).__name__}: {exc}", exc
+        startup.end("failed")
+        startup.failure, startup.error = f"{type(exc).__name__}: {exc}", exc
         startup.stage = f"failed: {exc}"
         log.error("start-up failed after %.1f s: %s", startup.elapsed_s, exc)
         log.debug("start-up failure", exc_info=exc)
