@@ -126,8 +126,7 @@ def _serve(args: argparse.Namespace) -> int:
     if not server.started or failure is not None:  # the port was taken, or loading failed (e.g. a broken checkpoint)
         print(f"reward-server serve: start-up failed: {failure or 'the server did not start'}", file=sys.stderr)
         return 3  # as `uvicorn.run` exits
-    worker = getattr(app.state, "worker", None)
-    return 1 if worker is not None and worker.failure is not None else 0  # 1: the model thread died
+    return 1 if any(worker.failure is not None for worker in app.state.workers) else 0  # 1: a model thread died
 
 
 def _train(args: argparse.Namespace) -> int:

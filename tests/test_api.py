@@ -97,7 +97,7 @@ async def test_concurrent_requests_are_batched_together_and_each_gets_its_own_re
     model = load("gpt2")
     requests = [[ScoringInput(f"prompt number {i}", "reply " * (1 + i % 7))] * (1 + i % 3) for i in range(40)]
     async with make_client("gpt2") as client:
-        worker = client.app.state.worker
+        worker = client.app.state.workers[0]
         before = worker.stats.batches
         responses = await asyncio.gather(
             *(
@@ -176,7 +176,7 @@ async def test_too_many_items_is_413(make_client: Any) -> None:
 
 async def test_full_queue_is_429_at_once_and_nothing_is_lost(make_client: Any) -> None:
     async with make_client("gpt2", max_queue_items=8) as client:
-        worker = client.app.state.worker
+        worker = client.app.state.workers[0]
         release = asyncio.Event()
         entered = threading.Event()
         gate_model = worker.model.run
@@ -211,7 +211,7 @@ async def test_full_queue_is_429_at_once_and_nothing_is_lost(make_client: Any) -
 
 async def test_failing_batch_fails_its_requests_only_and_the_worker_survives(make_client: Any) -> None:
     async with make_client("gpt2") as client:
-        worker = client.app.state.worker
+        worker = client.app.state.workers[0]
         real = worker.model.run
         calls = {"n": 0}
 
@@ -233,7 +233,7 @@ async def test_failing_batch_fails_its_requests_only_and_the_worker_survives(mak
 
 async def test_non_finite_reward_is_a_typed_error_not_invalid_json(make_client: Any) -> None:
     async with make_client("gpt2") as client:
-        worker = client.app.state.worker
+        worker = client.app.state.workers[0]
         real = worker.model.run
         worker.model.run = lambda batch: [math.nan] * len(batch)  # type: ignore[method-assign]
         try:
@@ -250,10 +250,10 @@ async def test_non_finite_reward_is_a_typed_error_not_invalid_json(make_client: 
 
 async def test_not_ready_is_503(make_client: Any) -> None:
     async with make_client("gpt2") as client:
-        client.app.state.worker.ready = False
+        client.app.state.workers[0].ready = False
         ready = await client.get("/ready")
         score = await client.post("/score", json={"items": [{"prompt": "a", "response": "b"}]})
-        client.app.state.worker.ready = True
+        client.app.state.workers[0].ready = True
     assert ready.status_code == 503 and ready.json()["ready"] is False
     assert score.status_code == 503 and score.json()["error"]["type"] == "not_ready"
     assert score.headers["retry-after"] == "1"

@@ -120,7 +120,7 @@ async def test_authentication_comes_before_the_body_is_read(make_client: Any) ->
 
 async def test_a_dead_model_thread_fails_every_caller_at_once_and_health_says_so(make_client: Any) -> None:
     async with make_client("gpt2") as client:
-        worker = client.app.state.worker
+        worker = client.app.state.workers[0]
         entered, release = gate(worker)
         waiting = asyncio.create_task(client.post("/score", json={"items": [ITEM]}))
         await asyncio.to_thread(entered.wait, 30)  # the model thread runs one plan
@@ -151,7 +151,7 @@ async def test_a_dead_model_thread_fails_every_caller_at_once_and_health_says_so
 async def test_admission_counts_live_work_only(make_client: Any) -> None:
     """Timed-out requests' items used to fill the queue until a batch reached them: new requests got 429."""
     async with make_client("gpt2", max_queue_items=8) as client:
-        worker = client.app.state.worker
+        worker = client.app.state.workers[0]
         entered, release = gate(worker)
         try:
             blocker = asyncio.create_task(client.post("/score", json={"items": [ITEM]}))
@@ -182,7 +182,7 @@ async def test_a_request_still_tokenizing_at_shutdown_is_finished(
 ) -> None:
     """SIGTERM's drain finishes what was admitted; a request between admission and the queue used to get 503."""
     async with make_client("gpt2") as client:
-        worker = client.app.state.worker
+        worker = client.app.state.workers[0]
         entered, release = gate_tokenizer(worker, monkeypatch)
         request = asyncio.create_task(client.post("/score", json={"items": [ITEM] * 2}))
         await asyncio.to_thread(entered.wait, 30)

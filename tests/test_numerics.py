@@ -229,7 +229,7 @@ async def test_concurrent_requests_get_the_rewards_alone_bitwise(
         return {"items": [{"prompt": x.prompt, "response": x.response} for x in items]}
 
     async with make_client("value_head", max_batch_size=64) as client:
-        worker = client.app.state.worker
+        worker = client.app.state.workers[0]
         info = (await client.get("/info")).json()
         if_kernels_allow(Kernels(**info["kernels"]))
         assert info["kernels"]["batch_invariant"] and info["kernels"]["layout"] == "packed"

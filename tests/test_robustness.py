@@ -141,13 +141,13 @@ async def test_one_thread_runs_every_forward(
     async with make_client("gpt2") as client:
         assert callers  # the warm-up
         await asyncio.gather(*(client.post("/score", json={"items": [ITEM] * n}) for n in (1, 2, 3)))
-        worker_thread = client.app.state.worker._thread
+        worker_thread = client.app.state.workers[0]._thread
     assert set(callers) == {worker_thread.ident}
 
 
 async def test_deadline_gives_504_and_the_items_are_never_computed(make_client: Any) -> None:
     async with make_client("gpt2") as client:
-        worker = client.app.state.worker
+        worker = client.app.state.workers[0]
         entered, release = gate(worker)
         try:
             blocker = asyncio.create_task(client.post("/score", json={"items": [ITEM]}))
@@ -168,7 +168,7 @@ async def test_deadline_gives_504_and_the_items_are_never_computed(make_client: 
 
 async def test_failing_batch_is_split_and_only_the_bad_item_fails(make_client: Any) -> None:
     async with make_client("gpt2") as client:
-        worker = client.app.state.worker
+        worker = client.app.state.workers[0]
         real = worker.model.run
 
         def oom_on_big_batches(batch: Any) -> list[float]:
@@ -205,7 +205,7 @@ async def test_client_disconnect_drops_queued_items(make_client: Any) -> None:
     from tests.conftest import free_port
 
     async with make_client("gpt2") as client:
-        app, worker = client.app, client.app.state.worker
+        app, worker = client.app, client.app.state.workers[0]
         port = free_port()
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="error"))
         serving = asyncio.create_task(server.serve())

@@ -147,7 +147,7 @@ async def test_a_burst_past_the_queue_is_refused_at_once_while_the_first_request
     make_client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with make_client("gpt2", max_queue_items=1024) as client:
-        worker = client.app.state.worker
+        worker = client.app.state.workers[0]
         entered, release = gate_tokenizer(worker, monkeypatch)
         first = asyncio.create_task(client.post("/score", json={"items": [ITEM] * 1024}))
         await asyncio.to_thread(entered.wait, 30)
@@ -163,7 +163,7 @@ async def test_a_burst_past_the_queue_is_refused_at_once_while_the_first_request
 async def test_a_cancelled_handler_cancels_its_items(make_client: Any) -> None:
     """Ray Serve cancels the handler when its client disconnects: its queued items must not be computed."""
     async with make_client("gpt2", max_batch_size=4) as client:
-        worker = client.app.state.worker
+        worker = client.app.state.workers[0]
         entered, release = gate(worker)
         app = client.app
         body = json.dumps({"items": [ITEM] * 200}).encode()
@@ -211,7 +211,7 @@ async def test_a_cancelled_handler_cancels_its_items(make_client: Any) -> None:
 async def test_the_deadline_counts_from_arrival(make_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tokenizing counts: a 0.5 s deadline is answered at 0.5 s, not after 1.5 s of tokenizing plus 0.5 s."""
     async with make_client("gpt2") as client:
-        worker = client.app.state.worker
+        worker = client.app.state.workers[0]
         real = worker.model.encoder.encode_batch
 
         def slow(items: Any, **options: Any) -> Any:
@@ -276,7 +276,7 @@ async def test_a_dead_model_thread_asks_the_process_to_exit(checkpoints: dict[st
             raise RuntimeError("CUDA error: device-side assert triggered")
 
         # the plan taken, outside its own error handling (the split and retry inside `_run_plan`)
-        app.state.worker._run_plan = poisoned
+        app.state.workers[0]._run_plan = poisoned
         response = await client.post("/score", json={"items": [ITEM]})
         assert await asyncio.to_thread(died.wait, 10)
     assert response.status_code == 503

@@ -64,7 +64,7 @@ async def test_get_reward_splits_the_prompt_off_the_query(make_client: Any) -> N
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["rewards"] == pytest.approx(want, abs=1e-5) and body["scores"] == body["rewards"]
-    readings = client.app.state.served.reader.readings
+    readings = client.app.state.registry.resolve(None).reader.readings
     logs = {"reward_num_tokens", "reward_truncated", *(f"reward_read_as_{r}" for r in readings)}
     assert set(body["extra_logs"]) == logs and body["read_as"] == ["text", "text"]
     assert body["extra_logs"]["reward_read_as_text"] == [1.0, 1.0] and body["extra_logs"]["reward_read_as_raw"] == [
@@ -77,6 +77,8 @@ async def test_get_reward_splits_the_prompt_off_the_query(make_client: Any) -> N
         "extra_logs": {key: [] for key in logs},
         "read_as": [],
         "normalization": None,
+        "model": body["model"],
+        "fingerprint": body["fingerprint"],
     }
 
 
@@ -104,7 +106,7 @@ async def test_get_reward_bad_input(make_client: Any) -> None:
 
 async def test_single_item_get_reward_calls_are_batched(make_client: Any) -> None:
     async with make_client("llama") as client:
-        worker = client.app.state.worker
+        worker = client.app.state.workers[0]
         before = worker.stats.batches
         replies = await asyncio.gather(
             *(client.post("/get_reward", json={"query": [f"q{i} answer {i}"], "prompts": [f"q{i}"]}) for i in range(32))

@@ -25,6 +25,7 @@ class ErrorType(StrEnum):
     too_many_connections = "too_many_connections"
     not_ready = "not_ready"
     not_found = "not_found"
+    model_not_found = "model_not_found"
     method_not_allowed = "method_not_allowed"
     unauthorized = "unauthorized"
     timeout = "timeout"
@@ -42,6 +43,7 @@ TABLE: dict[ErrorType, tuple[int, str]] = {
     ErrorType.too_many_connections: (503, "too many open connections; retry after `Retry-After` seconds"),
     ErrorType.not_ready: (503, "not ready (loading or shutting down); retry after `Retry-After` seconds"),
     ErrorType.not_found: (404, "no such route"),
+    ErrorType.model_not_found: (404, "no such model; /v1/models lists those served"),
     ErrorType.method_not_allowed: (405, "the route does not take this method"),
     ErrorType.unauthorized: (401, "missing or wrong API key"),
     ErrorType.timeout: (504, "not scored within the request's deadline"),
@@ -154,7 +156,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        by_status = {v: k for k, v in STATUS.items() if k is not ErrorType.internal_error}
+        own = (ErrorType.internal_error, ErrorType.model_not_found)  # raised by us, never by Starlette
+        by_status = {v: k for k, v in STATUS.items() if k not in own}
         kind = by_status.get(exc.status_code, ErrorType.validation_error)
         return render(ServiceError(kind, str(exc.detail), headers=dict(exc.headers or {})), request)
 

@@ -49,9 +49,7 @@ def create_app(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            worker = getattr(app.state, "worker", None)
-            if worker is not None:
-                await worker.stop()
+            await asyncio.gather(*(worker.stop() for worker in app.state.workers))
 
     app = FastAPIOffline(  # /docs and /redoc with their scripts served from the package: they work offline
         static_url=DOCS_ASSETS,
@@ -63,6 +61,7 @@ def create_app(
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.startup = Startup()
+    app.state.workers = []  # every worker start-up started, stopped with the app
     app.state.on_model_death = on_model_death
     install_error_handlers(app)
     app.include_router(router)

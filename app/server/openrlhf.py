@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field, StrictStr, model_validator
 from app.model.checkpoint import Normalization
 from app.model.conversations import ChatFormat, chat_formats, read_query, repeats
 from app.model.recipe import Formatted, Item, RecipeEncoder, ScoringInput
-from app.server.schemas import Scores
+from app.server.schemas import EnsembleItemScore, Scores
 
 TEXT, RAW = "text", "raw"  # a plain-text prompt split off its reply; a sequence scored as it is
 
@@ -85,6 +85,8 @@ class GetRewardResponse(BaseModel):
     )
     read_as: list[str] = Field(description="per query: the chat format it was read in, `text` or `raw`")
     normalization: Normalization | None = Field(None, description="when set, rewards are (raw - mean) / std")
+    model: str
+    fingerprint: str
 
     @classmethod
     def build(cls, scores: Scores, read_as: list[str], readings: Sequence[str]) -> GetRewardResponse:
@@ -93,6 +95,18 @@ class GetRewardResponse(BaseModel):
             "reward_num_tokens": [float(i.num_tokens) for i in items],
             "reward_truncated": [float(i.truncated) for i in items],
         }
+        if items and isinstance(items[0], EnsembleItemScore):  # an ensemble: its spread, and each member's reward
+            logs["reward_std"] = [i.std for i in items if isinstance(i, EnsembleItemScore)]
+            for name in items[0].members:
+                logs[f"reward_member_{name}"] = [i.members[name] for i in items if isinstance(i, EnsembleItemScore)]
         for reading in readings:  # the same keys in every response: OpenRLHF stacks them across samples
             logs[f"reward_read_as_{reading}"] = [float(name == reading) for name in read_as]
-        return cls(rewards=rewards, scores=rewards, read_as=read_as, normalization=normalization, extra_logs=logs)
+        return cls(
+            rewards=rewards,
+            scores=rewards,
+            read_as=read_as,
+            normalization=normalization,
+            extra_logs=logs,
+            model=scores.model,
+            fingerprint=scores.fingerprint,
+        )

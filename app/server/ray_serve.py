@@ -49,10 +49,10 @@ class RewardReplica:
 
     def check_health(self) -> None:
         """Ray restarts a replica whose model worker stopped serving."""
-        worker = getattr(self.app.state, "worker", None)  # type: ignore[attr-defined]
-        if worker is None or not worker.ready:
-            failure = getattr(worker, "failure", None)
-            raise RuntimeError(f"the model worker is not serving{f': its thread died ({failure})' if failure else ''}")
+        workers = self.app.state.workers  # type: ignore[attr-defined]
+        if not workers or not all(w.ready for w in workers):
+            failure = "; ".join(w.failure for w in workers if w.failure)
+            raise RuntimeError(f"a model worker is not serving{f': its thread died ({failure})' if failure else ''}")
 
 
 class ReplicaHeader:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, StrictStr, model_validator
 
 from app.model.checkpoint import Normalization
 from app.model.conversations import Message as RecipeMessage
@@ -59,7 +59,11 @@ class ScoreItem(_Strict):
         return ScoringInput(self.prompt, self.response)
 
 
-class ScoreRequest(_Strict):
+class _Routed(_Strict):
+    model: str | None = Field(None, description="a served model, ensemble or alias (/v1/models); unset: the default")
+
+
+class ScoreRequest(_Routed):
     items: Annotated[list[ScoreItem], Field(min_length=1)]
 
     def size(self) -> int:
@@ -96,7 +100,7 @@ class ComparePair(_Prompted):
         return ScoringInput(prompt, self.response_a), ScoringInput(prompt, self.response_b)
 
 
-class CompareRequest(_Strict):
+class CompareRequest(_Routed):
     pairs: Annotated[list[ComparePair], Field(min_length=1)]
 
     def size(self) -> int:
@@ -112,20 +116,35 @@ class ItemScore(BaseModel):
     truncated: bool = Field(description="true when the start of the prompt (or reply) was cut to fit max_length")
 
 
+class EnsembleItemScore(ItemScore):
+    """An ensemble's item: `reward` is the aggregate of `members`' rewards."""
+
+    members: dict[str, float] = Field(description="each member's reward, as it gives it served alone")
+    std: float = Field(description="the members' standard deviation (over them all: ddof 0)")
+
+
+Items = list[SerializeAsAny[ItemScore]]  # an ensemble's items keep their members and std
+
+
 @dataclass(frozen=True, slots=True)
 class Scores:
-    """A request's results with the normalization in force applied, once (`of`): what every response builder reads.
-    `raw`: the model's rewards, for what must not be normalized (Bradley-Terry probabilities)."""
+    """A request's results with the normalization in force applied, once (`of`): what every response builder reads,
+    with the model that scored them. `raw`: the model's rewards, for what must not be normalized (Bradley-Terry
+    probabilities)."""
 
     items: list[ItemScore]
     raw: list[float]
     normalization: Normalization | None
+    model: str
+    fingerprint: str
 
     @classmethod
-    def of(cls, results: Sequence[ItemResult], normalization: Normalization | None) -> Scores:
+    def of(
+        cls, results: Sequence[ItemResult], normalization: Normalization | None, model: str, fingerprint: str
+    ) -> Scores:
         norm = normalization.apply if normalization else float
         items = [ItemScore(reward=norm(r.reward), num_tokens=r.num_tokens, truncated=r.truncated) for r in results]
-        return cls(items, [r.reward for r in results], normalization)
+        return cls(items, [r.reward for r in results], normalization, model, fingerprint)
 
     @property
     def rewards(self) -> list[float]:
@@ -135,41 +154,49 @@ class Scores:
         return [i.model_copy(update={"reward": r}) for i, r in zip(self.items, self.raw, strict=True)]
 
     def chunk(self, start: int, stop: int) -> Scores:
-        return Scores(self.items[start:stop], self.raw[start:stop], self.normalization)
+        return Scores(self.items[start:stop], self.raw[start:stop], self.normalization, self.model, self.fingerprint)
 
 
 class ScoreResponse(BaseModel):
     rewards: list[float]
-    items: list[ItemScore]
+    items: Items
+    model: str = Field(description="the model (or ensemble) that scored the items")
     fingerprint: str = Field(description="checkpoint + recipe identity; equal fingerprints give equal rewards")
     normalization: Normalization | None = Field(None, description="when set, rewards are (raw - mean) / std")
 
     @classmethod
-    def build(cls, scores: Scores, fingerprint: str) -> ScoreResponse:
-        normalization = scores.normalization
-        return cls(rewards=scores.rewards, items=scores.items, fingerprint=fingerprint, normalization=normalization)
+    def build(cls, scores: Scores) -> ScoreResponse:
+        return cls(
+            rewards=scores.rewards,
+            items=scores.items,
+            model=scores.model,
+            fingerprint=scores.fingerprint,
+            normalization=scores.normalization,
+        )
 
 
 class PairResult(BaseModel):
     probability: float = Field(description="sigmoid(reward_a - reward_b): Bradley-Terry P(a preferred to b)")
-    a: ItemScore
-    b: ItemScore
+    a: SerializeAsAny[ItemScore]
+    b: SerializeAsAny[ItemScore]
 
 
 class CompareResponse(BaseModel):
     probabilities: list[float]
     pairs: list[PairResult]
+    model: str
     fingerprint: str
 
     @classmethod
-    def build(cls, scores: Scores, fingerprint: str) -> CompareResponse:
+    def build(cls, scores: Scores) -> CompareResponse:
         """`scores` holds a0, b0, a1, b1, ... as `ComparePair.to_inputs` produced them; always raw rewards."""
         items = scores.raw_items()
         pairs = [
             PairResult(probability=sigmoid(a.reward - b.reward), a=a, b=b)
             for a, b in zip(items[0::2], items[1::2], strict=True)
         ]
-        return cls(probabilities=[p.probability for p in pairs], pairs=pairs, fingerprint=fingerprint)
+        probabilities = [p.probability for p in pairs]
+        return cls(probabilities=probabilities, pairs=pairs, model=scores.model, fingerprint=scores.fingerprint)
 
 
 class RankGroup(_Prompted):
@@ -182,7 +209,7 @@ class RankGroup(_Prompted):
         return [ScoringInput(prompt, response) for response in self.responses]
 
 
-class RankRequest(_Strict):
+class RankRequest(_Routed):
     groups: Annotated[list[RankGroup], Field(min_length=1)]
     probabilities: bool = Field(False, description="also return P[i][j] = sigmoid(r_i - r_j) (raw rewards)")
     eps: float = Field(1e-4, gt=0, description="advantages = (r - mean) / (std + eps), as TRL's GRPO")
@@ -202,16 +229,17 @@ class GroupResult(BaseModel):
     loo_baselines: list[float | None] = Field(description="RLOO: mean reward of the other responses")
     ranks: list[int] = Field(description="1 = best; ties share the better rank")
     probabilities: list[list[float]] | None = None
-    items: list[ItemScore]
+    items: Items
 
 
 class RankResponse(BaseModel):
     groups: list[GroupResult]
+    model: str
     fingerprint: str
     normalization: Normalization | None = None
 
     @classmethod
-    def build(cls, request: RankRequest, scores: Scores, fingerprint: str) -> RankResponse:
+    def build(cls, request: RankRequest, scores: Scores) -> RankResponse:
         groups, start = [], 0
         for group in request.groups:
             chunk = scores.chunk(start, start + len(group.responses))
@@ -233,7 +261,9 @@ class RankResponse(BaseModel):
                     items=items,
                 )
             )
-        return cls(groups=groups, fingerprint=fingerprint, normalization=scores.normalization)
+        return cls(
+            groups=groups, model=scores.model, fingerprint=scores.fingerprint, normalization=scores.normalization
+        )
 
 
 class Health(BaseModel):

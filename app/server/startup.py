@@ -15,10 +15,12 @@ from fastapi import FastAPI
 from app.engine.offline import served_fingerprint
 from app.engine.worker import Worker
 from app.model.checkpoint import Normalization
+from app.model.ensemble import Aggregate
 from app.model.loading import load_reward_model
 from app.model.reward_model import RewardModel
+from app.server.models_file import ModelsFile
 from app.server.openrlhf import QueryReader
-from app.server.routes import Served
+from app.server.registry import Ensemble, Registry, Served
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -89,27 +91,29 @@ class Startup:
 
 
 async def start(app: FastAPI, model: RewardModel | None, on_failure: Callable[[], None] | None) -> None:
-    """Load (unless `model` is given), measure the kernels on the model thread, then serve. A failure is logged as
-    one line (a CheckpointError names its file) and ends the process through `on_failure` (None: it stays up, with
-    /ready 503 saying why: tests, Ray, which reports it)."""
+    """Load each model (unless `model` is given: the one model of the settings), measure its kernels on its model
+    thread, then serve them all. A failure is logged as one line (a CheckpointError names its file) and ends the
+    process through `on_failure` (None: it stays up, with /ready 503 saying why: tests, Ray, which reports it)."""
     settings: Settings = app.state.settings
     startup: Startup = app.state.startup
     try:
-        if model is None:
-            startup.step(f"loading {settings.model_path}")
-            model = await asyncio.to_thread(load_model, settings)
-        info = model.info
-        normalization = normalization_in_force(settings, model)
-        startup.step(f"loaded {info.format} checkpoint ({info.architecture}, {info.dtype}); measuring kernels")
-        worker = Worker(model, settings, app.state.metrics, on_death=app.state.on_model_death)
-        await worker.start()  # measures how the model runs plans, on its own thread
-        fingerprint = served_fingerprint(model, normalization.model_dump() if normalization else None)
-        model_id = settings.served_model_name or str(settings.model_path)
-        reader = QueryReader.for_encoder(model.encoder)
-        app.state.served = Served(normalization, fingerprint, reader, model_id, int(time.time()))
-        app.state.worker = worker
+        if settings.models_file is None:
+            name = settings.served_model_name or str(settings.model_path)
+            registry = Registry(default=name)
+            registry.models[name] = await _serve(app, name, settings, model, "")
+        else:
+            spec = ModelsFile.read(settings.models_file)
+            registry = Registry(default=spec.default or next(iter(spec.models)), aliases=dict(spec.aliases))
+            for i, name in enumerate(spec.models, 1):
+                own = spec.settings_of(name, settings)
+                registry.models[name] = await _serve(app, name, own, None, f" ({i}/{len(spec.models)})")
+            for name, entry in spec.ensembles.items():
+                members = tuple(registry.models[m] for m in entry.members)
+                aggregate = Aggregate.model_validate(entry.model_dump(exclude={"members"}))
+                registry.ensembles[name] = Ensemble(name, members, aggregate, int(time.time()))
+        app.state.registry = registry
         startup.end("ready")
-        startup.step(f"ready: {settings.model_path}, fingerprint {fingerprint}, {model.prepared.describe()}")
+        startup.step(f"ready: {', '.join(f'{n} (fingerprint {s.fingerprint})' for n, s in registry.models.items())}")
     except Exception as exc:  # any failure ends start-up the same way
         startup.end("failed")
         startup.failure, startup.error = f"{type(exc).__name__}: {exc}", exc
@@ -118,3 +122,22 @@ async def start(app: FastAPI, model: RewardModel | None, on_failure: Callable[[]
         log.debug("start-up failure", exc_info=exc)
         if on_failure is not None:
             on_failure()
+
+
+async def _serve(app: FastAPI, name: str, settings: Settings, model: RewardModel | None, counter: str) -> Served:
+    """One model, from its checkpoint to a warm worker. A worker started here is stopped by the lifespan, even when
+    a later model fails to load (it is kept in `app.state.workers`)."""
+    startup: Startup = app.state.startup
+    if model is None:
+        startup.step(f"loading {name}{counter}: {settings.model_path}" if counter else f"loading {settings.model_path}")
+        model = await asyncio.to_thread(load_model, settings)
+    info = model.info
+    normalization = normalization_in_force(settings, model)
+    startup.step(f"loaded {info.format} checkpoint ({info.architecture}, {info.dtype}); measuring kernels")
+    worker = Worker(model, settings, app.state.metrics, on_death=app.state.on_model_death)
+    app.state.workers.append(worker)
+    await worker.start()  # measures how the model runs plans, on its own thread
+    fingerprint = served_fingerprint(model, normalization.model_dump() if normalization else None)
+    reader = QueryReader.for_encoder(model.encoder)
+    log.info("serving %s: %s, fingerprint %s, %s", name, settings.model_path, fingerprint, model.prepared.describe())
+    return Served(name, settings.model_path, worker, normalization, fingerprint, reader, int(time.time()))

@@ -5,8 +5,9 @@ Request forms are vLLM's (0.15+): `input` as a string, a list of strings, token 
 conversation as `messages`. A string is a sequence its client formatted (the reward model's template already applied,
 as verl does): tokenized as is, `add_special_tokens` defaulting to true (a BOS the text lacks is added, never
 doubled), then finished by the checkpoint's recipe (the EOS its training ended on, its truncation). Token ids are the
-exact sequence. `messages` are rendered by the recipe, as /score renders them. Unknown fields are ignored; any `model`
-is accepted. `probs` is sigmoid of the reward (the normalization in force applied first), or the reward itself with
+exact sequence. `messages` are rendered by the recipe, as /score renders them. Unknown fields are ignored. `model`
+names a served model, ensemble or alias (a server of one model accepts any name: vLLM clients send their own).
+`probs` is sigmoid of the reward (the normalization in force applied first), or the reward itself with
 `use_activation: false`.
 """
 
@@ -138,7 +139,6 @@ class ClassifyResponse(BaseModel):
         cls,
         request: ClassifyRequest,
         scores: Scores,
-        model: str,
         pooling: bool = False,
     ) -> ClassifyResponse:
         items, values = scores.items, scores.rewards  # the rewards /score would report
@@ -154,7 +154,7 @@ class ClassifyResponse(BaseModel):
         return cls(
             id=f"{prefix}-{request.request_id or uuid.uuid4().hex}",
             created=int(time.time()),
-            model=model,
+            model=scores.model,
             data=data,
             usage=Usage(prompt_tokens=tokens, total_tokens=tokens),
         )
@@ -165,8 +165,15 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "reward-server"
-    root: str
+    root: str = Field(description="the checkpoint directory; an ensemble's or alias's: what it stands for")
     max_model_len: int
+    kind: Literal["model", "ensemble", "alias"] = "model"
+    fingerprint: str = Field(description="equal fingerprints give equal rewards")
+    format: str | None = Field(None, description="the checkpoint's format (a model's only)")
+    dtype: str | None = None
+    state: Literal["ready", "stopping", "failed"] = "ready"
+    members: list[str] | None = Field(None, description="an ensemble's members")
+    aggregate: str | None = Field(None, description="an ensemble's aggregate, with its parameter")
 
 
 class ModelList(BaseModel):

@@ -1,0 +1,88 @@
+"""`REWARD_MODELS_FILE`: the models, ensembles and aliases one server scores with (TOML, or YAML by suffix). Read
+once at start-up; a problem fails it with one line naming the file and the entry."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from app.model.ensemble import Aggregate
+from app.settings import Settings
+
+MODEL_KNOBS = frozenset(
+    {"device", "device_map", "dtype", "max_length", "head_index", "trust_remote_code", "normalize", "reward_mean"}
+    | {"reward_std", "max_batch_tokens", "max_batch_size", "batch_invariant", "block_rows"}
+)  # what a models file may set per model; the rest (limits, server, cache) is the process's
+
+
+class ModelEntry(BaseModel):
+    """`[models.NAME]`: a checkpoint and any of `MODEL_KNOBS`, over the process's settings."""
+
+    model_config = ConfigDict(extra="allow")
+    path: Path
+
+
+class EnsembleEntry(Aggregate):
+    """`[ensembles.NAME]`: registered members and how their rewards aggregate."""
+
+    members: list[str] = Field(min_length=2)
+
+
+class ModelsFile(BaseModel):
+    """What `REWARD_MODELS_FILE` holds: `default`, `[models.*]`, `[ensembles.*]`, `[aliases]` (name -> model)."""
+
+    model_config = ConfigDict(extra="forbid")
+    default: str | None = None
+    models: dict[str, ModelEntry] = Field(min_length=1)
+    ensembles: dict[str, EnsembleEntry] = Field(default_factory=dict)
+    aliases: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _names_resolve(self) -> ModelsFile:
+        taken = [*self.models, *self.ensembles, *self.aliases]
+        if len(set(taken)) < len(taken):
+            raise ValueError("a name is used twice among models, ensembles and aliases")
+        for name, entry in self.models.items():
+            if unknown := sorted(set(entry.model_extra or {}) - MODEL_KNOBS):
+                raise ValueError(f"models.{name}: unknown settings {unknown}; a model may set {sorted(MODEL_KNOBS)}")
+        for name, ensemble in self.ensembles.items():
+            if missing := [m for m in ensemble.members if m not in self.models]:
+                raise ValueError(f"ensembles.{name}: members {missing} are not in [models]")
+        for alias, target in self.aliases.items():
+            if target not in self.models and target not in self.ensembles:
+                raise ValueError(f"aliases.{alias}: {target!r} is neither a model nor an ensemble")
+        if self.default is not None and self.default not in taken:
+            raise ValueError(f"default {self.default!r} is not a model, ensemble or alias in this file")
+        return self
+
+    @classmethod
+    def read(cls, path: Path) -> ModelsFile:
+        """Raises ValueError naming the file and the problem (start-up fails fast with it)."""
+        try:
+            text = path.read_text()
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                raw: Any = yaml.safe_load(text)
+            else:
+                raw = tomllib.loads(text)
+            return cls.model_validate(raw)
+        except (OSError, tomllib.TOMLDecodeError, ValueError) as exc:
+            problem = (
+                "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else e["msg"] for e in exc.errors())
+                if isinstance(exc, ValidationError)
+                else str(exc)
+            )
+            raise ValueError(f"{path}: {problem}") from None
+
+    def settings_of(self, name: str, base: Settings) -> Settings:
+        """The settings model `name` is served with: the process's, with its path and its own knobs."""
+        entry = self.models[name]
+        overrides = {**(entry.model_extra or {}), "model_path": entry.path, "served_model_name": name}
+        try:
+            return Settings.model_validate({**base.model_dump(), **overrides})
+        except ValidationError as exc:
+            raise ValueError(f"models.{name}: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from None

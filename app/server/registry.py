@@ -1,0 +1,152 @@
+"""The models this server scores with, by name: each a checkpoint on its own model thread (`Served`), or an ensemble
+of them (`Ensemble`); aliases point at either. A request's `model` is resolved here once, when it arrives, so the
+model that admitted it is the one that answers it."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from app.engine.results import Scored, Timing
+from app.engine.worker import Worker
+from app.model.checkpoint import Normalization
+from app.model.ensemble import Aggregate, std
+from app.model.recipe import Item
+from app.server.errors import ErrorType, ServiceError
+from app.server.openrlhf import QueryReader
+from app.server.schemas import EnsembleItemScore, Scores
+from app.server.vllm import ModelCard
+
+
+@dataclass(frozen=True)
+class Served:
+    """One checkpoint as start-up decided it: its worker, the normalization in force, its scoring fingerprint and how
+    OpenRLHF queries are read for it."""
+
+    name: str
+    path: Path
+    worker: Worker
+    normalization: Normalization | None
+    fingerprint: str
+    reader: QueryReader
+    created: int  # when it started serving, as /v1/models reports it
+
+    @property
+    def members(self) -> tuple[Served, ...]:
+        return (self,)
+
+    async def score(self, inputs: list[Item], remaining: float, stated: float) -> tuple[Scores, Timing]:
+        scored = await self.worker.score(inputs, remaining, stated)
+        return Scores.of(scored.results, self.normalization, self.name, self.fingerprint), scored.timing
+
+
+@dataclass(frozen=True)
+class Ensemble:
+    """Registered members scored side by side: each member's reward is the one it gives served alone (its own
+    normalization applied), and `aggregate` makes them one."""
+
+    name: str
+    members: tuple[Served, ...]
+    aggregate: Aggregate
+    created: int
+    fingerprint: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        parts = [f"{m.name}={m.fingerprint}" for m in self.members] + [self.aggregate.describe()]
+        object.__setattr__(self, "fingerprint", hashlib.sha256("|".join(parts).encode()).hexdigest()[:16])
+
+    @property
+    def reader(self) -> QueryReader:
+        return self.members[0].reader
+
+    async def score(self, inputs: list[Item], remaining: float, stated: float) -> tuple[Scores, Timing]:
+        """Every member at once; one failing cancels the others (their queued items are then skipped)."""
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(m.worker.score(inputs, remaining, stated)) for m in self.members]
+        scored: list[Scored] = [t.result() for t in tasks]
+        per_member = [
+            Scores.of(s.results, m.normalization, m.name, m.fingerprint)
+            for m, s in zip(self.members, scored, strict=True)
+        ]
+        items = []
+        for i, first in enumerate(per_member[0].items):
+            rewards = {m.name: s.items[i].reward for m, s in zip(self.members, per_member, strict=True)}
+            values = list(rewards.values())
+            items.append(
+                EnsembleItemScore(
+                    reward=self.aggregate(values),
+                    num_tokens=first.num_tokens,
+                    truncated=any(s.items[i].truncated for s in per_member),
+                    members=rewards,
+                    std=std(values),
+                )
+            )
+        raw = [self.aggregate([s.raw[i] for s in per_member]) for i in range(len(items))]
+        timing = Timing(*(max(getattr(s.timing, f) for s in scored) for f in ("tokenize_s", "queue_s", "inference_s")))
+        return Scores(items, raw, None, self.name, self.fingerprint), timing
+
+
+Target = Served | Ensemble
+
+
+@dataclass
+class Registry:
+    """Names to models, ensembles and aliases; `default` answers a request that names none."""
+
+    default: str
+    models: dict[str, Served] = field(default_factory=dict)
+    ensembles: dict[str, Ensemble] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)
+
+    def resolve(self, name: str | None) -> Target:
+        wanted = self.default if name is None else name
+        wanted = self.aliases.get(wanted, wanted)
+        target = self.models.get(wanted) or self.ensembles.get(wanted)
+        if target is None:
+            served = sorted([*self.models, *self.ensembles, *self.aliases])
+            raise ServiceError(ErrorType.model_not_found, f"model {name!r} is not served (served: {served})", "model")
+        return target
+
+    @property
+    def workers(self) -> list[Worker]:
+        return [m.worker for m in self.models.values()]
+
+    @property
+    def single(self) -> bool:
+        return len(self.models) == 1 and not self.ensembles
+
+    def card(self, name: str) -> ModelCard:
+        """What /v1/models says of `name`: vLLM's fields, with our fingerprint, format, dtype and state."""
+        if name in self.aliases:
+            return self.card(self.aliases[name]).model_copy(
+                update={"id": name, "kind": "alias", "root": self.aliases[name]}
+            )
+        if name in self.ensembles:
+            ensemble = self.ensembles[name]
+            cards = [self.card(m.name) for m in ensemble.members]
+            states = {c.state for c in cards}
+            return ModelCard(
+                id=name,
+                created=ensemble.created,
+                root=f"ensemble of {', '.join(c.id for c in cards)}",
+                max_model_len=min(c.max_model_len for c in cards),
+                kind="ensemble",
+                fingerprint=ensemble.fingerprint,
+                state="failed" if "failed" in states else "stopping" if "stopping" in states else "ready",
+                members=[c.id for c in cards],
+                aggregate=ensemble.aggregate.describe(),
+            )
+        served = self.models[name]
+        worker = served.worker
+        return ModelCard(
+            id=name,
+            created=served.created,
+            root=str(served.path),
+            max_model_len=worker.model.max_length,
+            fingerprint=served.fingerprint,
+            format=worker.model.info.format,
+            dtype=worker.model.info.dtype,
+            state="failed" if worker.failure else "ready" if worker.ready else "stopping",
+        )
