@@ -128,10 +128,11 @@ async def test_the_api_pages_work_offline_and_list_every_route(make_client: Any)
         locked = await client.post("/score", json={"items": [ITEM]})
     assert page.status_code == 200 and "cdn" not in page.text.lower()
     assert len(assets) == 2 and all(r.status_code == 200 and len(r.content) > 10_000 for r in fetched)
+    from app.server.admin import admin_router
     from app.server.routes import open_router, router
 
-    routes = {r.path for r in [*router.routes, *open_router.routes]}  # type: ignore[attr-defined]
-    assert {"/v1/classify", "/metrics", "/pooling", "/get_reward"} <= routes
+    routes = {r.path for r in [*router.routes, *open_router.routes, *admin_router.routes]}  # type: ignore[attr-defined]
+    assert {"/v1/classify", "/metrics", "/pooling", "/get_reward", "/admin/models"} <= routes
     assert routes == set(schema["paths"])
     assert sneaking.status_code in (401, 404) and locked.status_code == 401
 

@@ -17,6 +17,7 @@ import logging
 import math
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -64,7 +65,8 @@ class Worker:
         self.observer = observer or EngineObserver()
         self.stats = WorkerStats()
         self._queue: TokenBudgetQueue[_Entry] = TokenBudgetQueue(BatchPolicy(0, 0))  # set once the model is prepared
-        self.observer.track_queue(lambda: len(self._queue))
+        me = weakref.ref(self)  # the observer outlives a worker the admin API unloads: it must not keep it alive
+        self.observer.track_queue(lambda: len(w._queue) if (w := me()) is not None else 0)
         self._handoff: Handoff[tuple[list[_Entry], Plan] | None] = Handoff()
         self._offered = 0  # entries in the offered plan, until the loop learns it was taken
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -28,6 +28,9 @@ class ErrorType(StrEnum):
     model_not_found = "model_not_found"
     method_not_allowed = "method_not_allowed"
     unauthorized = "unauthorized"
+    forbidden = "forbidden"
+    conflict = "conflict"
+    insufficient_memory = "insufficient_memory"
     timeout = "timeout"
     request_timeout = "request_timeout"
     headers_too_large = "headers_too_large"
@@ -46,6 +49,9 @@ TABLE: dict[ErrorType, tuple[int, str]] = {
     ErrorType.model_not_found: (404, "no such model; /v1/models lists those served"),
     ErrorType.method_not_allowed: (405, "the route does not take this method"),
     ErrorType.unauthorized: (401, "missing or wrong API key"),
+    ErrorType.forbidden: (403, "the admin API is off (no REWARD_ADMIN_KEYS)"),
+    ErrorType.conflict: (409, "the name is taken, or still used by an ensemble, alias or as the default"),
+    ErrorType.insufficient_memory: (507, "not enough free memory to load the model beside those served"),
     ErrorType.timeout: (504, "not scored within the request's deadline"),
     ErrorType.request_timeout: (408, "the request's headers or body did not arrive in time"),
     ErrorType.headers_too_large: (431, "request headers too large or too many"),
@@ -156,7 +162,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        own = (ErrorType.internal_error, ErrorType.model_not_found)  # raised by us, never by Starlette
+        own = (ErrorType.internal_error, ErrorType.model_not_found, ErrorType.conflict)  # ours, never Starlette's
         by_status = {v: k for k, v in STATUS.items() if k not in own}
         kind = by_status.get(exc.status_code, ErrorType.validation_error)
         return render(ServiceError(kind, str(exc.detail), headers=dict(exc.headers or {})), request)

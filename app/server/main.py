@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from app.model.reward_model import RewardModel
+from app.server.admin import admin_router
 from app.server.auth import DOCS_ASSETS
 from app.server.errors import install_error_handlers
 from app.server.metrics import Metrics
@@ -66,6 +67,7 @@ def create_app(
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(open_router)
+    app.include_router(admin_router)
     app.add_middleware(RequestContext, metrics=app.state.metrics, settings=settings)
     return app
 

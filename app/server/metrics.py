@@ -27,7 +27,9 @@ class Metrics(EngineObserver):
         )
         self.padded_tokens = Counter("reward_padded_tokens", "Padded tokens computed", registry=r)
         self.dropped_items = Counter("reward_items_dropped", "Queued items dropped unscored (caller gone)", registry=r)
-        self.queue_depth = Gauge("reward_queue_depth", "Items waiting for the model", registry=r)
+        self.queue_depth = Gauge("reward_queue_depth", "Items waiting for the models, all together", registry=r)
+        self._depths: list[Callable[[], int]] = []
+        self.queue_depth.set_function(lambda: float(sum(depth() for depth in self._depths)))
         self.batch_size = Histogram("reward_batch_size", "Items per forward pass", buckets=_SIZES, registry=r)
         self.batch_tokens = Histogram("reward_batch_tokens", "Padded tokens per forward", buckets=_TOKENS, registry=r)
         self.padding_efficiency = Histogram(
@@ -54,7 +56,7 @@ class Metrics(EngineObserver):
         )
 
     def track_queue(self, depth: Callable[[], int]) -> None:
-        self.queue_depth.set_function(lambda: float(depth()))
+        self._depths.append(depth)
 
     def tokenized(self, seconds: float) -> None:
         self.tokenize_seconds.observe(seconds)

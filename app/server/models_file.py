@@ -24,6 +24,20 @@ class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="allow")
     path: Path
 
+    @model_validator(mode="after")
+    def _known_knobs(self) -> ModelEntry:
+        if unknown := sorted(set(self.model_extra or {}) - MODEL_KNOBS):
+            raise ValueError(f"unknown settings {unknown}; a model may set {sorted(MODEL_KNOBS)}")
+        return self
+
+    def settings(self, name: str, base: Settings) -> Settings:
+        """What model `name` is served with: the process's settings, with this path and these knobs."""
+        overrides = {**(self.model_extra or {}), "model_path": self.path, "served_model_name": name}
+        try:
+            return Settings.model_validate({**base.model_dump(), **overrides})
+        except ValidationError as exc:
+            raise ValueError(f"{exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from None
+
 
 class EnsembleEntry(Aggregate):
     """`[ensembles.NAME]`: registered members and how their rewards aggregate."""
@@ -45,9 +59,6 @@ class ModelsFile(BaseModel):
         taken = [*self.models, *self.ensembles, *self.aliases]
         if len(set(taken)) < len(taken):
             raise ValueError("a name is used twice among models, ensembles and aliases")
-        for name, entry in self.models.items():
-            if unknown := sorted(set(entry.model_extra or {}) - MODEL_KNOBS):
-                raise ValueError(f"models.{name}: unknown settings {unknown}; a model may set {sorted(MODEL_KNOBS)}")
         for name, ensemble in self.ensembles.items():
             if missing := [m for m in ensemble.members if m not in self.models]:
                 raise ValueError(f"ensembles.{name}: members {missing} are not in [models]")
@@ -72,17 +83,18 @@ class ModelsFile(BaseModel):
             return cls.model_validate(raw)
         except (OSError, tomllib.TOMLDecodeError, ValueError) as exc:
             problem = (
-                "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else e["msg"] for e in exc.errors())
+                "; ".join(f"{'.'.join(map(str, e['loc']))}: {_msg(e)}" if e["loc"] else _msg(e) for e in exc.errors())
                 if isinstance(exc, ValidationError)
                 else str(exc)
             )
             raise ValueError(f"{path}: {problem}") from None
 
     def settings_of(self, name: str, base: Settings) -> Settings:
-        """The settings model `name` is served with: the process's, with its path and its own knobs."""
-        entry = self.models[name]
-        overrides = {**(entry.model_extra or {}), "model_path": entry.path, "served_model_name": name}
         try:
-            return Settings.model_validate({**base.model_dump(), **overrides})
-        except ValidationError as exc:
-            raise ValueError(f"models.{name}: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from None
+            return self.models[name].settings(name, base)
+        except ValueError as exc:
+            raise ValueError(f"models.{name}: {exc}") from None
+
+
+def _msg(error: Any) -> str:
+    return str(error["msg"]).removeprefix("Value error, ")

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,6 +102,32 @@ class Registry:
     models: dict[str, Served] = field(default_factory=dict)
     ensembles: dict[str, Ensemble] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)
+    users: Counter[str] = field(default_factory=Counter)  # requests holding each model, from arrival to answer
+    loading: set[str] = field(default_factory=set)  # names the admin API is loading
+
+    @contextmanager
+    def hold(self, target: Target) -> Iterator[None]:
+        """While a request is answered: a model it resolved to is unloaded only once it is let go."""
+        names = [m.name for m in target.members]
+        self.users.update(names)
+        try:
+            yield
+        finally:
+            self.users.subtract(names)
+
+    async def released(self, name: str, timeout: float) -> None:
+        """Waits until no request holds `name` (it is no longer resolvable), at most `timeout` seconds."""
+        async with asyncio.timeout(timeout):
+            while self.users[name] > 0:
+                await asyncio.sleep(0.01)
+
+    def users_of(self, name: str) -> list[str]:
+        """What names `name` and would break without it: ensembles, aliases, the default."""
+        found = [
+            f"ensemble {e}" for e, ensemble in self.ensembles.items() if name in [m.name for m in ensemble.members]
+        ]
+        found += [f"alias {a}" for a, target in self.aliases.items() if target == name]
+        return found + (["the default"] if self.default == name else [])
 
     def resolve(self, name: str | None) -> Target:
         wanted = self.default if name is None else name

@@ -88,7 +88,8 @@ async def _scored(
     task = asyncio.ensure_future(_converted_and_scored(target, convert, arrived + timeout, timeout))
     watch = asyncio.ensure_future(_until_disconnected(request))
     try:
-        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        with request.app.state.registry.hold(target):  # an unload waits for it
+            await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
     finally:  # a handler cancelled here (Ray Serve cancels it when its client leaves) cancels its items too
         watch.cancel()
         if not task.done():

@@ -100,13 +100,13 @@ async def start(app: FastAPI, model: RewardModel | None, on_failure: Callable[[]
         if settings.models_file is None:
             name = settings.served_model_name or str(settings.model_path)
             registry = Registry(default=name)
-            registry.models[name] = await _serve(app, name, settings, model, "")
+            registry.models[name] = await serve_model(app, name, settings, model, "")
         else:
             spec = ModelsFile.read(settings.models_file)
             registry = Registry(default=spec.default or next(iter(spec.models)), aliases=dict(spec.aliases))
             for i, name in enumerate(spec.models, 1):
                 own = spec.settings_of(name, settings)
-                registry.models[name] = await _serve(app, name, own, None, f" ({i}/{len(spec.models)})")
+                registry.models[name] = await serve_model(app, name, own, None, f" ({i}/{len(spec.models)})")
             for name, entry in spec.ensembles.items():
                 members = tuple(registry.models[m] for m in entry.members)
                 aggregate = Aggregate.model_validate(entry.model_dump(exclude={"members"}))
@@ -124,7 +124,7 @@ async def start(app: FastAPI, model: RewardModel | None, on_failure: Callable[[]
             on_failure()
 
 
-async def _serve(app: FastAPI, name: str, settings: Settings, model: RewardModel | None, counter: str) -> Served:
+async def serve_model(app: FastAPI, name: str, settings: Settings, model: RewardModel | None, counter: str) -> Served:
     """One model, from its checkpoint to a warm worker. A worker started here is stopped by the lifespan, even when
     a later model fails to load (it is kept in `app.state.workers`)."""
     startup: Startup = app.state.startup
