@@ -178,3 +178,24 @@ async def test_a_model_the_file_cannot_load_fails_start_up(tmp_path: Path, check
     with pytest.raises(Exception, match="absent"):
         async with serving(path, checkpoints):
             pass
+
+
+async def test_the_client_names_its_model_and_reads_an_ensembles_spread(
+    tmp_path: Path, checkpoints: dict[str, Path]
+) -> None:
+    from app.clients import AsyncRewardClient
+
+    path = models_file(tmp_path, checkpoints)
+    app = create_app(test_settings(checkpoints["llama"], models_file=path), wait=True)
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with (
+            AsyncRewardClient("http://t", model="min", transport=transport) as ensemble,
+            AsyncRewardClient("http://t", model="a", transport=transport) as member,
+        ):
+            scored, alone = await ensemble.score(ITEMS), await member.score(ITEMS)
+            ranked = await ensemble.rank([{"prompt": "Say hi", "responses": ["Hello!", "no"]}])
+    assert scored.model == "min" and alone.model == "a" and scored.fingerprint != alone.fingerprint
+    assert [i.members and i.members["a"] for i in scored.items] == alone.rewards
+    assert all(i.std is not None and i.reward == min(i.members.values()) for i in scored.items if i.members)
+    assert ranked.fingerprint == scored.fingerprint

@@ -78,6 +78,7 @@ class BaseClient:
         backoff_max: float,
         max_items_per_request: int | None,
         resend_timeouts: bool,
+        model: str | None,
     ) -> None:
         if (max_retries is not None and max_retries < 0) or min(retry_budget_s, backoff_base, backoff_max) < 0:
             raise ValueError("max_retries, retry_budget_s, backoff_base and backoff_max must be >= 0")
@@ -89,6 +90,8 @@ class BaseClient:
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.resend_timeouts = resend_timeouts
+        self.model = model
+        self._routed = {"model": model} if model is not None else {}  # what every scoring body adds
         self._wait_s = timeout.read if isinstance(timeout, httpx.Timeout) else float(timeout)
         self._server_max_wait_s: float | None = None
         self._headers = {"Accept": "application/json"}
@@ -161,19 +164,21 @@ class BaseClient:
     def _score_call(self, items: Sequence[Item]) -> Call[ScoreResult]:
         bodies = [item_body(i) for i in items]
         chunks = _chunks(bodies, [1] * len(bodies), self._limit)
-        return Call("/score", [{"items": c} for c in chunks], score_result)
+        return Call("/score", [{"items": c, **self._routed} for c in chunks], score_result)
 
     def _compare_call(self, pairs: Sequence[Mapping[str, Any]]) -> Call[CompareResult]:
         # The server counts a pair as two items.
         chunks = _chunks([dict(p) for p in pairs], [2] * len(pairs), self._limit)
-        return Call("/compare", [{"pairs": c} for c in chunks], compare_result)
+        return Call("/compare", [{"pairs": c, **self._routed} for c in chunks], compare_result)
 
     def _rank_call(self, groups: Sequence[Mapping[str, Any]], probabilities: bool) -> Call[RankResult]:
         # A group weighs as many items as it has responses; a malformed group is left for the server to reject.
         bodies = [dict(g) for g in groups]
         weights = [len(g["responses"]) if isinstance(g.get("responses"), list | tuple) else 1 for g in bodies]
         chunks = _chunks(bodies, weights, self._limit)
-        return Call("/rank", [{"groups": c, "probabilities": probabilities} for c in chunks], rank_result)
+        return Call(
+            "/rank", [{"groups": c, "probabilities": probabilities, **self._routed} for c in chunks], rank_result
+        )
 
 
 class _Retries:

@@ -36,6 +36,7 @@ class RewardClient(BaseClient):
         backoff_max: float = 30,
         max_items_per_request: int | None = None,
         resend_timeouts: bool = False,
+        model: str | None = None,
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -49,6 +50,7 @@ class RewardClient(BaseClient):
             backoff_max,
             max_items_per_request,
             resend_timeouts,
+            model,
         )
         self._sleep = sleep
         self._http = httpx.Client(base_url=self.base_url, headers=self._headers, timeout=timeout, transport=transport)
@@ -128,6 +130,7 @@ class AsyncRewardClient(BaseClient):
         backoff_max: float = 30,
         max_items_per_request: int | None = None,
         resend_timeouts: bool = False,
+        model: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         max_concurrency: int = 4,
@@ -142,6 +145,7 @@ class AsyncRewardClient(BaseClient):
             backoff_max,
             max_items_per_request,
             resend_timeouts,
+            model,
         )
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be >= 1")

@@ -18,10 +18,19 @@ class ItemScore:
     reward: float
     num_tokens: int
     truncated: bool
+    members: dict[str, float] | None = None  # an ensemble's: each member's reward (`reward` is their aggregate)
+    std: float | None = None  # an ensemble's: its members' spread
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ItemScore:
-        return cls(reward=float(data["reward"]), num_tokens=int(data["num_tokens"]), truncated=bool(data["truncated"]))
+        members = data.get("members")
+        return cls(
+            reward=float(data["reward"]),
+            num_tokens=int(data["num_tokens"]),
+            truncated=bool(data["truncated"]),
+            members=None if members is None else {str(k): float(v) for k, v in members.items()},
+            std=None if data.get("std") is None else float(data["std"]),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +40,7 @@ class ScoreResult:
     rewards: list[float]
     items: list[ItemScore]
     fingerprint: str
+    model: str | None = None  # the model (or ensemble) that scored them; None from a server before registries
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +112,9 @@ def one_fingerprint(bodies: Sequence[Body]) -> str:
 def score_result(bodies: Sequence[Body]) -> ScoreResult:
     fingerprint = one_fingerprint(bodies)
     items = [ItemScore.from_json(i) for b in bodies for i in b["items"]]
-    return ScoreResult(rewards=[i.reward for i in items], items=items, fingerprint=fingerprint)
+    return ScoreResult(
+        rewards=[i.reward for i in items], items=items, fingerprint=fingerprint, model=bodies[0].get("model")
+    )
 
 
 def compare_result(bodies: Sequence[Body]) -> CompareResult:

@@ -43,7 +43,8 @@ class RewardReplica:
     def __serve_build_asgi_app__(self) -> FastAPI:
         # Loaded here, not in the app's lifespan: a broken checkpoint's own error (CheckpointError naming the file)
         # then reaches the deployment status, where Ray would only say that the ASGI lifespan failed.
-        app = create_app(self.settings, model=load_model(self.settings), wait=True)
+        model = load_model(self.settings) if self.settings.models_file is None else None  # a file: each replica all
+        app = create_app(self.settings, model=model, wait=True)
         app.add_middleware(ReplicaHeader, replica=serve.get_replica_context().replica_id.unique_id)
         return app
 
