@@ -199,3 +199,21 @@ async def test_the_client_names_its_model_and_reads_an_ensembles_spread(
     assert [i.members and i.members["a"] for i in scored.items] == alone.rewards
     assert all(i.std is not None and i.reward == min(i.members.values()) for i in scored.items if i.members)
     assert ranked.fingerprint == scored.fingerprint
+
+
+async def test_verl_logs_an_ensembles_spread_and_members() -> None:
+    from app.clients import verl
+    from app.clients.results import ItemScore
+
+    fields = verl._fields(ItemScore(0.5, 7, False, members={"a": 1.0, "b": 0.0}, std=0.5))
+    assert fields == {
+        "score": 0.5,
+        "reward_num_tokens": 7.0,
+        "reward_truncated": 0.0,
+        "reward_std": 0.5,
+        "reward_member_a": 1.0,
+        "reward_member_b": 0.0,
+    }
+    assert set(verl._fields(ItemScore(0.5, 7, False))) == {"score", "reward_num_tokens", "reward_truncated"}
+    chosen = verl._client("http://127.0.0.1:9", None, 5.0, "safe")
+    assert chosen.model == "safe" and verl._client("http://127.0.0.1:9", None, 5.0, None).model is None

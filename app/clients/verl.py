@@ -26,16 +26,18 @@ from app.clients.client import AsyncRewardClient
 from app.clients.results import ItemScore
 
 DEFAULT_TIMEOUT_S = 180.0
-_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, str | None, float], AsyncRewardClient]]
+Key = tuple[str, str | None, float, str | None]
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Key, AsyncRewardClient]]
 _clients = weakref.WeakKeyDictionary()
 
 
-def _client(url: str, api_key: str | None, timeout_s: float) -> AsyncRewardClient:
-    """One connection pool per event loop and server, made on first use (verl may call from several loops)."""
+def _client(url: str, api_key: str | None, timeout_s: float, model: str | None) -> AsyncRewardClient:
+    """One connection pool per event loop, server and model, made on first use (verl may call from several
+    loops)."""
     per_loop = _clients.setdefault(asyncio.get_running_loop(), {})
-    key = (url, api_key, timeout_s)
+    key = (url, api_key, timeout_s, model)
     if key not in per_loop:
-        per_loop[key] = AsyncRewardClient(url, api_key=api_key, timeout=timeout_s)
+        per_loop[key] = AsyncRewardClient(url, api_key=api_key, timeout=timeout_s, model=model)
     return per_loop[key]
 
 
@@ -51,15 +53,22 @@ def conversation(prompt: Any, reply: str) -> dict[str, Any]:
 
 
 def _fields(result: ItemScore) -> dict[str, float]:
-    return {
+    """What verl logs per sample; an ensemble adds its spread and each member's reward."""
+    fields = {
         "score": result.reward,
         "reward_num_tokens": float(result.num_tokens),
         "reward_truncated": float(result.truncated),
     }
+    if result.std is not None:
+        fields["reward_std"] = result.std
+    fields.update({f"reward_member_{name}": r for name, r in (result.members or {}).items()})
+    return fields
 
 
-async def _score(item: dict[str, Any], url: str, api_key: str | None, timeout_s: float) -> dict[str, float]:
-    result = await _client(url, api_key, timeout_s).score([item])
+async def _score(
+    item: dict[str, Any], url: str, api_key: str | None, timeout_s: float, model: str | None
+) -> dict[str, float]:
+    result = await _client(url, api_key, timeout_s, model).score([item])
     return _fields(result.items[0])
 
 
@@ -73,10 +82,12 @@ async def compute_score(
     api_key: str | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     prompt_key: str = "question",
+    model: str | None = None,
     **kwargs: Any,
 ) -> dict[str, float]:
-    """verl's custom reward function: `{"score": reward, "reward_num_tokens", "reward_truncated"}` for one sample.
-    `data_source`, `ground_truth` and verl's other keyword arguments are accepted and unused."""
+    """verl's custom reward function: `{"score": reward, "reward_num_tokens", "reward_truncated"}` for one sample
+    (an ensemble's `model` adds `reward_std` and `reward_member_<name>`). `data_source`, `ground_truth` and verl's
+    other keyword arguments are accepted and unused."""
     info = extra_info or {}
     prompt = info.get("raw_prompt")
     if prompt is None:
@@ -86,13 +97,13 @@ async def compute_score(
             f"extra_info has neither 'raw_prompt' nor {prompt_key!r}: put the prompt in the dataset's extra_info, "
             "or name its key with +reward.custom_reward_function.reward_kwargs.prompt_key=..."
         )
-    return await _score(conversation(prompt, solution_str), url, api_key, timeout_s)
+    return await _score(conversation(prompt, solution_str), url, api_key, timeout_s, model)
 
 
 class ServerRewardManager:
     """verl's reward-loop manager: each sample's `raw_prompt` messages plus its decoded reply, scored by the server.
 
-    Options from `reward.reward_kwargs` (`url`, `api_key`, `timeout_s`). Built by verl as
+    Options from `reward.reward_kwargs` (`url`, `api_key`, `timeout_s`, `model`). Built by verl as
     `(config, tokenizer, compute_score, reward_router_address=None, reward_model_tokenizer=None)`. It has the
     interface of verl's `RewardManagerBase` without subclassing it, so this module imports no torch (verl's tensors
     come in through `data`)."""
@@ -113,6 +124,7 @@ class ServerRewardManager:
         self.url = str(options["url"])
         self.api_key = options.get("api_key")
         self.timeout_s = float(options.get("timeout_s", DEFAULT_TIMEOUT_S))
+        self.model: str | None = options.get("model")
 
     async def run_single(self, data: Any) -> dict[str, Any]:
         item = data[-1:][0]  # as verl's own managers: several sequences of one sample score the last one
@@ -122,7 +134,7 @@ class ServerRewardManager:
         prompt = item.non_tensor_batch.get("raw_prompt")
         if prompt is None:
             raise ValueError("the batch has no raw_prompt: set data.return_raw_chat=True")
-        fields = await _score(conversation(prompt, reply), self.url, self.api_key, self.timeout_s)
+        fields = await _score(conversation(prompt, reply), self.url, self.api_key, self.timeout_s, self.model)
         score = fields.pop("score")
         return {"reward_score": score, "reward_extra_info": {"score": score, **fields}}
 
