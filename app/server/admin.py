@@ -77,7 +77,7 @@ async def load(body: LoadModel, request: Request) -> ModelCard:
     """Load a model beside those served (409 if the name is taken; 507 when its weights, with half again for
     loading, do not fit in free memory). It answers once warm; until then it is not resolvable."""
     registry = _registry(request)
-    if body.name in registry.models or body.name in registry.ensembles or body.name in registry.aliases:
+    if body.name in registry.names:
         raise ServiceError(ErrorType.conflict, f"{body.name!r} is already served", "name")
     if body.name in registry.loading:
         raise ServiceError(ErrorType.conflict, f"{body.name!r} is already loading", "name")

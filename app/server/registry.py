@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from app.engine.results import Scored, Timing
+from app.engine.results import Timing
 from app.engine.worker import Worker
 from app.model.checkpoint import Normalization
 from app.model.ensemble import Aggregate, std
@@ -65,17 +65,14 @@ class Ensemble:
         return self.members[0].reader
 
     async def score(self, inputs: list[Item], remaining: float, stated: float) -> tuple[Scores, Timing]:
-        """Every member at once; one failing cancels the others (their queued items are then skipped)."""
+        """Every member at once, each as it scores alone; one failing cancels the others (their queued items are
+        then skipped)."""
         async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(m.worker.score(inputs, remaining, stated)) for m in self.members]
-        scored: list[Scored] = [t.result() for t in tasks]
-        per_member = [
-            Scores.of(s.results, m.normalization, m.name, m.fingerprint)
-            for m, s in zip(self.members, scored, strict=True)
-        ]
+            tasks = [group.create_task(m.score(inputs, remaining, stated)) for m in self.members]
+        per_member = [t.result()[0] for t in tasks]
         items = []
         for i, first in enumerate(per_member[0].items):
-            rewards = {m.name: s.items[i].reward for m, s in zip(self.members, per_member, strict=True)}
+            rewards = {s.model: s.items[i].reward for s in per_member}
             values = list(rewards.values())
             items.append(
                 EnsembleItemScore(
@@ -87,7 +84,8 @@ class Ensemble:
                 )
             )
         raw = [self.aggregate([s.raw[i] for s in per_member]) for i in range(len(items))]
-        timing = Timing(*(max(getattr(s.timing, f) for s in scored) for f in ("tokenize_s", "queue_s", "inference_s")))
+        timings = [t.result()[1] for t in tasks]
+        timing = Timing(*(max(getattr(t, f) for t in timings) for f in ("tokenize_s", "queue_s", "inference_s")))
         return Scores(items, raw, None, self.name, self.fingerprint), timing
 
 
@@ -129,12 +127,17 @@ class Registry:
         found += [f"alias {a}" for a, target in self.aliases.items() if target == name]
         return found + (["the default"] if self.default == name else [])
 
+    @property
+    def names(self) -> list[str]:
+        """Every name a request may give: models, ensembles, aliases (as /v1/models lists them)."""
+        return [*self.models, *self.ensembles, *self.aliases]
+
     def resolve(self, name: str | None) -> Target:
         wanted = self.default if name is None else name
         wanted = self.aliases.get(wanted, wanted)
         target = self.models.get(wanted) or self.ensembles.get(wanted)
         if target is None:
-            served = sorted([*self.models, *self.ensembles, *self.aliases])
+            served = sorted(self.names)
             raise ServiceError(ErrorType.model_not_found, f"model {name!r} is not served (served: {served})", "model")
         return target
 

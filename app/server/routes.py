@@ -194,7 +194,7 @@ def _vllm_target(registry: Registry, name: str | None) -> Target:
 @router.get("/v1/models", responses=ERRORS)
 async def models(registry: RegistryDep) -> ModelList:
     """Every served model, ensemble and alias, as vLLM lists models, with fingerprints, formats, dtypes, states."""
-    return ModelList(data=[registry.card(name) for name in [*registry.models, *registry.ensembles, *registry.aliases]])
+    return ModelList(data=[registry.card(name) for name in registry.names])
 
 
 @router.get("/info", responses=ERRORS)

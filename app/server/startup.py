@@ -15,7 +15,6 @@ from fastapi import FastAPI
 from app.engine.offline import served_fingerprint
 from app.engine.worker import Worker
 from app.model.checkpoint import Normalization
-from app.model.ensemble import Aggregate
 from app.model.loading import load_reward_model
 from app.model.reward_model import RewardModel
 from app.server.models_file import ModelsFile
@@ -107,10 +106,9 @@ async def start(app: FastAPI, model: RewardModel | None, on_failure: Callable[[]
             for i, name in enumerate(spec.models, 1):
                 own = spec.settings_of(name, settings)
                 registry.models[name] = await serve_model(app, name, own, None, f" ({i}/{len(spec.models)})")
-            for name, entry in spec.ensembles.items():
+            for name, entry in spec.ensembles.items():  # an entry is its own Aggregate
                 members = tuple(registry.models[m] for m in entry.members)
-                aggregate = Aggregate.model_validate(entry.model_dump(exclude={"members"}))
-                registry.ensembles[name] = Ensemble(name, members, aggregate, int(time.time()))
+                registry.ensembles[name] = Ensemble(name, members, entry, int(time.time()))
         app.state.registry = registry
         startup.end("ready")
         startup.step(f"ready: {', '.join(f'{n} (fingerprint {s.fingerprint})' for n, s in registry.models.items())}")
