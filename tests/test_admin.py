@@ -70,6 +70,7 @@ async def test_a_hot_swap_under_load_answers_every_request_from_one_model(
         load = asyncio.gather(*(trainer() for _ in range(4)))
         await asyncio.sleep(0.3)
         loaded = await client.post("/admin/models", json={"name": "b", "path": str(checkpoints["gpt2"])}, headers=ADMIN)
+        stage = (await client.get("/ready")).json()["stage"]  # an admin load is not start-up: its stage stays
         await asyncio.sleep(0.3)
         swapped = await client.put("/admin/aliases/prod", json={"model": "b"}, headers=ADMIN)
         in_use = await client.delete("/admin/models/b", headers=ADMIN)  # the alias points at it
@@ -82,6 +83,7 @@ async def test_a_hot_swap_under_load_answers_every_request_from_one_model(
         gone = await client.post("/score", json={"items": ITEMS, "model": "a"})
         listed = {card["id"] for card in (await client.get("/v1/models")).json()["data"]}
     assert loaded.status_code == 201 and loaded.json()["state"] == "ready"
+    assert stage.startswith("ready: a (fingerprint")
     assert swapped.status_code == 200 and swapped.json()["root"] == "b"
     assert in_use.status_code == 409 and "alias prod" in in_use.json()["error"]["message"]
     assert unloaded.status_code == 200 and unloaded.json()["unloaded"] == "a"

@@ -97,7 +97,9 @@ async def load(body: LoadModel, request: Request) -> ModelCard:
         )
     registry.loading.add(body.name)
     try:
-        served = await serve_model(request.app, body.name, settings, None, "")
+        served = await serve_model(
+            request.app, body.name, settings, None, lambda stage: log.info("admin: %s: %s", body.name, stage)
+        )
     except (CheckpointError, ValueError, OSError) as exc:
         raise ServiceError(ErrorType.validation_error, f"{settings.model_path}: {exc}", "path") from None
     finally:

@@ -49,8 +49,10 @@ class RewardReplica:
         return app
 
     def check_health(self) -> None:
-        """Ray restarts a replica whose model worker stopped serving."""
-        workers = self.app.state.workers  # type: ignore[attr-defined]
+        """Ray restarts a replica whose model workers stopped serving (those it serves: one the admin API is still
+        loading is not yet counted)."""
+        registry = getattr(self.app.state, "registry", None)  # type: ignore[attr-defined]
+        workers = registry.workers if registry is not None else []
         if not workers or not all(w.ready for w in workers):
             failure = "; ".join(w.failure for w in workers if w.failure)
             raise RuntimeError(f"a model worker is not serving{f': its thread died ({failure})' if failure else ''}")

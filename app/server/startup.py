@@ -99,13 +99,15 @@ async def start(app: FastAPI, model: RewardModel | None, on_failure: Callable[[]
         if settings.models_file is None:
             name = settings.served_model_name or str(settings.model_path)
             registry = Registry(default=name)
-            registry.models[name] = await serve_model(app, name, settings, model, "")
+            registry.models[name] = await serve_model(app, name, settings, model, startup.step)
         else:
             spec = ModelsFile.read(settings.models_file)
             registry = Registry(default=spec.default or next(iter(spec.models)), aliases=dict(spec.aliases))
             for i, name in enumerate(spec.models, 1):
-                own = spec.settings_of(name, settings)
-                registry.models[name] = await serve_model(app, name, own, None, f" ({i}/{len(spec.models)})")
+                own, counter = spec.settings_of(name, settings), f"{name} ({i}/{len(spec.models)})"
+                registry.models[name] = await serve_model(
+                    app, name, own, None, lambda stage, counter=counter: startup.step(f"{counter}: {stage}")
+                )
             for name, entry in spec.ensembles.items():  # an entry is its own Aggregate
                 members = tuple(registry.models[m] for m in entry.members)
                 registry.ensembles[name] = Ensemble(name, members, entry, int(time.time()))
@@ -122,16 +124,18 @@ async def start(app: FastAPI, model: RewardModel | None, on_failure: Callable[[]
             on_failure()
 
 
-async def serve_model(app: FastAPI, name: str, settings: Settings, model: RewardModel | None, counter: str) -> Served:
-    """One model, from its checkpoint to a warm worker. A worker started here is stopped by the lifespan, even when
-    a later model fails to load (it is kept in `app.state.workers`)."""
-    startup: Startup = app.state.startup
+async def serve_model(
+    app: FastAPI, name: str, settings: Settings, model: RewardModel | None, step: Callable[[str], None]
+) -> Served:
+    """One model, from its checkpoint to a warm worker; `step` reports each stage (start-up's, or the admin API's
+    log). A worker started here is stopped by the lifespan, even when a later model fails to load (it is kept in
+    `app.state.workers`)."""
     if model is None:
-        startup.step(f"loading {name}{counter}: {settings.model_path}" if counter else f"loading {settings.model_path}")
+        step(f"loading {settings.model_path}")
         model = await asyncio.to_thread(load_model, settings)
     info = model.info
     normalization = normalization_in_force(settings, model)
-    startup.step(f"loaded {info.format} checkpoint ({info.architecture}, {info.dtype}); measuring kernels")
+    step(f"loaded {info.format} checkpoint ({info.architecture}, {info.dtype}); measuring kernels")
     worker = Worker(model, settings, app.state.metrics, on_death=app.state.on_model_death)
     app.state.workers.append(worker)
     await worker.start()  # measures how the model runs plans, on its own thread
