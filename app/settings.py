@@ -49,7 +49,13 @@ class Settings(BaseSettings):
     head_index: int | None = Field(
         None,
         ge=0,
-        description="Which output of a multi-label head is the reward; refused without it when num_labels != 1.",
+        description="Which output of a multi-output head is the reward (a head with several is refused without "
+        "this or attribute_weights).",
+    )
+    attribute_weights: dict[str, float] | None = Field(
+        None,
+        description="A multi-attribute head's reward as a weighted sum, JSON label -> weight (labels from id2label "
+        'or the manifest), e.g. `{"helpfulness": 0.65, "correctness": 0.8}`; default: the manifest\'s weights.',
     )
     trust_remote_code: bool = Field(
         False, description="Allow checkpoint code to run (off: only built-in architectures)."

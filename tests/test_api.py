@@ -182,7 +182,7 @@ async def test_full_queue_is_429_at_once_and_nothing_is_lost(make_client: Any) -
         gate_model = worker.model.run
         loop = asyncio.get_running_loop()
 
-        def slow_run(batch: Any) -> list[float]:
+        def slow_run(batch: Any) -> list[list[float]]:
             entered.set()
             asyncio.run_coroutine_threadsafe(release.wait(), loop).result(timeout=30)
             return gate_model(batch)
@@ -215,7 +215,7 @@ async def test_failing_batch_fails_its_requests_only_and_the_worker_survives(mak
         real = worker.model.run
         calls = {"n": 0}
 
-        def flaky(batch: Any) -> list[float]:
+        def flaky(batch: Any) -> list[list[float]]:
             calls["n"] += 1
             if calls["n"] == 1:
                 raise RuntimeError("simulated out of memory")
@@ -235,7 +235,7 @@ async def test_non_finite_reward_is_a_typed_error_not_invalid_json(make_client: 
     async with make_client("gpt2") as client:
         worker = client.app.state.workers[0]
         real = worker.model.run
-        worker.model.run = lambda batch: [math.nan] * len(batch)  # type: ignore[method-assign]
+        worker.model.run = lambda batch: [[math.nan]] * len(batch)  # type: ignore[method-assign]
         try:
             r = await client.post("/score", json={"items": [{"prompt": "a", "response": "b"}]})
         finally:

@@ -91,7 +91,7 @@ def test_fingerprint_tracks_weights_and_recipe(checkpoints: dict[str, Path], tmp
 
 
 def test_multi_label_head_needs_an_index(checkpoints: dict[str, Path], load: Callable[..., RewardModel]) -> None:
-    with pytest.raises(CheckpointError, match=r"num_labels=3.*REWARD_HEAD_INDEX"):
+    with pytest.raises(CheckpointError, match=r"3 outputs.*REWARD_ATTRIBUTE_WEIGHTS.*REWARD_HEAD_INDEX"):
         load_reward_model(checkpoints["llama_3labels"], dtype="float32", device="cpu")
     model = load("llama_3labels", head_index=2)
     enc = model.encoder.encode(ITEMS[0])

@@ -18,7 +18,7 @@ def gate(worker: Any) -> tuple[threading.Event, threading.Event]:
     entered, release = threading.Event(), threading.Event()
     real = worker.model.run
 
-    def slow(batch: Any) -> list[float]:
+    def slow(batch: Any) -> list[list[float]]:
         entered.set()
         release.wait(30)
         return real(batch)
@@ -133,7 +133,7 @@ async def test_one_thread_runs_every_forward(
     callers: list[int] = []
     real = model.run
 
-    def recording(batch: Any) -> list[float]:
+    def recording(batch: Any) -> list[list[float]]:
         callers.append(threading.get_ident())
         return real(batch)
 
@@ -171,7 +171,7 @@ async def test_failing_batch_is_split_and_only_the_bad_item_fails(make_client: A
         worker = client.app.state.workers[0]
         real = worker.model.run
 
-        def oom_on_big_batches(batch: Any) -> list[float]:
+        def oom_on_big_batches(batch: Any) -> list[list[float]]:
             if len(batch) > 2:
                 raise RuntimeError("CUDA out of memory (simulated)")
             if batch.real_tokens > 60:  # only the poison item is this long

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from app.engine.batching import BatchPolicy, TokenBudgetQueue
 from app.model.fingerprint import scoring_fingerprint
+from app.model.info import ModelInfo
 from app.model.plan import Plan, prompt_of
 from app.model.recipe import Encoded, Item
 from app.model.reward_model import RewardModel
@@ -37,10 +38,13 @@ def policy_for(
     return BatchPolicy(max(max_batch_tokens, model.max_length), max_batch_size, model.packs)
 
 
-def served_fingerprint(model: RewardModel, normalization: dict[str, float] | None = None) -> str:
+def served_fingerprint(
+    model: RewardModel, normalization: dict[str, float] | None = None, info: ModelInfo | None = None
+) -> str:
     """The fingerprint of scoring `model` as prepared (`RewardModel.prepare`) with this normalization: what a server
-    reports, and what an offline scorer prepared the same way records."""
-    return scoring_fingerprint(model.info.model_fingerprint, model.prepared.fingerprint_part(), normalization)
+    reports, and what an offline scorer prepared the same way records. `info`: a shared-base member's own."""
+    of = (info or model.info).model_fingerprint
+    return scoring_fingerprint(of, model.prepared.fingerprint_part(), normalization)
 
 
 def score_offline(
@@ -60,6 +64,6 @@ def score_offline(
         batch, plan = planned
         if on_plan is not None:
             on_plan(plan)
-        for q, reward in zip(batch, model.run(plan), strict=True):
-            rewards[q.index] = reward
+        for q, row in zip(batch, model.run(plan), strict=True):
+            rewards[q.index] = model.readout.reward(row)
     return rewards

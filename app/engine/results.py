@@ -9,10 +9,12 @@ from dataclasses import dataclass
 
 from app.engine.errors import EngineError
 
+Outputs = list[float]  # one item's row of the model's outputs: `Readout` (app.model.readout) makes it a reward
+
 
 @dataclass(frozen=True, slots=True)
 class ItemResult:
-    reward: float
+    outputs: Outputs
     num_tokens: int
     truncated: bool
 
@@ -37,16 +39,16 @@ class Pending:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, size: int) -> None:
         self.loop = loop
-        self.future: asyncio.Future[list[float]] = loop.create_future()
-        self.rewards: list[float] = [math.nan] * size
+        self.future: asyncio.Future[list[Outputs]] = loop.create_future()
+        self.rewards: list[Outputs] = [[math.nan]] * size
         self.remaining = size
         self.failed = False
         self.enqueued = time.perf_counter()
         self.started: float | None = None
         self.inference_s = 0.0
 
-    def record(self, index: int, reward: float) -> None:
-        self.rewards[index] = reward
+    def record(self, index: int, outputs: Outputs) -> None:
+        self.rewards[index] = outputs
         self.remaining -= 1
         if self.remaining == 0:
             self.loop.call_soon_threadsafe(settle, self.future, self.rewards, None)
@@ -57,7 +59,7 @@ class Pending:
             self.loop.call_soon_threadsafe(settle, self.future, None, error)
 
 
-def settle(future: asyncio.Future[list[float]], rewards: list[float] | None, error: Exception | None) -> None:
+def settle(future: asyncio.Future[list[Outputs]], rewards: list[Outputs] | None, error: Exception | None) -> None:
     if future.done():  # cancelled: the caller went away or its deadline passed
         return
     if error is not None:

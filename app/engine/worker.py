@@ -131,8 +131,8 @@ class Worker:
             raise Overloaded(f"the queue is full ({waiting} items admitted and waiting); retry later")
 
     async def score(self, inputs: list[Item], timeout: float | None = None, stated: float | None = None) -> Scored:
-        """Raw rewards (never normalized) for `inputs`, in order, within `timeout` seconds from now, tokenizing
-        included; `stated`: the request's whole deadline, which the 504 names (default: `timeout`)."""
+        """Each of `inputs`' outputs (before any readout or normalization), in order, within `timeout` seconds from
+        now, tokenizing included; `stated`: the request's whole deadline, which the 504 names (default: `timeout`)."""
         self._admit(len(inputs))  # before tokenizing: reject cheaply
         if not inputs:
             return Scored([], Timing(0.0, 0.0, 0.0))
@@ -267,7 +267,7 @@ class Worker:
             if pending.started is None:
                 pending.started = began
         try:
-            rewards = self.model.run(plan)
+            outputs = self.model.run(plan)
         except Exception as exc:  # any backend failure: split, retry, then fail only the culprit
             if len(batch) > 1:
                 log.warning("forward failed for a plan of %d (%s); retrying its halves", len(batch), exc)
@@ -282,11 +282,12 @@ class Worker:
         self._record(len(batch), plan.real_tokens, plan.cost, seconds)
         for pending in requests:
             pending.inference_s += seconds
-        for entry, reward in zip(batch, rewards, strict=True):
-            if math.isfinite(reward):
-                entry.pending.record(entry.index, reward)
+        for entry, row in zip(batch, outputs, strict=True):
+            bad = next((value for value in row if not math.isfinite(value)), None)
+            if bad is None:
+                entry.pending.record(entry.index, row)
             else:  # never let NaN/inf out as a number (it is not valid JSON) nor hide it
-                message = f"the model produced a non-finite reward ({reward}) for item {entry.index}"
+                message = f"the model produced a non-finite reward ({bad}) for item {entry.index}"
                 entry.pending.fail(BackendFailed(message, index=entry.index))
 
     def _record(self, items: int, real: int, computed: int, seconds: float) -> None:

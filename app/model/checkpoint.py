@@ -56,6 +56,10 @@ class Manifest(BaseModel):
         None, description="what the weights were trained in: REWARD_DTYPE=auto serves this"
     )
     normalization: Normalization | None = None
+    attributes: list[str] | None = Field(None, description="a multi-output head's outputs, by name")
+    attribute_weights: dict[str, float] | None = Field(
+        None, description="the reward as a weighted sum of attributes, as the model's card recommends"
+    )
     extra: dict[str, Any] = Field(default_factory=dict, description="training metadata; not read when serving")
 
 

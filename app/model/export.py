@@ -18,6 +18,7 @@ from transformers import AutoModelForSequenceClassification
 
 from app.model.checkpoint import MANIFEST, Manifest
 from app.model.loading import load_reward_model
+from app.model.readout import Readout
 from app.model.recipe import ScoringRecipe
 
 
@@ -83,7 +84,7 @@ def export_seq_cls(source: Path, out: Path) -> Path:
         missing = exported.base_model.load_state_dict(module.backbone.state_dict(), strict=True)
         assert not missing.missing_keys
         with torch.no_grad():
-            exported.score.weight.copy_(head.weight[module.head_index : module.head_index + 1])
+            exported.score.weight.copy_(_one_row(head.weight, model.readout))
     recipe = model.encoder.recipe
     if recipe.template == "chat":
         tokenizer.chat_template = recipe_template(tokenizer.chat_template, recipe)
@@ -95,7 +96,23 @@ def export_seq_cls(source: Path, out: Path) -> Path:
         format="seq_cls",
         recipe=recipe,
         normalization=model.info.checkpoint_normalization,
+        attribute_weights=_weights(model.readout) if module.pooling == "classifier" else None,
         extra={"exported_from": str(source), "fingerprint_of_source": model.info.model_fingerprint},
     )
     (out / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
     return out
+
+
+def _one_row(weight: torch.Tensor, readout: Readout) -> torch.Tensor:
+    """The reward's row of a head: the output it reads, or its weighted sum of outputs folded into one."""
+    if readout.weights is None:
+        assert readout.index is not None
+        return weight[readout.index : readout.index + 1]
+    return (torch.tensor(readout.weights, dtype=weight.dtype) @ weight)[None]
+
+
+def _weights(readout: Readout) -> dict[str, float] | None:
+    """A classifier keeps its outputs: its manifest says how they make the reward."""
+    if readout.weights is not None:
+        return dict(zip(readout.labels, readout.weights, strict=True))
+    return None if len(readout.labels) == 1 else {readout.labels[readout.index or 0]: 1.0}

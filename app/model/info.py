@@ -18,7 +18,8 @@ class ModelInfo(BaseModel):
     architecture: str
     model_type: str
     pooling: str
-    head_index: int
+    head_index: int | None = Field(description="the head's output that is the reward (none: a weighted sum)")
+    attributes: list[str] | None = Field(None, description="a multi-attribute head's outputs, by name")
     base_model: str | None
     num_parameters: int
     dtype: str

@@ -195,10 +195,16 @@ def install(backbone: nn.Module, head: nn.Module | None) -> bool:
     AttentionMaskInterface.register(ATTENTION, _padding_mask)
     config._attn_implementation = ATTENTION
     for module in (backbone, head):
-        for sub in module.modules() if module is not None else ():
-            if type(sub) in BLOCKED:
-                sub.__class__ = BLOCKED[type(sub)]
+        if module is not None:
+            blockable(module)
     return True
+
+
+def blockable(module: nn.Module) -> None:
+    """`module`'s linears become blockable (stock until `choose` sets their blocking)."""
+    for sub in module.modules():
+        if type(sub) in BLOCKED:
+            sub.__class__ = BLOCKED[type(sub)]
 
 
 def _weight(linear: nn.Module) -> torch.Tensor:

@@ -46,6 +46,7 @@ from app.model.checkpoint import (
 from app.model.cpu import cpu_has_fast_bf16
 from app.model.fingerprint import content_digest, model_fingerprint, versions
 from app.model.info import ModelInfo
+from app.model.readout import readout_for
 from app.model.recipe import RecipeEncoder
 from app.model.reward_model import RewardHeadModel, RewardModel
 
@@ -110,7 +111,7 @@ def resolve_base(ref: str, checkpoint: Path, cache_dir: Path | None) -> tuple[Pa
     )
 
 
-def _load_head(file: Path, hidden_size: int, prefix: str = "") -> nn.Linear:
+def load_head(file: Path, hidden_size: int, prefix: str = "") -> nn.Linear:
     if not file.exists():
         raise CheckpointError(f"{file}: value head weights missing")
     try:
@@ -131,34 +132,25 @@ def _safetensors_files(path: Path) -> list[Path]:
     return sorted(path.glob("*.safetensors"))
 
 
-def _hidden_size(config: PretrainedConfig) -> int:
+def hidden_size(config: PretrainedConfig) -> int:
     for key in ("hidden_size", "d_model", "n_embd", "dim"):
         value = getattr(config, key, None)
         if isinstance(value, int):
             return value
     text = getattr(config, "text_config", None)
     if text is not None:
-        return _hidden_size(text)
+        return hidden_size(text)
     raise CheckpointError(f"cannot find the hidden size in config of type {config.model_type}")
 
 
 # ---- per-format builders ---------------------------------------------------------------------------
 
 
-def _seq_cls_module(model: nn.Module, head_index: int | None, where: Path) -> tuple[RewardHeadModel, int]:
-    num_labels = int(model.config.num_labels)
-    if num_labels != 1 and head_index is None:
-        raise CheckpointError(
-            f"{where}/config.json: num_labels={num_labels}; a reward model has 1 output. "
-            "Set REWARD_HEAD_INDEX to the output that is the reward to serve it anyway"
-        )
-    index = head_index or 0
-    if index >= num_labels:
-        raise CheckpointError(f"{where}: head_index {index} out of range for num_labels={num_labels}")
+def _seq_cls_module(model: nn.Module) -> RewardHeadModel:
     score = getattr(model, "score", None)
     if isinstance(score, nn.Linear):  # decoders: HF pools the last token; we pool by attention mask
-        return RewardHeadModel(model.base_model, score.float(), "last_token", index), index
-    return RewardHeadModel(model, None, "classifier", index), index
+        return RewardHeadModel(model.base_model, score.float(), "last_token")
+    return RewardHeadModel(model, None, "classifier")
 
 
 def _check_weight_files(where: Path) -> None:
@@ -213,13 +205,15 @@ def load_reward_model(
     device: str = "auto",
     max_length: int | None = None,
     head_index: int | None = None,
+    attribute_weights: dict[str, float] | None = None,
     trust_remote_code: bool = False,
     cache_dir: Path | None = None,
     device_map: str | None = None,
 ) -> RewardModel:
     """Weights load straight into the serving dtype on the serving device (never through a float32 host copy: an
     8B model would need ~50 GB of host memory); value heads stay float32. `device_map` (e.g. `auto`) spreads the
-    backbone over several GPUs."""
+    backbone over several GPUs. `head_index`/`attribute_weights`: how a head with several outputs makes the reward
+    (`app.model.readout`; the weights default to the manifest's)."""
     path = Path(path).expanduser()
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory does not exist")
@@ -245,13 +239,11 @@ def load_reward_model(
 
     if fmt == "seq_cls":
         model = _from_pretrained(AutoModelForSequenceClassification, path, **common)
-        module, head_index = _seq_cls_module(model, head_index, path)
-        config = model.config
+        module, config = _seq_cls_module(model), model.config
     elif fmt == "peft":
         base = _from_pretrained(AutoModelForSequenceClassification, base_dir, num_labels=1, **common)
         model = _merge_adapter(base, path)
-        module, head_index = _seq_cls_module(model, head_index, path)
-        config = model.config
+        module, config = _seq_cls_module(model), model.config
     elif fmt == "openrlhf":
         raw = read_json(path / "config.json")
         prefix = str(raw.get("value_head_prefix", "score"))
@@ -261,10 +253,10 @@ def load_reward_model(
         for file in _safetensors_files(path):
             with safe_open(str(file), framework="pt") as fh:
                 if f"{prefix}.weight" in fh.keys():  # noqa: SIM118
-                    head = _load_head(file, _hidden_size(config), prefix=f"{prefix}.")
+                    head = load_head(file, hidden_size(config), prefix=f"{prefix}.")
         if head is None:
             raise CheckpointError(f"{path}: no '{prefix}.weight' tensor in any *.safetensors (value_head_prefix)")
-        module = RewardHeadModel(backbone, head, "last_token", head_index or 0)
+        module = RewardHeadModel(backbone, head, "last_token")
         if raw.get("normalize_reward") and "mean" in raw and "std" in raw and normalization is None:
             normalization = Normalization(mean=float(raw["mean"]), std=float(raw["std"]))
     else:  # value_head
@@ -286,9 +278,13 @@ def load_reward_model(
         if manifest.adapter:
             backbone = _merge_adapter(backbone, path / manifest.adapter)
         config = backbone.config
-        head = _load_head(path / manifest.head_file, _hidden_size(config))
-        module = RewardHeadModel(backbone, head, "last_token", head_index or 0)
+        head = load_head(path / manifest.head_file, hidden_size(config))
+        module = RewardHeadModel(backbone, head, "last_token")
 
+    outputs = module.head.out_features if module.head is not None else int(config.num_labels)
+    labels = (manifest.attributes if manifest else None) or (getattr(config, "id2label", None) if outputs > 1 else None)
+    weights = attribute_weights or (manifest.attribute_weights if manifest else None)
+    readout = readout_for(outputs, labels, head_index, weights, path)
     tokenizer = _from_pretrained(AutoTokenizer, tokenizer_dir, trust_remote_code=trust_remote_code)
     if manifest is not None and manifest.recipe is not None:
         recipe = manifest.recipe
@@ -322,7 +318,8 @@ def load_reward_model(
         architecture=(getattr(config, "architectures", None) or [type(module.backbone).__name__])[0],
         model_type=config.model_type,
         pooling=module.pooling,
-        head_index=module.head_index,
+        head_index=readout.index,
+        attributes=list(readout.labels) if len(readout.labels) > 1 else None,
         base_model=base_identity,
         num_parameters=sum(p.numel() for p in module.parameters()),
         dtype=str(torch_dtype).removeprefix("torch."),
@@ -337,13 +334,11 @@ def load_reward_model(
             path,
             base=base_identity,
             recipe=recipe.model_dump(),
-            head_index=module.head_index,
+            readout=readout.fingerprint_part(),
             dtype=torch_dtype,
             device=inputs_device,
             attention=module.attention,
         ),
     )
     log.info("loaded %s checkpoint %s (%s, %s)", fmt, path, info.architecture, info.dtype)
-    return RewardModel(
-        module=module, encoder=encoder, pad_id=int(pad_id), device=inputs_device, dtype=torch_dtype, info=info
-    )
+    return RewardModel(module, encoder, int(pad_id), inputs_device, torch_dtype, info, readout)

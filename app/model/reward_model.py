@@ -1,5 +1,5 @@
-"""The reward math: backbone -> hidden state of the last real token -> linear head -> one float per sequence; and
-the one way a plan (`app.model.plan`) is run."""
+"""The reward math: backbone -> hidden state of the last real token -> linear head -> its outputs per sequence ->
+the reward (`Readout`); and the one way a plan (`app.model.plan`) is run."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -18,7 +18,11 @@ from app.model import invariant
 from app.model.collate import collate, last_real_index
 from app.model.info import Kernels, ModelInfo
 from app.model.plan import Plan, Tokens, plan_of
+from app.model.readout import Readout
 from app.model.recipe import Encoded, RecipeEncoder
+
+if TYPE_CHECKING:
+    from app.model.family import SharedBaseModel
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +40,17 @@ class RewardHeadModel(nn.Module):
 
     `last_token`: the backbone's hidden state at the last token with attention mask 1, through `head` (decoder
     reward models, value-head checkpoints). `classifier`: the checkpoint's own sequence-classification forward
-    (encoders, whose pooler reads [CLS]). Rewards come back as float32 whatever the compute dtype.
+    (encoders, whose pooler reads [CLS]). Every output of the head comes back ([items, outputs]), as float32
+    whatever the compute dtype; the model's `Readout` makes them a reward.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module | None, pooling: Pooling, head_index: int = 0) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Module | None, pooling: Pooling) -> None:
         super().__init__()
         if pooling == "last_token" and head is None:
             raise ValueError("last_token pooling needs a head")
         self.backbone = backbone
         self.head = head
         self.pooling = pooling
-        self.head_index = head_index
         accepted = inspect.signature(backbone.forward).parameters
         self._takes_positions = "position_ids" in accepted
         self._takes_types = "token_type_ids" in accepted
@@ -72,10 +76,11 @@ class RewardHeadModel(nn.Module):
         if self._takes_types and token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
         if self.pooling == "classifier":
-            return self.backbone(**kwargs).logits[:, self.head_index].float()
+            return self.backbone(**kwargs).logits.float()
         if self._takes_cache_flag:
             kwargs["use_cache"] = False
-        return self._read(self.backbone(**kwargs).last_hidden_state, last_real_index(attention_mask))
+        assert self.head is not None
+        return read_last(self.backbone(**kwargs).last_hidden_state, last_real_index(attention_mask), self.head)
 
     def forward_packed(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, spans: invariant.Spans, last: torch.Tensor
@@ -84,27 +89,32 @@ class RewardHeadModel(nn.Module):
         hidden = self.backbone(
             input_ids=input_ids, position_ids=position_ids, use_cache=False, reward_spans=spans
         ).last_hidden_state
-        return self._read(hidden.expand(len(last), -1, -1), last)
-
-    def _read(self, hidden: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index.to(hidden.device)]
         assert self.head is not None
-        weight = next(self.head.parameters())  # float32, on the device the backbone's output may not share
-        return self.head(last.to(device=weight.device, dtype=weight.dtype))[:, self.head_index].float()
+        return read_last(hidden.expand(len(last), -1, -1), last, self.head)
+
+
+def read_last(hidden: torch.Tensor, last_index: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    """The head's outputs at each row's `last_index` token, in float32 (the head's dtype)."""
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index.to(hidden.device)]
+    weight = next(head.parameters())  # float32, on the device the backbone's output may not share
+    return head(last.to(device=weight.device, dtype=weight.dtype)).float()
 
 
 @dataclass
 class RewardModel:
-    """A loaded checkpoint, ready to score encoded items: module + recipe + what `/info` reports. `prepare` (once,
-    on the thread that will run it) decides how plans run; until then, and for `score`, it is prepared by default."""
+    """A loaded checkpoint, ready to score encoded items: module + recipe + readout + what `/info` reports.
+    `prepare` (once, on the thread that will run it) decides how plans run; until then, and for `score`, it is
+    prepared by default. `members`: a shared-base model's (`app.model.family`), one output each."""
 
-    module: RewardHeadModel
+    module: RewardHeadModel | SharedBaseModel
     encoder: RecipeEncoder
     pad_id: int
     device: torch.device
     dtype: torch.dtype
     info: ModelInfo
+    readout: Readout
     kernels: Kernels | None = None
+    members: tuple[ModelInfo, ...] = ()
 
     @property
     def max_length(self) -> int:
@@ -170,8 +180,8 @@ class RewardModel:
         self.kernels = self.kernels.model_copy(update={"note": f"{note}: padded, stock kernels"})
         return self.kernels
 
-    def run(self, plan: Plan) -> list[float]:
-        """One forward pass of `plan`; its items' rewards, in order."""
+    def run(self, plan: Plan) -> list[list[float]]:
+        """One forward pass of `plan`; its items' outputs (`readout` makes each a reward), in order."""
         if plan.packed != self.packs:
             raise ValueError(f"a {'packed' if plan.packed else 'padded'} plan for a {self.prepared.layout} model")
         rewards = self._run_packed(plan)[0] if plan.packed else self._padded_forward(plan.items)
@@ -194,10 +204,11 @@ class RewardModel:
             return self.module(batch.input_ids, batch.attention_mask, batch.position_ids, batch.token_type_ids)
 
     def score(self, items: Sequence[Tokens]) -> list[float]:
-        """`items` in one plan (no budget): probes, peers and tests; the server plans with `app.engine.batching`."""
-        return self.run(plan_of(items, self.packs))
+        """Rewards of `items` in one plan (no budget): probes, peers and tests; the server plans with
+        `app.engine.batching`."""
+        return [self.readout.reward(row) for row in self.run(plan_of(items, self.packs))]
 
     def stock(self, items: Sequence[Tokens]) -> list[float]:
         """One padded forward of `items`, as a plain server runs it (the benchmark's peers; stock linears until
         `prepare` blocks them)."""
-        return self._padded_forward(items).cpu().tolist()
+        return [self.readout.reward(row) for row in self._padded_forward(items).cpu().tolist()]

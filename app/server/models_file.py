@@ -13,9 +13,11 @@ from app.model.ensemble import Aggregate
 from app.settings import Settings
 
 MODEL_KNOBS = frozenset(
-    {"device", "device_map", "dtype", "max_length", "head_index", "trust_remote_code", "normalize", "reward_mean"}
+    {"device", "device_map", "dtype", "max_length", "head_index", "attribute_weights", "trust_remote_code"}
+    | {"normalize", "reward_mean"}
     | {"reward_std", "max_batch_tokens", "max_batch_size", "batch_invariant", "block_rows"}
 )  # what a models file may set per model; the rest (limits, server, cache) is the process's
+PER_MEMBER = {"model_path", "served_model_name", "normalize", "reward_mean", "reward_std"}  # a shared base: not shared
 
 
 class ModelEntry(BaseModel):
@@ -50,6 +52,9 @@ class ModelsFile(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     default: str | None = None
+    share_bases: bool = Field(
+        True, description="an ensemble's members that share a base run it once per item (`app.model.family`)"
+    )
     models: dict[str, ModelEntry] = Field(min_length=1)
     ensembles: dict[str, EnsembleEntry] = Field(default_factory=dict)
     aliases: dict[str, str] = Field(default_factory=dict)
@@ -88,6 +93,22 @@ class ModelsFile(BaseModel):
                 else str(exc)
             )
             raise ValueError(f"{path}: {problem}") from None
+
+    def groups(self, base: Settings) -> list[list[str]]:
+        """The models, each alone or with those it may share a base with: members of one ensemble (or of ensembles
+        that overlap) loaded with the same settings (normalization aside: it is each member's own). Whether their
+        checkpoints do share a base is the loader's to find (`load_shared_base`)."""
+        group = {name: [name] for name in self.models}
+        if self.share_bases:
+            loading = {n: self.settings_of(n, base).model_dump(exclude=PER_MEMBER) for n in self.models}
+            for ensemble in self.ensembles.values():
+                for name in ensemble.members[1:]:
+                    first = ensemble.members[0]
+                    if loading[name] == loading[first] and group[name] is not group[first]:
+                        group[first] += group[name]
+                        for moved in group[name]:
+                            group[moved] = group[first]
+        return list({id(g): g for g in group.values()}.values())
 
     def settings_of(self, name: str, base: Settings) -> Settings:
         try:

@@ -12,10 +12,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from app.engine.results import Timing
+from app.engine.results import Scored, Timing
 from app.engine.worker import Worker
 from app.model.checkpoint import Normalization
 from app.model.ensemble import Aggregate, std
+from app.model.info import ModelInfo
+from app.model.readout import Readout
 from app.model.recipe import Item
 from app.server.errors import ErrorType, ServiceError
 from app.server.openrlhf import QueryReader
@@ -25,12 +27,15 @@ from app.server.vllm import ModelCard
 
 @dataclass(frozen=True)
 class Served:
-    """One checkpoint as start-up decided it: its worker, the normalization in force, its scoring fingerprint and how
-    OpenRLHF queries are read for it."""
+    """One checkpoint as start-up decided it: its worker, how its outputs are read (`readout`: the checkpoint's, or
+    its column of a shared-base worker), the normalization in force, its scoring fingerprint and how OpenRLHF
+    queries are read for it."""
 
     name: str
     path: Path
     worker: Worker
+    readout: Readout
+    info: ModelInfo
     normalization: Normalization | None
     fingerprint: str
     reader: QueryReader
@@ -40,9 +45,12 @@ class Served:
     def members(self) -> tuple[Served, ...]:
         return (self,)
 
+    def read(self, scored: Scored) -> Scores:
+        return Scores.of(scored.results, self.readout, self.normalization, self.name, self.fingerprint)
+
     async def score(self, inputs: list[Item], remaining: float, stated: float) -> tuple[Scores, Timing]:
         scored = await self.worker.score(inputs, remaining, stated)
-        return Scores.of(scored.results, self.normalization, self.name, self.fingerprint), scored.timing
+        return self.read(scored), scored.timing
 
 
 @dataclass(frozen=True)
@@ -65,11 +73,13 @@ class Ensemble:
         return self.members[0].reader
 
     async def score(self, inputs: list[Item], remaining: float, stated: float) -> tuple[Scores, Timing]:
-        """Every member at once, each as it scores alone; one failing cancels the others (their queued items are
-        then skipped)."""
+        """Each worker its members run on, at once (members sharing a base share one: one pass gives all their
+        rewards); each member's reward is the one it gives alone. One failing cancels the others (their queued items
+        are then skipped)."""
+        workers = {id(m.worker): m.worker for m in self.members}
         async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(m.score(inputs, remaining, stated)) for m in self.members]
-        per_member = [t.result()[0] for t in tasks]
+            tasks = {key: group.create_task(w.score(inputs, remaining, stated)) for key, w in workers.items()}
+        per_member = [m.read(tasks[id(m.worker)].result()) for m in self.members]
         items = []
         for i, first in enumerate(per_member[0].items):
             rewards = {s.model: s.items[i].reward for s in per_member}
@@ -84,7 +94,7 @@ class Ensemble:
                 )
             )
         raw = [self.aggregate([s.raw[i] for s in per_member]) for i in range(len(items))]
-        timings = [t.result()[1] for t in tasks]
+        timings = [t.result().timing for t in tasks.values()]
         timing = Timing(*(max(getattr(t, f) for t in timings) for f in ("tokenize_s", "queue_s", "inference_s")))
         return Scores(items, raw, None, self.name, self.fingerprint), timing
 
@@ -143,7 +153,8 @@ class Registry:
 
     @property
     def workers(self) -> list[Worker]:
-        return [m.worker for m in self.models.values()]
+        """Each model thread once (members of a shared-base model share one)."""
+        return list({id(m.worker): m.worker for m in self.models.values()}.values())
 
     @property
     def single(self) -> bool:
@@ -178,7 +189,7 @@ class Registry:
             root=str(served.path),
             max_model_len=worker.model.max_length,
             fingerprint=served.fingerprint,
-            format=worker.model.info.format,
-            dtype=worker.model.info.dtype,
+            format=served.info.format,
+            dtype=served.info.dtype,
             state="failed" if worker.failure else "ready" if worker.ready else "stopping",
         )

@@ -205,7 +205,7 @@ async def info(registry: RegistryDep, model: str | None = None) -> Info:
     served = target.members[0]
     worker = served.worker
     return Info(
-        **worker.model.info.model_dump(),
+        **served.info.model_dump(),
         normalization=served.normalization,
         fingerprint=target.fingerprint,
         kernels=worker.model.prepared,

@@ -17,6 +17,7 @@ from app.model.reward_model import sigmoid
 
 if TYPE_CHECKING:
     from app.engine.results import ItemResult
+    from app.model.readout import Readout
 
 
 class _Strict(BaseModel):
@@ -116,6 +117,13 @@ class ItemScore(BaseModel):
     truncated: bool = Field(description="true when the start of the prompt (or reply) was cut to fit max_length")
 
 
+class AttributedItemScore(ItemScore):
+    """A multi-attribute head's item: `reward` is the weighted sum of `attributes` (or the one REWARD_HEAD_INDEX
+    picks); normalization, when on, applies to `reward` only."""
+
+    attributes: dict[str, float] = Field(description="every output of the head, by its label")
+
+
 class EnsembleItemScore(ItemScore):
     """An ensemble's item: `reward` is the aggregate of `members`' rewards."""
 
@@ -123,7 +131,7 @@ class EnsembleItemScore(ItemScore):
     std: float = Field(description="the members' standard deviation (over them all: ddof 0)")
 
 
-Items = list[SerializeAsAny[ItemScore]]  # an ensemble's items keep their members and std
+Items = list[SerializeAsAny[ItemScore]]  # an ensemble's items keep their members and std, attributes theirs
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,11 +148,23 @@ class Scores:
 
     @classmethod
     def of(
-        cls, results: Sequence[ItemResult], normalization: Normalization | None, model: str, fingerprint: str
+        cls,
+        results: Sequence[ItemResult],
+        readout: Readout,
+        normalization: Normalization | None,
+        model: str,
+        fingerprint: str,
     ) -> Scores:
+        """The model's outputs read as rewards (`readout`), normalized as in force."""
         norm = normalization.apply if normalization else float
-        items = [ItemScore(reward=norm(r.reward), num_tokens=r.num_tokens, truncated=r.truncated) for r in results]
-        return cls(items, [r.reward for r in results], normalization, model, fingerprint)
+        raw = [readout.reward(r.outputs) for r in results]
+        items: list[ItemScore] = []
+        for r, reward in zip(results, raw, strict=True):
+            attributes = readout.attributes(r.outputs)
+            fields = {"reward": norm(reward), "num_tokens": r.num_tokens, "truncated": r.truncated}
+            item = ItemScore(**fields) if attributes is None else AttributedItemScore(**fields, attributes=attributes)
+            items.append(item)
+        return cls(items, raw, normalization, model, fingerprint)
 
     @property
     def rewards(self) -> list[float]:

@@ -10,7 +10,6 @@ alone and reads the same numbers (tested).
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import time
@@ -26,45 +25,8 @@ from torch import nn
 from app.model.recipe import Encoded, common_prefix
 from app.model.shapes import padded
 
-_PARTS = ("embed_tokens", "layers", "norm", "rotary_emb")
 ROW_TOKENS = 4096  # padded tokens per bottom forward when caching: matmuls this tall run near the CPU's peak
 LAYOUT = "pair-rows-1"  # part of every cache key: another layout computes other rounding
-
-
-def can_split(backbone: nn.Module) -> bool:
-    """Llama-style decoders (Llama, Qwen, Mistral, SmolLM...): the blocks loop honours `config.num_hidden_layers`."""
-    return all(hasattr(backbone, part) for part in _PARTS) and isinstance(backbone.layers, nn.ModuleList)
-
-
-def _shell(backbone: nn.Module, num_layers: int) -> nn.Module:
-    config = copy.deepcopy(backbone.config)
-    config.num_hidden_layers = num_layers
-    with torch.device("meta"):
-        shell = type(backbone)(config)
-    return shell
-
-
-@dataclass
-class DecoderSplit:
-    """`bottom`: embeddings + the first L-k blocks, no final norm. `top`: the last k blocks + final norm, fed with
-    `inputs_embeds`. Both share the backbone's own modules, so training `top` trains the backbone."""
-
-    bottom: nn.Module
-    top: nn.Module
-
-    @classmethod
-    def of(cls, backbone: nn.Module, k: int) -> DecoderSplit:
-        if not can_split(backbone):
-            raise ValueError(f"{type(backbone).__name__} cannot be split for feature caching")
-        layers = backbone.layers
-        cut = len(layers) - k
-        bottom, top = _shell(backbone, cut), _shell(backbone, k)
-        for shell, blocks, norm in ((bottom, layers[:cut], nn.Identity()), (top, layers[cut:], backbone.norm)):
-            shell.embed_tokens = backbone.embed_tokens
-            shell.rotary_emb = backbone.rotary_emb
-            shell.layers = nn.ModuleList(blocks)
-            shell.norm = norm
-        return cls(bottom=bottom, top=top)
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,11 +27,12 @@ from app.model.cpu import cpu_description
 from app.model.loading import resolve_base, transformers_errors_only
 from app.model.recipe import Encoded, RecipeEncoder, ScoringRecipe
 from app.model.reward_model import RewardHeadModel
+from app.model.split import DecoderSplit, can_split
 from app.training.card import model_card
 from app.training.config import Mode, TrainConfig
 from app.training.data import PreferencePair, load_pairs
 from app.training.evaluate import evaluate_margins, fit_temperature
-from app.training.features import DecoderSplit, FeatureStore, PairFeatures, cache_features, can_split, top_rewards
+from app.training.features import FeatureStore, PairFeatures, cache_features, top_rewards
 from app.training.hacking import length_figures
 from app.training.optim import (
     WeightAverage,
@@ -141,7 +142,7 @@ class Trainer:
                 return top_rewards(self.split.top, self.module.head, features, self.config.pad_to_multiple_of).float()
             encoded = [x for ex in batch for x in ex]  # type: ignore[union-attr]
             b = collate(encoded, self.pad_id, self.config.pad_to_multiple_of)
-            return self.module(b.input_ids, b.attention_mask, b.position_ids, b.token_type_ids).float()
+            return self.module(b.input_ids, b.attention_mask, b.position_ids, b.token_type_ids)[:, 0]
 
     @torch.no_grad()
     def rewards(self, examples: Sequence[Example], batch_pairs: int = 16) -> tuple[list[float], list[float]]:
