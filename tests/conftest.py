@@ -8,11 +8,13 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
 
 from app.model.loading import load_reward_model
 from app.model.recipe import Item
@@ -97,6 +99,17 @@ def make_client(
                 yield client
 
     return _client  # type: ignore[return-value]
+
+
+@asynccontextmanager
+async def serving(path: Path, **settings: object) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """The app serving checkpoint `path` with these settings, loaded by its own start-up (as `serve` does)."""
+    app = create_app(test_settings(path, **settings), wait=True)
+    async with (
+        LifespanManager(app) as manager,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://t") as client,
+    ):
+        yield app, client
 
 
 def free_port() -> int:

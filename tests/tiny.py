@@ -187,6 +187,40 @@ def build_value_head(path: Path) -> Path:
     return path
 
 
+def build_members(root: Path, count: int, seed: int = 5) -> list[Path]:
+    """What `reward-server train --ensemble` writes, in miniature: `count` value-head checkpoints over one base in
+    `root/base`, each with its own top block, final norm and head (seeds differ)."""
+    from app.model.checkpoint import save_value_head_checkpoint
+    from app.model.recipe import ScoringRecipe
+
+    torch.manual_seed(seed)
+    tokenizer = byte_level_tokenizer(bos=True, chat=True)
+    base = LlamaModel(llama_config(tokenizer))
+    base.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    paths = []
+    for k in range(count):
+        torch.manual_seed(100 + k)
+        trained = LlamaModel(llama_config(tokenizer))
+        trained.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for p in [*trained.layers[1].parameters(), *trained.norm.parameters()]:
+                p.add_(torch.randn_like(p) * 0.1)
+        head = torch.nn.Linear(32, 1, bias=False)
+        _spread_head(head)
+        save_value_head_checkpoint(
+            root / f"member{k}",
+            backbone=trained,
+            head=head,
+            tokenizer=tokenizer,
+            recipe=ScoringRecipe(template="chat", max_length=256, append_eos=True),
+            base_model=str(root / "base"),
+            trained_prefixes=["layers.1.", "norm."],
+        )
+        paths.append(root / f"member{k}")
+    return paths
+
+
 def build_peft(path: Path, base_dir: Path) -> Path:
     """TRL's LoRA layout: an adapter over a seq-cls base, the score head in `modules_to_save`."""
     from peft import LoraConfig, get_peft_model

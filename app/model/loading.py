@@ -283,7 +283,8 @@ def load_reward_model(
 
     outputs = module.head.out_features if module.head is not None else int(config.num_labels)
     labels = (manifest.attributes if manifest else None) or (getattr(config, "id2label", None) if outputs > 1 else None)
-    weights = attribute_weights or (manifest.attribute_weights if manifest else None)
+    stated = manifest.attribute_weights if manifest and head_index is None else None  # a setting overrides it
+    weights = attribute_weights or stated
     readout = readout_for(outputs, labels, head_index, weights, path)
     tokenizer = _from_pretrained(AutoTokenizer, tokenizer_dir, trust_remote_code=trust_remote_code)
     if manifest is not None and manifest.recipe is not None:
