@@ -175,6 +175,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "emptied REWARD_CACHE_DIR; seconds to the port answering, to /ready 200 and to a first reward.",
     )
     parser.add_argument(
+        "--ensemble",
+        type=Path,
+        metavar="DIR",
+        help="Measure an ensemble instead: --members checkpoints made under DIR from --model (its trained blocks and "
+        "head moved by seeded noise), scored as one shared-base model and as separate models; items/s side by side.",
+    )
+    parser.add_argument(
+        "--members", type=positive_int, default=4, help="--ensemble: how many members (default: %(default)s)."
+    )
+    parser.add_argument(
         "--gpu-check",
         type=Path,
         metavar="DIR",
@@ -219,6 +229,10 @@ def run(args: argparse.Namespace) -> int:
         from app.bench.startup import report as startup_report
 
         text = startup_report(args.model, args.startup, args.port)
+    elif args.ensemble is not None:
+        from app.bench.ensemble import report as ensemble_report
+
+        text = ensemble_report(args.model, args.ensemble, args.members, args.data, args.dtype)
     elif args.load is not None:
         from app.bench.load import report as load_report
 

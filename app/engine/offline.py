@@ -56,14 +56,27 @@ def score_offline(
 ) -> list[float]:
     """Rewards of `inputs`, in order, planned as the server plans them (shortest first here: a known list);
     `on_plan` sees each plan (the benchmark counts its tokens)."""
+    return [
+        model.readout.reward(row) for row in outputs_offline(model, inputs, max_batch_tokens, max_batch_size, on_plan)
+    ]
+
+
+def outputs_offline(
+    model: RewardModel,
+    inputs: Sequence[Item],
+    max_batch_tokens: int = OFFLINE_TOKENS,
+    max_batch_size: int = OFFLINE_ITEMS,
+    on_plan: Callable[[Plan], None] | None = None,
+) -> list[list[float]]:
+    """`score_offline`, each item's whole row of outputs (a shared-base model's: every member's reward)."""
     encoded = model.encoder.encode_batch(list(inputs))
     queue: TokenBudgetQueue[Queued] = TokenBudgetQueue(policy_for(model, max_batch_tokens, max_batch_size))
     queue.extend(Queued(encoded[i], i) for i in sorted(range(len(encoded)), key=lambda i: len(encoded[i])))
-    rewards = [0.0] * len(encoded)
+    rows: list[list[float]] = [[] for _ in encoded]
     while planned := queue.next_plan():
         batch, plan = planned
         if on_plan is not None:
             on_plan(plan)
         for q, row in zip(batch, model.run(plan), strict=True):
-            rewards[q.index] = model.readout.reward(row)
-    return rewards
+            rows[q.index] = row
+    return rows
