@@ -133,6 +133,7 @@ def _train(args: argparse.Namespace) -> int:
     from app.model.checkpoint import CheckpointError
     from app.training.config import TrainConfig
     from app.training.data import DataError
+    from app.training.ensemble import train_ensemble
     from app.training.train import Trainer
 
     values = {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields}  # flags given (the rest: absent)
@@ -141,17 +142,20 @@ def _train(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(problems(exc, "reward-server train", lambda f: "--" + f.replace("_", "-")), file=sys.stderr)
         return 2
+    command = shlex.join(["reward-server", *args.argv])
     try:
-        summary = Trainer(config).train(command=shlex.join(["reward-server", *args.argv]))
+        summary = train_ensemble(config, command) if config.ensemble > 1 else Trainer(config).train(command)
     except (DataError, CheckpointError) as exc:
         raise SystemExit(f"reward-server train: {exc}") from exc
-    print(f"wrote {config.output} (best epoch {summary['best_epoch']}, {summary['train_seconds']:.0f} s)")
+    best = summary.get("best_epochs", summary.get("best_epoch"))
+    print(f"wrote {config.output} (best epoch {best}, {summary['train_seconds']:.0f} s)")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
     from app.training.data import DataError, load_pairs
-    from app.training.evaluate import evaluate, write_report
+    from app.training.evaluate import write_report
+    from app.training.sources import checkpoint_report, server_report
 
     if args.url is not None and args.max_length is not None:
         raise SystemExit("reward-server eval: --max-length applies to --model (a server reads with its own)")
@@ -162,26 +166,11 @@ def _eval(args: argparse.Namespace) -> int:
     if args.limit:
         pairs = pairs[: args.limit]
     if args.model is not None:
-        from app.engine.offline import score_offline, served_fingerprint
-        from app.model.loading import load_reward_model
-
-        model = load_reward_model(args.model, dtype=args.dtype, device=args.device, max_length=args.max_length)
-        report = evaluate(pairs, lambda inputs: score_offline(model, inputs), progress=True)
-        report["max_length"] = model.max_length
-        report["fingerprint"], report["versions"] = served_fingerprint(model), model.info.versions
-        report["model_fingerprint"], report["kernels"] = model.info.model_fingerprint, model.prepared.model_dump()
+        report = checkpoint_report(pairs, args.model, args.dtype, args.device, args.max_length)
         title = f"{args.model} on {args.data.name}"
     else:
-        from app.clients import RewardClient
-
-        with RewardClient(args.url, api_key=args.api_key, timeout=600) as client:
-            score = lambda inputs: client.score([(x.prompt, x.response) for x in inputs]).rewards  # noqa: E731
-            report = evaluate(pairs, score, progress=True)
-            info = client.info()
-            report["max_length"] = info["max_length"]
-            report["fingerprint"], report["versions"] = info["fingerprint"], info["versions"]
-            report["model_fingerprint"], report["kernels"] = info["model_fingerprint"], info["kernels"]
-        title = f"{args.url} on {args.data.name}"
+        report = server_report(pairs, args.url, args.api_key, args.name)
+        title = f"{args.url} ({args.name or 'its default model'}) on {args.data.name}"
     report["data"] = str(args.data)
     write_report(report, args.out, title)
     print((args.out / "summary.md").read_text())
@@ -284,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     required.add_argument("--out", type=Path, required=True, help="Directory for report.json, summary.md, *.png.")
     settings = ev.add_argument_group("settings")  # after the required ones in --help
     settings.add_argument("--api-key", help="--url: the bearer key, when the server was started with one.")
+    settings.add_argument("--name", help="--url: the served model, ensemble or alias to score (default: its default).")
     settings.add_argument(
         "--limit", type=positive_int, help="Score only the first N pairs: a quick look before a full run."
     )

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
+from urllib.parse import urlencode
 
 import httpx
 
@@ -92,6 +93,7 @@ class BaseClient:
         self.resend_timeouts = resend_timeouts
         self.model = model
         self._routed = {"model": model} if model is not None else {}  # what every scoring body adds
+        self._info_path = "/info" if model is None else f"/info?{urlencode({'model': model})}"
         self._wait_s = timeout.read if isinstance(timeout, httpx.Timeout) else float(timeout)
         self._server_max_wait_s: float | None = None
         self._headers = {"Accept": "application/json"}

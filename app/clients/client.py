@@ -86,8 +86,8 @@ class RewardClient(BaseClient):
         return call.join([self._request("POST", call.path, body, headers) for body in call.bodies])
 
     def info(self) -> Body:
-        """`GET /info`: the model, recipe and limits served (also caches `max_items_per_request`)."""
-        info = self._request("GET", "/info")
+        """`GET /info`: the model (this client's), recipe and limits served (also caches `max_items_per_request`)."""
+        info = self._request("GET", self._info_path)
         self._remember_limit(info)
         return info
 
@@ -194,8 +194,8 @@ class AsyncRewardClient(BaseClient):
         return call.join(await asyncio.gather(*(send(b) for b in call.bodies)))
 
     async def info(self) -> Body:
-        """`GET /info`: the model, recipe and limits served (also caches `max_items_per_request`)."""
-        info = await self._request("GET", "/info")
+        """`GET /info`: the model (this client's), recipe and limits served (also caches `max_items_per_request`)."""
+        info = await self._request("GET", self._info_path)
         self._remember_limit(info)
         return info
 

@@ -85,7 +85,7 @@ class ModelsFile(BaseModel):
                 raw: Any = yaml.safe_load(text)
             else:
                 raw = tomllib.loads(text)
-            return cls.model_validate(raw)
+            spec = cls.model_validate(raw)
         except (OSError, tomllib.TOMLDecodeError, ValueError) as exc:
             problem = (
                 "; ".join(f"{'.'.join(map(str, e['loc']))}: {_msg(e)}" if e["loc"] else _msg(e) for e in exc.errors())
@@ -93,6 +93,9 @@ class ModelsFile(BaseModel):
                 else str(exc)
             )
             raise ValueError(f"{path}: {problem}") from None
+        for entry in spec.models.values():  # relative to the file, as a file written beside its models says them
+            entry.path = path.parent / entry.path.expanduser()
+        return spec
 
     def groups(self, base: Settings) -> list[list[str]]:
         """The models, each alone or with those it may share a base with: members of one ensemble (or of ensembles

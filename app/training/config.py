@@ -125,6 +125,17 @@ class TrainConfig(BaseModel):
         "weights, so the reported metrics are the shipped model's.",
     )
     seed: int = Field(0, description="Seeds the head, the shuffling and subsets: vary it to see run-to-run spread.")
+    ensemble: int = Field(
+        1,
+        ge=1,
+        description="Train this many members, each on its own seed (seed + k) and bootstrap resample of the pairs, "
+        "into OUTPUT/member<k>, with OUTPUT/models.toml serving them as one ensemble (their shared base runs once).",
+    )
+    bootstrap: bool = Field(
+        False,
+        description="Train on a seeded resample of the pairs drawn with replacement (what --ensemble gives each "
+        "member, so that they differ in data as well as in seed).",
+    )
     max_train_pairs: int | None = Field(
         None, ge=1, description="Train on a seeded random subset of this many pairs: quick trials (none: all)."
     )

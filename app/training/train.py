@@ -182,6 +182,8 @@ class Trainer:
         train_pairs = load_pairs(cfg.train_file)
         if cfg.max_train_pairs is not None and cfg.max_train_pairs < len(train_pairs):
             train_pairs = random.Random(cfg.seed).sample(train_pairs, cfg.max_train_pairs)
+        if cfg.bootstrap:
+            train_pairs = random.Random(cfg.seed).choices(train_pairs, k=len(train_pairs))
         dev_pairs = load_pairs(cfg.dev_file, cfg.max_dev_pairs) if cfg.dev_file else []
         train_enc = self.examples(train_pairs, "train")
         dev_enc = self.examples(dev_pairs, "dev") if dev_pairs else []
