@@ -271,3 +271,31 @@ def test_a_grpo_trainer_step_against_the_live_server(live_server: str, tmp_path:
     assert rewards == pytest.approx(want, abs=1e-6)
     logged = next(h for h in trainer.state.log_history if "rewards/reward_server/mean" in h)
     assert logged["rewards/reward_server/mean"] == pytest.approx(sum(want) / len(want), abs=1e-5)
+
+
+class Ensemble(Picky):
+    """A fake ensemble: each item's members 1 and 1 + len(response), so its std is len(response) / 2."""
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        response = super().__call__(request)
+        body = response.json()
+        for item, reward in zip(body["items"], body["rewards"], strict=True):
+            item.update(members={"a": 1.0, "b": 1.0 + reward}, std=reward / 2)
+        return httpx.Response(response.status_code, json=body)
+
+
+def test_the_spread_is_logged_as_a_zero_weight_reward_function() -> None:
+    fake, plain = Ensemble(), Picky()
+    batch = standard_batch()
+    reward = RewardFunction(
+        RewardClient("http://fake", transport=httpx.MockTransport(fake), max_items_per_request=64), name="rm"
+    )
+    spread = reward.spread()
+    assert spread.__name__ == "rm_std"  # TRL logs it as rewards/rm_std/mean
+    rewards, spreads = reward(**batch), spread(**batch)
+    assert spreads == [r / 2 for r in rewards] and fake.calls == [6]  # read from the batch just scored
+    other = {**batch, "completions": batch["completions"][::-1]}
+    assert spread(**other) == [r / 2 for r in rewards[::-1]] and fake.calls == [6, 6]  # another batch: scored
+    single = RewardFunction(RewardClient("http://fake", transport=httpx.MockTransport(plain), max_items_per_request=64))
+    single(**batch)
+    assert single.spread()(**batch) == [None] * 6  # one model has no spread

@@ -14,9 +14,10 @@ from typing import Any, TypeVar
 
 from app.clients.client import AsyncRewardClient, RewardClient
 from app.clients.errors import RewardServerError
+from app.clients.results import ScoreResult
 from app.clients.wire import Prompt, to_item
 
-__all__ = ["DEFAULT_NAME", "FALLBACK_STATUSES", "AsyncRewardFunction", "RewardFunction", "to_items"]
+__all__ = ["DEFAULT_NAME", "FALLBACK_STATUSES", "AsyncRewardFunction", "RewardFunction", "SpreadFunction", "to_items"]
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +87,15 @@ class RewardFunction(_RewardFunctionBase):
         client, client_kwargs = _client_or_url(client, client_kwargs)
         self._owns_client = client is None
         self.client = client if client is not None else RewardClient(**client_kwargs)
+        self.last: tuple[list[dict[str, Any]], ScoreResult] | None = None  # the last batch, for `spread`
 
     def _base_url(self) -> str:
         return self.client.base_url
+
+    def spread(self, name: str | None = None) -> SpreadFunction:
+        """A companion reward function for TRL's per-function logging: give it weight 0 (`reward_weights=[1.0,
+        0.0]`) and TRL logs the ensemble's disagreement as `rewards/<name>/mean` beside the reward."""
+        return SpreadFunction(self, name or f"{self.__name__}_std")
 
     def __call__(
         self,
@@ -99,8 +106,11 @@ class RewardFunction(_RewardFunctionBase):
     ) -> list[float | None]:
         """One reward per completion; `completion_ids` and extra dataset columns are accepted and ignored."""
         items = to_items(prompts, completions)
+        self.last = None
         try:
-            return list(self.client.score(items).rewards)
+            result = self.client.score(items)
+            self.last = items, result
+            return list(result.rewards)
         except RewardServerError as error:
             if not self._falls_back(error):
                 raise
@@ -120,6 +130,23 @@ class RewardFunction(_RewardFunctionBase):
     def close(self) -> None:
         if self._owns_client:
             self.client.close()
+
+
+class SpreadFunction:
+    """Per completion, the standard deviation of an ensemble's members on it (None from a single model, or for an
+    item the server refused), read from the batch its `RewardFunction` just scored; TRL calls reward functions in
+    order on the same batch, so list it after that one (another batch is scored again)."""
+
+    def __init__(self, source: RewardFunction, name: str) -> None:
+        self.source = source
+        self.__name__ = name
+
+    def __call__(self, prompts: Sequence[Prompt], completions: Sequence[Prompt], **kwargs: Any) -> list[float | None]:
+        if self.source.last is None or self.source.last[0] != to_items(prompts, completions):
+            self.source(prompts, completions)
+        if self.source.last is None:  # scored item by item (some were refused): no spread to report
+            return [None] * len(completions)
+        return [item.std for item in self.source.last[1].items]
 
 
 class AsyncRewardFunction(_RewardFunctionBase):

@@ -125,8 +125,9 @@ async def unload(name: str, request: Request) -> Unloaded:
         await registry.released(name, settings.graceful_shutdown_s)
     except TimeoutError:
         log.warning("admin: unloading %s: requests still held it after %.0f s", name, settings.graceful_shutdown_s)
-    await served.worker.stop(settings.graceful_shutdown_s)
-    request.app.state.workers.remove(served.worker)
+    if served.worker not in registry.workers:  # a shared base's worker stops with its last member
+        await served.worker.stop(settings.graceful_shutdown_s)
+        request.app.state.workers.remove(served.worker)
     del served
     await asyncio.to_thread(_free)
     waited = round(asyncio.get_running_loop().time() - began, 3)
