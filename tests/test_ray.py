@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -18,7 +19,8 @@ import torch
 from app.clients.client import AsyncRewardClient
 from app.model.recipe import ScoringInput
 from app.model.reward_model import RewardModel
-from tests.conftest import free_port, start_server, wait_ready
+from tests import tiny
+from tests.conftest import free_port, serving, start_server, wait_ready
 
 ray = pytest.importorskip("ray")
 
@@ -39,6 +41,72 @@ def test_a_broken_checkpoint_fails_the_deployment_at_once_naming_the_file(tmp_pa
     assert proc.wait(180) == 1
     last = (tmp_path / "serve.log").read_text().strip().splitlines()[-1]
     assert last.startswith("reward-server serve --ray:") and f"CheckpointError: {broken}/config.json" in last
+
+
+@pytest.mark.slow  # a Ray cluster of its own
+def test_each_replica_serves_the_whole_models_file(tmp_path: Path) -> None:
+    """One deployment for the registry: a replica answers any model or ensemble by name, a shared base's members on
+    one worker, with the rewards and fingerprints of the single-process server; the admin API is refused there."""
+    members = tiny.build_members(tmp_path / "members", 2)
+    spec = tmp_path / "models.toml"
+    spec.write_text(
+        "".join(f'[models.m{k}]\npath = "{p}"\n' for k, p in enumerate(members))
+        + '[ensembles.both]\nmembers = ["m0", "m1"]\naggregate = "min"\n'
+    )
+    port = free_port()
+    env = {
+        **PATIENT,
+        "REWARD_MODELS_FILE": str(spec),
+        "REWARD_DTYPE": "float32",
+        "REWARD_DEVICE": "cpu",
+        "REWARD_PORT": str(port),
+        "REWARD_RAY_REPLICAS": "1",
+        "REWARD_RAY_NUM_CPUS": "1",
+        "REWARD_ADMIN_KEYS": "admin",
+    }
+    proc = start_server([sys.executable, "-m", "app.cli", "serve", "--ray"], env, port, tmp_path / "serve.log")
+    url, items = (
+        f"http://127.0.0.1:{port}",
+        [{"prompt": "Hi", "response": "Hello!"}, {"prompt": "2+2?", "response": "4"}],
+    )
+    try:
+        wait_ready(url, proc, timeout=180)
+        remote = {n: httpx.post(f"{url}/score", json={"items": items, "model": n}, timeout=60).json() for n in MODELS}
+        admin = httpx.post(
+            f"{url}/admin/models",
+            json={"name": "x", "path": str(members[0])},
+            timeout=60,
+            headers={"Authorization": "Bearer admin"},
+        )
+    finally:  # the CLI stops the cluster it started (its exit status on the way is Ray's, not what this tests)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    local = asyncio.run(_score_locally(members[0], spec, items))
+    for name in MODELS:
+        assert (remote[name]["rewards"], remote[name]["fingerprint"]) == (
+            local[name]["rewards"],
+            local[name]["fingerprint"],
+        )
+    assert [i["members"] for i in remote["both"]["items"]] == [
+        {"m0": a, "m1": b} for a, b in zip(remote["m0"]["rewards"], remote["m1"]["rewards"], strict=True)
+    ]
+    assert admin.status_code == 409 and "redeploying" in admin.json()["error"]["message"]
+
+
+MODELS = ("m0", "m1", "both")
+
+
+async def _score_locally(path: Path, spec: Path, items: list[dict[str, str]]) -> dict[str, dict[str, object]]:
+    threads = torch.get_num_threads()  # the replica runs one thread: so does this server, or fingerprints differ
+    try:
+        async with serving(path, models_file=spec, num_threads=1) as (app, client):
+            assert len(app.state.registry.workers) == 1  # the members share one base pass
+            return {n: (await client.post("/score", json={"items": items, "model": n})).json() for n in MODELS}
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

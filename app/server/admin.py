@@ -56,6 +56,11 @@ def _registry(request: Request) -> Registry:
     registry: Registry | None = getattr(request.app.state, "registry", None)
     if registry is None:
         raise ServiceError(ErrorType.not_ready, "start-up has not finished")
+    if getattr(request.app.state, "replicated", False):
+        raise ServiceError(
+            ErrorType.conflict,
+            "under Ray Serve each replica holds its own models: change them by redeploying with a new models file",
+        )
     return registry
 
 

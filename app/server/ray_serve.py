@@ -45,6 +45,7 @@ class RewardReplica:
         # then reaches the deployment status, where Ray would only say that the ASGI lifespan failed.
         model = load_model(self.settings) if self.settings.models_file is None else None  # a file: each replica all
         app = create_app(self.settings, model=model, wait=True)
+        app.state.replicated = True  # the admin API would change this replica alone: refused (redeploy instead)
         app.add_middleware(ReplicaHeader, replica=serve.get_replica_context().replica_id.unique_id)
         return app
 
