@@ -169,7 +169,10 @@ def _eval(args: argparse.Namespace) -> int:
         report = checkpoint_report(pairs, args.model, args.dtype, args.device, args.max_length)
         title = f"{args.model} on {args.data.name}"
     else:
-        report = server_report(pairs, args.url, args.api_key, args.name)
+        from app.clients import RewardClient
+
+        with RewardClient(args.url, api_key=args.api_key, timeout=600, model=args.name) as client:
+            report = server_report(pairs, client.score, client.info, args.name)
         title = f"{args.url} ({args.name or 'its default model'}) on {args.data.name}"
     report["data"] = str(args.data)
     write_report(report, args.out, title)

@@ -94,3 +94,27 @@ def test_accuracy_falls_where_the_members_disagree() -> None:
     assert report["ensemble"]["accuracy"] == pytest.approx(6 / 8)
     assert report["members"]["b"]["accuracy"] == 1.0
     assert report["mean_uncertainty"]["wrong"] > report["mean_uncertainty"]["right"]
+
+
+def test_eval_of_a_served_ensemble_reports_its_members(tmp_path: Path) -> None:
+    """`reward-server eval --url --name`: the members each answer carries become the ensemble's section."""
+    from types import SimpleNamespace
+
+    from app.training.data import PreferencePair
+    from app.training.evaluate import write_report
+    from app.training.sources import server_report
+
+    def score(items: list[tuple[str, str]]) -> SimpleNamespace:
+        out = []
+        for _, response in items:  # member a prefers long replies, b short ones
+            a, b = float(len(response)), -float(len(response))
+            out.append(SimpleNamespace(reward=(a + b) / 2 + 0.1 * a, members={"a": a, "b": b}))
+        return SimpleNamespace(rewards=[i.reward for i in out], items=out)
+
+    info = {"max_length": 64, "fingerprint": "f", "versions": {}, "model_fingerprint": "m", "kernels": {}}
+    pairs = [PreferencePair(f"q{i}", "a long reply" * (i + 1), "short") for i in range(8)]
+    report = server_report(pairs, score, lambda: info, "both")
+    assert report["ensemble"]["members"]["a"]["accuracy"] == 1.0 and report["ensemble"]["members"]["b"]["accuracy"] == 0
+    assert report["ensemble"]["ensemble"]["accuracy"] == report["overall"]["accuracy"] == 1.0
+    write_report(report, tmp_path, "t")
+    assert "Accuracy by quartile of uncertainty" in (tmp_path / "summary.md").read_text()

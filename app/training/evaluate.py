@@ -165,6 +165,10 @@ def summary_markdown(report: dict[str, Any], title: str) -> str:
             f"{m['mean_margin']:.3f} | {m['log_loss']:.3f} | {m['ece']:.3f} | {m['reward_length_correlation']:.3f} |"
         )
     lines += ["", *hacking_markdown([(name, m["reward_hacking"]) for name, m in rows])]
+    if "ensemble" in report:  # an ensemble's members and its accuracy by uncertainty
+        from app.training.ensemble import ensemble_markdown
+
+        lines += ["", *ensemble_markdown(report["ensemble"])]
     lines += ["", f"Plots: {', '.join(f'`{name}`' for name in PLOTS)}.", ""]
     return "\n".join(lines)
 

@@ -4,9 +4,9 @@ adds each member's metrics and its accuracy by uncertainty (`app.training.ensemb
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from app.model.recipe import ScoringInput
 from app.training.data import PreferencePair
@@ -28,26 +28,39 @@ def checkpoint_report(
     return report
 
 
-def server_report(pairs: Sequence[PreferencePair], url: str, api_key: str | None, name: str | None) -> dict[str, Any]:
-    from app.clients import RewardClient
+class Scored(Protocol):
+    """What the HTTP client's `score` returns (`app.clients.ScoreResult`), as read here."""
 
+    @property
+    def rewards(self) -> Sequence[float]: ...
+
+    @property
+    def items(self) -> Sequence[Any]: ...
+
+
+def server_report(
+    pairs: Sequence[PreferencePair],
+    score: Callable[[list[tuple[Any, str]]], Scored],
+    info: Callable[[], dict[str, Any]],
+    name: str | None,
+) -> dict[str, Any]:
+    """`score`, `info`: a `RewardClient`'s (for the served model `name`), which the CLI builds."""
     members: dict[str, list[float]] = {}
     combined: list[float] = []
 
-    def score(inputs: list[ScoringInput]) -> list[float]:
-        result = client.score([(x.prompt, x.response) for x in inputs])
+    def scorer(inputs: list[ScoringInput]) -> list[float]:
+        result = score([(x.prompt, x.response) for x in inputs])
         for item in result.items:
             for member, reward in (item.members or {}).items():
                 members.setdefault(member, []).append(reward)
         combined.extend(result.rewards)
-        return result.rewards
+        return list(result.rewards)
 
-    with RewardClient(url, api_key=api_key, timeout=600, model=name) as client:
-        report = evaluate(pairs, score, progress=True)
-        info = client.info()
-    report["max_length"] = info["max_length"]
-    report["fingerprint"], report["versions"] = info["fingerprint"], info["versions"]
-    report["model_fingerprint"], report["kernels"] = info["model_fingerprint"], info["kernels"]
+    report = evaluate(pairs, scorer, progress=True)
+    served = info()
+    report["max_length"] = served["max_length"]
+    report["fingerprint"], report["versions"] = served["fingerprint"], served["versions"]
+    report["model_fingerprint"], report["kernels"] = served["model_fingerprint"], served["kernels"]
     if members:
         report["ensemble"] = ensemble_report(members, combined, name or "the server's default")
     return report
