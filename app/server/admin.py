@@ -158,3 +158,16 @@ async def point(alias: Name, body: PointAlias, request: Request) -> ModelCard:
     registry.aliases[alias] = body.model
     log.info("admin: alias %s -> %s", alias, body.model)
     return registry.card(alias)
+
+
+@admin_router.delete("/aliases/{alias}", responses=ERRORS)
+async def drop(alias: str, request: Request) -> dict[str, str]:
+    """Stop resolving `alias` (409 while it is the default: requests naming no model would have none)."""
+    registry = _registry(request)
+    if alias not in registry.aliases:
+        raise ServiceError(ErrorType.model_not_found, f"{alias!r} is not an alias", "alias")
+    if registry.default == alias:
+        raise ServiceError(ErrorType.conflict, f"{alias!r} is the default", "alias")
+    del registry.aliases[alias]
+    log.info("admin: alias %s removed", alias)
+    return {"removed": alias}
