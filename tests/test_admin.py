@@ -128,7 +128,8 @@ def rss() -> int:
 async def test_unloading_gives_the_memory_back_and_aliases_come_and_go(
     tmp_path: Path, checkpoints: dict[str, Path]
 ) -> None:
-    """A model of ~125 MB of weights: unloading it returns RSS to within 10% of what loading it took."""
+    """A model of ~125 MB of weights: unloading it gives back its weights' size of RSS, to within 10%, whatever
+    earlier tests left in this process."""
     import torch
     from transformers import LlamaForSequenceClassification
 
@@ -156,5 +157,5 @@ async def test_unloading_gives_the_memory_back_and_aliases_come_and_go(
         after = rss()
     assert loaded.status_code == 201 and pointed.status_code == 200 and held.status_code == 409
     assert dropped.json() == {"removed": "spare"} and default.status_code == 409 and unloaded.status_code == 200
-    assert during - before > 100 * 2**20  # its ~125 MB of float32 weights
-    assert after - before < 0.1 * (during - before), (before, during, after)
+    weights = app.server.admin.weights_bytes(big)  # ~125 MB of float32
+    assert during - after > 0.9 * weights and after - before < 0.1 * weights, (before, during, after, weights)
