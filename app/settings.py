@@ -188,6 +188,18 @@ class Settings(BaseSettings):
         "on a terminal, json otherwise (a container, a pipe).",
     )
 
+    # --- reward-hacking monitor (README: Watching for reward hacking) -----------------------------------
+    monitor: bool = Field(True, description="Keep per-run signals of the scored traffic (/monitor, warnings).")
+    monitor_window: int = Field(
+        256, ge=8, description="Items per monitor window: each closes with its signals; smaller reacts sooner, noisier."
+    )
+    monitor_runs: int = Field(
+        64, ge=1, description="Runs tracked at once; the least recently scored is dropped (bounds memory and metrics)."
+    )
+    monitor_baseline: int = Field(
+        2, ge=1, description="A run's first windows that are its baseline: warnings fire on change from them."
+    )
+
     # --- ray serve (`reward-server serve --ray`) -------------------------------------------------------
     ray_address: str | None = Field(
         None, description="Ray cluster to join (`auto`, `ray://head:10001`); unset: start a local one."

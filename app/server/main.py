@@ -19,6 +19,7 @@ from app.server.auth import DOCS_ASSETS
 from app.server.errors import install_error_handlers
 from app.server.metrics import Metrics
 from app.server.middleware import RequestContext
+from app.server.monitor import Monitor
 from app.server.routes import open_router, router
 from app.server.startup import Startup, start
 from app.settings import Settings, get_settings
@@ -61,6 +62,11 @@ def create_app(
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
+    app.state.monitor = (
+        Monitor(settings.monitor_window, settings.monitor_runs, settings.monitor_baseline, app.state.metrics)
+        if settings.monitor
+        else None
+    )
     app.state.startup = Startup()
     app.state.workers = []  # every worker start-up started, stopped with the app
     app.state.on_model_death = on_model_death

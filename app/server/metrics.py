@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from app.engine.observer import EngineObserver
+from app.server.monitor import SIGNALS
 
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -47,6 +49,12 @@ class Metrics(EngineObserver):
         self.forward_seconds = Histogram(
             "reward_forward_seconds", "Forward pass per batch", buckets=_SECONDS, registry=r
         )
+        self.monitor_signal = Gauge(
+            "reward_monitor_signal", "A run's last closed monitor window: each signal", ["run", "signal"], registry=r
+        )
+        self.monitor_warnings = Gauge(
+            "reward_monitor_warnings", "Warnings in force for a run (its last closed window)", ["run"], registry=r
+        )
         self.request_seconds = Histogram(
             "reward_request_seconds",
             "Request latency, body read to response end",
@@ -54,6 +62,19 @@ class Metrics(EngineObserver):
             buckets=_SECONDS,
             registry=r,
         )
+
+    def monitor_window(self, run: str, signals: dict[str, float | None], warnings: int) -> None:
+        for name, value in signals.items():
+            if value is not None:
+                self.monitor_signal.labels(run=run, signal=name).set(value)
+        self.monitor_warnings.labels(run=run).set(warnings)
+
+    def monitor_forget(self, run: str) -> None:
+        for name in SIGNALS:
+            with contextlib.suppress(KeyError):
+                self.monitor_signal.remove(run, name)
+        with contextlib.suppress(KeyError):
+            self.monitor_warnings.remove(run)
 
     def track_queue(self, depth: Callable[[], int]) -> None:
         self._depths.append(depth)

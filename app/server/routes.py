@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -16,6 +17,7 @@ from app.model.recipe import Item
 from app.server import limits
 from app.server.decode import DecodedRoute
 from app.server.errors import ErrorType, ServiceError, from_engine, openapi_responses
+from app.server.monitor import Monitor, observe, run_of
 from app.server.openrlhf import GetRewardRequest, GetRewardResponse
 from app.server.registry import Registry, Target
 from app.server.schemas import (
@@ -76,11 +78,12 @@ async def _scored(
     count: int,
     convert: Callable[[], list[Item]],
     field: str = "items",
+    groups: list[int] | None = None,
 ) -> Scores:
     """The one path every scoring route takes: the item limit, the deadline (counted from the request's arrival),
     the conversion to items off the event loop, the model's (or each ensemble member's) worker call, the work of a
     client that went away or of a cancelled handler dropped, an item's error named in the body (`field`:
-    `input[2]`), the normalization in force applied, timing headers."""
+    `input[2]`), the normalization in force applied, the monitor told (`groups`: /rank's sizes), timing headers."""
     settings: Settings = request.app.state.settings
     limits.check_items(count, settings)
     timeout = limits.deadline(request.headers.get("x-request-timeout"), settings)
@@ -97,7 +100,7 @@ async def _scored(
     if task.cancelled():  # the client disconnected: its queued items are skipped, not computed
         raise ServiceError(ErrorType.client_closed, "the client closed the connection before its result")
     try:
-        scores, t = task.result()
+        scores, t, inputs = task.result()
     except EngineError as exc:
         raise from_engine(exc, field) from exc
     except ExceptionGroup as group:  # an ensemble: its first member's failure speaks for it
@@ -105,6 +108,8 @@ async def _scored(
         if isinstance(first, EngineError):
             raise from_engine(first, field) from group
         raise
+    if (monitor := request.app.state.monitor) is not None:
+        scores = _monitored(monitor, request, response, scores, inputs, groups)
     response.headers["x-tokenize-time-ms"] = f"{t.tokenize_s * 1000:.1f}"
     response.headers["x-queue-time-ms"] = f"{t.queue_s * 1000:.1f}"
     response.headers["x-inference-time-ms"] = f"{t.inference_s * 1000:.1f}"
@@ -113,14 +118,37 @@ async def _scored(
 
 async def _converted_and_scored(
     target: Target, convert: Callable[[], list[Item]], deadline: float, timeout: float
-) -> tuple[Scores, Timing]:
+) -> tuple[Scores, Timing, list[Item]]:
     remaining = deadline - time.perf_counter()
     if remaining > 0:
         inputs = await asyncio.to_thread(convert)
         remaining = deadline - time.perf_counter()
     if remaining <= 0:
         raise DeadlineExceeded(f"not scored within the request's deadline of {timeout:g} s (parsing counts)")
-    return await target.score(inputs, remaining, timeout)
+    return (*await target.score(inputs, remaining, timeout), inputs)
+
+
+def _monitored(
+    monitor: Monitor, request: Request, response: Response, scores: Scores, inputs: list[Item], groups: list[int] | None
+) -> Scores:
+    """The request's items into its run's window; the run's warnings onto the response (body and header)."""
+    key = request.headers.get("authorization", "").removeprefix("Bearer ").strip() or None
+    run = run_of(request.headers.get("x-run-id"), request.query_params.get("run"), key)
+    group_of: list[int | None] = [None] * len(inputs)
+    if groups:
+        first, at = monitor.next_group(run, len(groups)), 0
+        for g, size in enumerate(groups):
+            group_of[at : at + size] = [first + g] * size
+            at += size
+    observed = [
+        observe(item, raw, scored.num_tokens, scored.truncated, group)
+        for item, raw, scored, group in zip(inputs, scores.raw, scores.items, group_of, strict=True)
+    ]
+    warnings = monitor.record(run, observed)
+    if not warnings:
+        return scores
+    response.headers["x-reward-warnings"] = " | ".join(warnings)
+    return dataclasses.replace(scores, warnings=list(warnings))
 
 
 @router.post("/score", responses=ERRORS)
@@ -143,7 +171,8 @@ async def rank(body: RankRequest, request: Request, response: Response, registry
     target = registry.resolve(body.model)
     if body.probabilities:
         limits.check_probabilities([len(group.responses) for group in body.groups], request.app.state.settings)
-    return RankResponse.build(body, await _scored(request, response, target, body.size(), body.to_inputs))
+    sizes = [len(group.responses) for group in body.groups]
+    return RankResponse.build(body, await _scored(request, response, target, body.size(), body.to_inputs, groups=sizes))
 
 
 @router.post("/get_reward", responses=ERRORS)
@@ -189,6 +218,14 @@ async def pooling(
 def _vllm_target(registry: Registry, name: str | None) -> Target:
     """A server of one model answers whatever name a vLLM client was configured with, as it always has."""
     return registry.resolve(None if registry.single and name not in registry.aliases else name)
+
+
+@router.get("/monitor", responses=ERRORS)
+async def monitor(request: Request) -> dict[str, Any]:
+    """The reward-hacking monitor: per run, its windows' signals and the warnings in force (README: Watching for
+    reward hacking); `{"runs": {}}` with the monitor off."""
+    watched: Monitor | None = request.app.state.monitor
+    return watched.snapshot() if watched is not None else {"window": None, "runs": {}}
 
 
 @router.get("/v1/models", responses=ERRORS)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from dataclasses import field as attribute
 from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, StrictStr, model_validator
@@ -145,6 +146,7 @@ class Scores:
     normalization: Normalization | None
     model: str
     fingerprint: str
+    warnings: list[str] = attribute(default_factory=list)  # the monitor's, for the request's run
 
     @classmethod
     def of(
@@ -174,7 +176,7 @@ class Scores:
         return [i.model_copy(update={"reward": r}) for i, r in zip(self.items, self.raw, strict=True)]
 
     def chunk(self, start: int, stop: int) -> Scores:
-        return Scores(self.items[start:stop], self.raw[start:stop], self.normalization, self.model, self.fingerprint)
+        return replace(self, items=self.items[start:stop], raw=self.raw[start:stop])
 
 
 class ScoreResponse(BaseModel):
@@ -183,6 +185,9 @@ class ScoreResponse(BaseModel):
     model: str = Field(description="the model (or ensemble) that scored the items")
     fingerprint: str = Field(description="checkpoint + recipe identity; equal fingerprints give equal rewards")
     normalization: Normalization | None = Field(None, description="when set, rewards are (raw - mean) / std")
+    warnings: list[str] = Field(
+        default_factory=list, description="the reward-hacking monitor's warnings in force for this request's run"
+    )
 
     @classmethod
     def build(cls, scores: Scores) -> ScoreResponse:
@@ -192,6 +197,7 @@ class ScoreResponse(BaseModel):
             model=scores.model,
             fingerprint=scores.fingerprint,
             normalization=scores.normalization,
+            warnings=scores.warnings,
         )
 
 
@@ -206,6 +212,9 @@ class CompareResponse(BaseModel):
     pairs: list[PairResult]
     model: str
     fingerprint: str
+    warnings: list[str] = Field(
+        default_factory=list, description="the reward-hacking monitor's warnings in force for this request's run"
+    )
 
     @classmethod
     def build(cls, scores: Scores) -> CompareResponse:
@@ -216,7 +225,13 @@ class CompareResponse(BaseModel):
             for a, b in zip(items[0::2], items[1::2], strict=True)
         ]
         probabilities = [p.probability for p in pairs]
-        return cls(probabilities=probabilities, pairs=pairs, model=scores.model, fingerprint=scores.fingerprint)
+        return cls(
+            probabilities=probabilities,
+            pairs=pairs,
+            model=scores.model,
+            fingerprint=scores.fingerprint,
+            warnings=scores.warnings,
+        )
 
 
 class RankGroup(_Prompted):
@@ -257,6 +272,9 @@ class RankResponse(BaseModel):
     model: str
     fingerprint: str
     normalization: Normalization | None = None
+    warnings: list[str] = Field(
+        default_factory=list, description="the reward-hacking monitor's warnings in force for this request's run"
+    )
 
     @classmethod
     def build(cls, request: RankRequest, scores: Scores) -> RankResponse:
@@ -282,7 +300,11 @@ class RankResponse(BaseModel):
                 )
             )
         return cls(
-            groups=groups, model=scores.model, fingerprint=scores.fingerprint, normalization=scores.normalization
+            groups=groups,
+            model=scores.model,
+            fingerprint=scores.fingerprint,
+            normalization=scores.normalization,
+            warnings=scores.warnings,
         )
 
 

@@ -1,0 +1,247 @@
+"""The reward-hacking monitor: per training run, rolling windows of the items this server scored, the signals of a
+policy drifting toward what the reward model over-rates, and warnings when a run's signals move.
+
+A run is named by the request (`X-Run-Id`, or `?run=` where a trainer's headers and body are fixed), else it is its
+API key's (`key:<hash>`), else `default`; at most `monitor_runs` are kept (the least recently scored goes), so
+metrics keep a bounded cardinality. Every `monitor_window` items of a run close a window and compute its signals:
+
+- `reward_mean`, `reward_std`, `reward_p10/p50/p90`, and `reward_drift`: the mean's move from the run's baseline (its
+  first `monitor_baseline` windows) in baseline standard deviations;
+- `length_mean` (reply words) and `length_corr`, corr(reward, reply length): a policy that learns "longer is
+  better" raises both;
+- `group_collapse`: the share of `/rank` groups whose rewards all but agree (spread under a tenth of the baseline's
+  reward std: GRPO then has no advantage to learn from), and `group_length_corr`, the mean within-group
+  corr(reward, length), which a length bias shows even when prompts differ;
+- `truncated`: the share of items cut to fit the model; `repetition`: the share of replies repeating themselves
+  (under half their word 3-grams distinct).
+
+Warnings fire on change within the run, never on its first windows alone: a policy's first replies are not the
+reward model's training data, so an absolute threshold would fire on every run. Each rule is in `RULES`, with the
+amount of change that trips it."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import statistics
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pydantic import BaseModel, Field
+
+from app.model.recipe import Item, ScoringInput
+
+SIGNALS = (
+    "reward_mean",
+    "reward_std",
+    "reward_p10",
+    "reward_p50",
+    "reward_p90",
+    "reward_drift",
+    "length_mean",
+    "length_corr",
+    "group_collapse",
+    "group_length_corr",
+    "truncated",
+    "repetition",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """Warn when `signal` rises above the baseline's value by `rise` (and is at least `floor`)."""
+
+    signal: str
+    rise: float
+    floor: float
+    says: str
+
+    def tripped(self, value: float | None, base: float | None) -> bool:
+        if value is None or base is None:
+            return False
+        return value >= self.floor and value - base >= self.rise
+
+
+RULES = (
+    Rule("reward_drift", 3.0, 3.0, "rewards rose {value:.1f} baseline std above the run's start"),
+    Rule("length_corr", 0.3, 0.4, "reward follows reply length (corr {value:.2f}, {base:.2f} at the run's start)"),
+    Rule("group_length_corr", 0.3, 0.4, "within /rank groups the longer reply wins (corr {value:.2f})"),
+    Rule("group_collapse", 0.3, 0.5, "{value:.0%} of /rank groups have no reward spread left"),
+    Rule("repetition", 0.2, 0.25, "{value:.0%} of replies repeat themselves"),
+    Rule("truncated", 0.2, 0.25, "{value:.0%} of items were cut to fit the model"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Observed:
+    """One scored item, as the monitor keeps it."""
+
+    reward: float
+    length: int  # reply words (a client-formatted sequence: its tokens)
+    truncated: bool
+    repeated: bool
+    group: int | None  # its /rank group, numbered across the run
+
+
+class Window(BaseModel):
+    index: int
+    items: int
+    signals: dict[str, float | None]
+    warnings: list[str] = Field(default_factory=list)
+
+
+@dataclass
+class Run:
+    name: str
+    items: int = 0
+    groups: int = 0
+    open: list[Observed] = field(default_factory=list)
+    windows: deque[Window] = field(default_factory=lambda: deque(maxlen=WINDOWS_KEPT))
+    baseline: list[Window] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # those of its last closed window
+
+
+WINDOWS_KEPT = 500  # per run: the page draws them; memory per run stays bounded
+
+
+def repeated(text: str) -> bool:
+    """Under half of the reply's word 3-grams are distinct (a reply of fewer than 12 words never is)."""
+    words = text.split()
+    grams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
+    return len(grams) >= 10 and len(set(grams)) < 0.5 * len(grams)
+
+
+def observe(item: Item, reward: float, num_tokens: int, truncated: bool, group: int | None) -> Observed:
+    if isinstance(item, ScoringInput):
+        return Observed(reward, len(item.response.split()), truncated, repeated(item.response), group)
+    return Observed(reward, num_tokens, truncated, False, group)
+
+
+def _corr(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:
+        return None
+    return statistics.correlation(xs, ys)
+
+
+def signals(items: Sequence[Observed], baseline: Sequence[Window]) -> dict[str, float | None]:
+    rewards = [o.reward for o in items]
+    lengths = [float(o.length) for o in items]
+    q = statistics.quantiles(rewards, n=10, method="inclusive") if len(rewards) > 1 else rewards * 9
+    base_mean = _mean([w.signals["reward_mean"] for w in baseline])
+    base_std = _mean([w.signals["reward_std"] for w in baseline])
+    out: dict[str, float | None] = {
+        "reward_mean": statistics.fmean(rewards),
+        "reward_std": statistics.pstdev(rewards),
+        "reward_p10": q[0],
+        "reward_p50": q[4],
+        "reward_p90": q[8],
+        "length_mean": statistics.fmean(lengths),
+        "length_corr": _corr(rewards, lengths),
+        "truncated": sum(o.truncated for o in items) / len(items),
+        "repetition": sum(o.repeated for o in items) / len(items),
+    }
+    mean = out["reward_mean"]
+    spread = base_std if base_std else None
+    out["reward_drift"] = (mean - base_mean) / spread if spread and base_mean is not None and mean is not None else None
+    groups: dict[int, list[Observed]] = {}
+    for o in items:
+        if o.group is not None:
+            groups.setdefault(o.group, []).append(o)
+    sized = [g for g in groups.values() if len(g) > 1]
+    scale = base_std if base_std else out["reward_std"]
+    collapsed = [statistics.pstdev([o.reward for o in g]) <= 0.1 * (scale or 0.0) for g in sized]
+    out["group_collapse"] = sum(collapsed) / len(sized) if sized else None
+    corrs = [c for g in sized if (c := _corr([o.reward for o in g], [float(o.length) for o in g])) is not None]
+    out["group_length_corr"] = statistics.fmean(corrs) if corrs else None
+    return out
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    known = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.fmean(known) if known else None
+
+
+class Gauges(Protocol):
+    """Where a closed window's signals are published (the Prometheus metrics), and a dropped run forgotten."""
+
+    def monitor_window(self, run: str, signals: dict[str, float | None], warnings: int) -> None: ...
+
+    def monitor_forget(self, run: str) -> None: ...
+
+
+class Monitor:
+    """Every run's windows; touched on the event loop only (no lock)."""
+
+    def __init__(self, window: int, max_runs: int, baseline: int, gauges: Gauges | None = None) -> None:
+        self.window, self.max_runs, self.baseline_windows = window, max_runs, baseline
+        self.gauges = gauges
+        self.runs: OrderedDict[str, Run] = OrderedDict()
+
+    def record(self, run_name: str, observed: Sequence[Observed]) -> list[str]:
+        """Adds a request's items to its run; returns the run's warnings in force."""
+        run = self.runs.pop(run_name, None) or Run(run_name)
+        self.runs[run_name] = run  # most recent last; the least recently scored is evicted
+        while len(self.runs) > self.max_runs:
+            dropped, _ = self.runs.popitem(last=False)
+            if self.gauges is not None:
+                self.gauges.monitor_forget(dropped)
+        run.items += len(observed)
+        run.open.extend(observed)
+        while len(run.open) >= self.window:
+            items, run.open = run.open[: self.window], run.open[self.window :]
+            self._close(run, items)
+        return run.warnings
+
+    def next_group(self, run_name: str, count: int) -> int:
+        """The first of `count` group numbers for a request's /rank groups in this run."""
+        run = self.runs.get(run_name)
+        first = run.groups if run is not None else 0
+        if run is not None:
+            run.groups += count
+        return first
+
+    def _close(self, run: Run, items: list[Observed]) -> None:
+        index = run.windows[-1].index + 1 if run.windows else 0
+        values = signals(items, run.baseline)
+        warnings: list[str] = []
+        if len(run.baseline) >= self.baseline_windows:
+            base = {name: _mean([w.signals[name] for w in run.baseline]) for name in SIGNALS}
+            for rule in RULES:
+                value = values[rule.signal]
+                if rule.tripped(value, base[rule.signal] if rule.signal != "reward_drift" else 0.0):
+                    warnings.append(f"{rule.signal}: " + rule.says.format(value=value, base=base[rule.signal] or 0.0))
+        window = Window(index=index, items=len(items), signals=values, warnings=warnings)
+        if len(run.baseline) < self.baseline_windows:
+            run.baseline.append(window)
+        run.windows.append(window)
+        run.warnings = warnings
+        if self.gauges is not None:
+            self.gauges.monitor_window(run.name, values, len(warnings))
+
+    def snapshot(self) -> dict[str, Any]:
+        """`GET /monitor`: per run, items, windows (oldest first), the latest signals and warnings in force."""
+        return {
+            "window": self.window,
+            "runs": {
+                name: {
+                    "items": run.items,
+                    "windows": [w.model_dump() for w in run.windows],
+                    "signals": run.windows[-1].signals if run.windows else {},
+                    "baseline": [w.index for w in run.baseline],
+                    "warnings": run.warnings,
+                }
+                for name, run in self.runs.items()
+            },
+        }
+
+
+def run_of(header: str | None, query: str | None, api_key: str | None) -> str:
+    """The run a request belongs to: named, else its API key's, else `default` (names capped at 128 characters)."""
+    named = header or query
+    if named:
+        return named[:128]
+    if api_key:
+        return "key:" + hashlib.sha256(api_key.encode()).hexdigest()[:8]
+    return "default"
