@@ -210,10 +210,13 @@ async def test_verl_logs_an_ensembles_spread_and_members() -> None:
         "score": 0.5,
         "reward_num_tokens": 7.0,
         "reward_truncated": 0.0,
+        "reward_monitor_warnings": 0.0,
         "reward_std": 0.5,
         "reward_member_a": 1.0,
         "reward_member_b": 0.0,
     }
-    assert set(verl._fields(ItemScore(0.5, 7, False))) == {"score", "reward_num_tokens", "reward_truncated"}
-    chosen = verl._client("http://127.0.0.1:9", None, 5.0, "safe")
-    assert chosen.model == "safe" and verl._client("http://127.0.0.1:9", None, 5.0, None).model is None
+    plain = {"score", "reward_num_tokens", "reward_truncated", "reward_monitor_warnings"}
+    assert set(verl._fields(ItemScore(0.5, 7, False))) == plain
+    chosen = verl._client("http://127.0.0.1:9", None, 5.0, "safe", "ppo-1")
+    assert chosen.model == "safe" and chosen.run == "ppo-1"
+    assert verl._client("http://127.0.0.1:9", None, 5.0, None, None).model is None

@@ -65,7 +65,12 @@ async def test_get_reward_splits_the_prompt_off_the_query(make_client: Any) -> N
     body = r.json()
     assert body["rewards"] == pytest.approx(want, abs=1e-5) and body["scores"] == body["rewards"]
     readings = client.app.state.registry.resolve(None).reader.readings
-    logs = {"reward_num_tokens", "reward_truncated", *(f"reward_read_as_{r}" for r in readings)}
+    logs = {
+        "reward_num_tokens",
+        "reward_truncated",
+        "reward_monitor_warnings",
+        *(f"reward_read_as_{r}" for r in readings),
+    }
     assert set(body["extra_logs"]) == logs and body["read_as"] == ["text", "text"]
     assert body["extra_logs"]["reward_read_as_text"] == [1.0, 1.0] and body["extra_logs"]["reward_read_as_raw"] == [
         0,

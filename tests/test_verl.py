@@ -19,7 +19,7 @@ from tests import tiny
 
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Where is Paris?"}]
 REPLIES = ["In France.", "It is in Texas, I believe, though there is another one somewhere."]
-KEYS = {"score", "reward_num_tokens", "reward_truncated"}
+KEYS = {"score", "reward_num_tokens", "reward_truncated", "reward_monitor_warnings"}
 
 
 def score(url: str, items: list[dict[str, Any]]) -> list[float]:

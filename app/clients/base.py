@@ -80,7 +80,10 @@ class BaseClient:
         max_items_per_request: int | None,
         resend_timeouts: bool,
         model: str | None,
+        run: str | None = None,
     ) -> None:
+        """`model`: the served model every call names; `run`: the training run it belongs to (`X-Run-Id`), which the
+        server's reward-hacking monitor keeps apart."""
         if (max_retries is not None and max_retries < 0) or min(retry_budget_s, backoff_base, backoff_max) < 0:
             raise ValueError("max_retries, retry_budget_s, backoff_base and backoff_max must be >= 0")
         if max_items_per_request is not None and max_items_per_request < 1:
@@ -99,6 +102,9 @@ class BaseClient:
         self._headers = {"Accept": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
+        self.run = run
+        if run:
+            self._headers["X-Run-Id"] = run
         self._limit: int | None = max_items_per_request
         self._limit_known = max_items_per_request is not None
         self._rng = random.Random()

@@ -37,6 +37,7 @@ class RewardClient(BaseClient):
         max_items_per_request: int | None = None,
         resend_timeouts: bool = False,
         model: str | None = None,
+        run: str | None = None,
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -51,6 +52,7 @@ class RewardClient(BaseClient):
             max_items_per_request,
             resend_timeouts,
             model,
+            run,
         )
         self._sleep = sleep
         self._http = httpx.Client(base_url=self.base_url, headers=self._headers, timeout=timeout, transport=transport)
@@ -131,6 +133,7 @@ class AsyncRewardClient(BaseClient):
         max_items_per_request: int | None = None,
         resend_timeouts: bool = False,
         model: str | None = None,
+        run: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         max_concurrency: int = 4,
@@ -146,6 +149,7 @@ class AsyncRewardClient(BaseClient):
             max_items_per_request,
             resend_timeouts,
             model,
+            run,
         )
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be >= 1")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from app.clients.errors import RewardServerError
@@ -41,6 +41,7 @@ class ScoreResult:
     items: list[ItemScore]
     fingerprint: str
     model: str | None = None  # the model (or ensemble) that scored them; None from a server before registries
+    warnings: list[str] = field(default_factory=list)  # the server's reward-hacking monitor's, for this run
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,9 +113,8 @@ def one_fingerprint(bodies: Sequence[Body]) -> str:
 def score_result(bodies: Sequence[Body]) -> ScoreResult:
     fingerprint = one_fingerprint(bodies)
     items = [ItemScore.from_json(i) for b in bodies for i in b["items"]]
-    return ScoreResult(
-        rewards=[i.reward for i in items], items=items, fingerprint=fingerprint, model=bodies[0].get("model")
-    )
+    warnings = list(dict.fromkeys(w for b in bodies for w in b.get("warnings", [])))
+    return ScoreResult([i.reward for i in items], items, fingerprint, bodies[0].get("model"), warnings)
 
 
 def compare_result(bodies: Sequence[Body]) -> CompareResult:

@@ -52,6 +52,7 @@ class _RewardFunctionBase:
     def __init__(self, name: str, fallback_statuses: frozenset[int]) -> None:
         self.__name__ = name  # TRL logs each reward function's metrics under its __name__
         self.fallback_statuses = fallback_statuses
+        self.warned: set[str] = set()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.__name__!r}, base_url={self._base_url()!r})"
@@ -61,6 +62,13 @@ class _RewardFunctionBase:
 
     def _falls_back(self, error: RewardServerError) -> bool:
         return error.status_code in self.fallback_statuses
+
+    def _warn(self, warnings: Sequence[str]) -> None:
+        """The server's reward-hacking warnings for this run, into the trainer's log as they start (not every step)."""
+        for warning in warnings:
+            if warning not in self.warned:
+                log.warning("%s: the reward server warns: %s", self, warning)
+        self.warned = set(warnings)
 
     def _log_refused(self, results: Sequence[float | None], first: RewardServerError | None) -> None:
         refused = sum(r is None for r in results)
@@ -110,6 +118,7 @@ class RewardFunction(_RewardFunctionBase):
         try:
             result = self.client.score(items)
             self.last = items, result
+            self._warn(result.warnings)
             return list(result.rewards)
         except RewardServerError as error:
             if not self._falls_back(error):
@@ -188,7 +197,9 @@ class AsyncRewardFunction(_RewardFunctionBase):
         """One reward per completion; `completion_ids` and extra dataset columns are accepted and ignored."""
         items = to_items(prompts, completions)
         try:
-            return list((await self.client.score(items)).rewards)
+            result = await self.client.score(items)
+            self._warn(result.warnings)
+            return list(result.rewards)
         except RewardServerError as error:
             if not self._falls_back(error):
                 raise

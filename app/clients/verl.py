@@ -26,18 +26,18 @@ from app.clients.client import AsyncRewardClient
 from app.clients.results import ItemScore
 
 DEFAULT_TIMEOUT_S = 180.0
-Key = tuple[str, str | None, float, str | None]
+Key = tuple[str, str | None, float, str | None, str | None]
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Key, AsyncRewardClient]]
 _clients = weakref.WeakKeyDictionary()
 
 
-def _client(url: str, api_key: str | None, timeout_s: float, model: str | None) -> AsyncRewardClient:
-    """One connection pool per event loop, server and model, made on first use (verl may call from several
+def _client(url: str, api_key: str | None, timeout_s: float, model: str | None, run: str | None) -> AsyncRewardClient:
+    """One connection pool per event loop, server, model and run, made on first use (verl may call from several
     loops)."""
     per_loop = _clients.setdefault(asyncio.get_running_loop(), {})
-    key = (url, api_key, timeout_s, model)
+    key = (url, api_key, timeout_s, model, run)
     if key not in per_loop:
-        per_loop[key] = AsyncRewardClient(url, api_key=api_key, timeout=timeout_s, model=model)
+        per_loop[key] = AsyncRewardClient(url, api_key=api_key, timeout=timeout_s, model=model, run=run)
     return per_loop[key]
 
 
@@ -52,12 +52,14 @@ def conversation(prompt: Any, reply: str) -> dict[str, Any]:
     return {"messages": [*messages, {"role": "assistant", "content": reply}]}
 
 
-def _fields(result: ItemScore) -> dict[str, float]:
-    """What verl logs per sample; an ensemble adds its spread and each member's reward."""
+def _fields(result: ItemScore, warnings: int = 0) -> dict[str, float]:
+    """What verl logs per sample: the monitor's warnings in force for the run; an ensemble adds its spread and each
+    member's reward."""
     fields = {
         "score": result.reward,
         "reward_num_tokens": float(result.num_tokens),
         "reward_truncated": float(result.truncated),
+        "reward_monitor_warnings": float(warnings),
     }
     if result.std is not None:
         fields["reward_std"] = result.std
@@ -66,10 +68,10 @@ def _fields(result: ItemScore) -> dict[str, float]:
 
 
 async def _score(
-    item: dict[str, Any], url: str, api_key: str | None, timeout_s: float, model: str | None
+    item: dict[str, Any], url: str, api_key: str | None, timeout_s: float, model: str | None, run: str | None
 ) -> dict[str, float]:
-    result = await _client(url, api_key, timeout_s, model).score([item])
-    return _fields(result.items[0])
+    result = await _client(url, api_key, timeout_s, model, run).score([item])
+    return _fields(result.items[0], len(result.warnings))
 
 
 async def compute_score(
@@ -83,6 +85,7 @@ async def compute_score(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     prompt_key: str = "question",
     model: str | None = None,
+    run: str | None = None,
     **kwargs: Any,
 ) -> dict[str, float]:
     """verl's custom reward function: `{"score": reward, "reward_num_tokens", "reward_truncated"}` for one sample
@@ -97,13 +100,14 @@ async def compute_score(
             f"extra_info has neither 'raw_prompt' nor {prompt_key!r}: put the prompt in the dataset's extra_info, "
             "or name its key with +reward.custom_reward_function.reward_kwargs.prompt_key=..."
         )
-    return await _score(conversation(prompt, solution_str), url, api_key, timeout_s, model)
+    return await _score(conversation(prompt, solution_str), url, api_key, timeout_s, model, run)
 
 
 class ServerRewardManager:
     """verl's reward-loop manager: each sample's `raw_prompt` messages plus its decoded reply, scored by the server.
 
-    Options from `reward.reward_kwargs` (`url`, `api_key`, `timeout_s`, `model`). Built by verl as
+    Options from `reward.reward_kwargs` (`url`, `api_key`, `timeout_s`, `model`, `run`: by default the trainer's
+    `trainer.experiment_name`, which the server's monitor keeps apart). Built by verl as
     `(config, tokenizer, compute_score, reward_router_address=None, reward_model_tokenizer=None)`. It has the
     interface of verl's `RewardManagerBase` without subclassing it, so this module imports no torch (verl's tensors
     come in through `data`)."""
@@ -125,6 +129,8 @@ class ServerRewardManager:
         self.api_key = options.get("api_key")
         self.timeout_s = float(options.get("timeout_s", DEFAULT_TIMEOUT_S))
         self.model: str | None = options.get("model")
+        trainer = config.get("trainer") or {}
+        self.run: str | None = options.get("run") or trainer.get("experiment_name")
 
     async def run_single(self, data: Any) -> dict[str, Any]:
         item = data[-1:][0]  # as verl's own managers: several sequences of one sample score the last one
@@ -134,7 +140,8 @@ class ServerRewardManager:
         prompt = item.non_tensor_batch.get("raw_prompt")
         if prompt is None:
             raise ValueError("the batch has no raw_prompt: set data.return_raw_chat=True")
-        fields = await _score(conversation(prompt, reply), self.url, self.api_key, self.timeout_s, self.model)
+        item = conversation(prompt, reply)
+        fields = await _score(item, self.url, self.api_key, self.timeout_s, self.model, self.run)
         score = fields.pop("score")
         return {"reward_score": score, "reward_extra_info": {"score": score, **fields}}
 

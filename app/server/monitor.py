@@ -24,10 +24,10 @@ from __future__ import annotations
 import hashlib
 import math
 import statistics
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, Field
 
@@ -51,27 +51,45 @@ SIGNALS = (
 
 @dataclass(frozen=True, slots=True)
 class Rule:
-    """Warn when `signal` rises above the baseline's value by `rise` (and is at least `floor`)."""
+    """When a window's `signal` has moved up from the run's baseline by more than chance explains.
+
+    `share`s (of items or groups) trip at a rise of at least 0.2 and 3 binomial standard errors; correlations when
+    Fisher's z rose by 3 standard errors (1/sqrt(n - 3) for the window and for the baseline's pooled items) and the
+    correlation is at least `floor`; `reward_drift` is already in baseline standard deviations of single rewards."""
 
     signal: str
-    rise: float
+    kind: Literal["share", "corr", "drift"]
     floor: float
     says: str
 
-    def tripped(self, value: float | None, base: float | None) -> bool:
-        if value is None or base is None:
+    def tripped(self, value: float | None, base: float | None, n: int, n_base: int) -> bool:
+        if value is None or value < self.floor:
             return False
-        return value >= self.floor and value - base >= self.rise
+        if self.kind == "drift":
+            return True
+        if base is None or n < 4 or n_base < 4:
+            return False
+        if self.kind == "share":
+            return value - base >= max(0.2, 3 * math.sqrt(base * (1 - base) / n))
+        clip = lambda r: math.atanh(max(-0.999, min(0.999, r)))  # noqa: E731
+        return clip(value) - clip(base) >= 3 * math.sqrt(1 / (n - 3) + 1 / (n_base - 3))
 
 
 RULES = (
-    Rule("reward_drift", 3.0, 3.0, "rewards rose {value:.1f} baseline std above the run's start"),
-    Rule("length_corr", 0.3, 0.4, "reward follows reply length (corr {value:.2f}, {base:.2f} at the run's start)"),
-    Rule("group_length_corr", 0.3, 0.4, "within /rank groups the longer reply wins (corr {value:.2f})"),
-    Rule("group_collapse", 0.3, 0.5, "{value:.0%} of /rank groups have no reward spread left"),
-    Rule("repetition", 0.2, 0.25, "{value:.0%} of replies repeat themselves"),
-    Rule("truncated", 0.2, 0.25, "{value:.0%} of items were cut to fit the model"),
+    Rule("reward_drift", "drift", 3.0, "rewards rose {value:.1f} baseline std above the run's start"),
+    Rule("length_corr", "corr", 0.3, "reward follows reply length (corr {value:.2f}, {base:.2f} at the run's start)"),
+    Rule("group_length_corr", "corr", 0.3, "within /rank groups the longer reply wins (corr {value:.2f})"),
+    Rule("group_collapse", "share", 0.3, "{value:.0%} of /rank groups have no reward spread left"),
+    Rule("repetition", "share", 0.25, "{value:.0%} of replies repeat themselves"),
+    Rule("truncated", "share", 0.25, "{value:.0%} of items were cut to fit the model"),
 )
+
+
+def sample_size(signal: str, window: Window) -> int:
+    """What a signal of `window` is computed over: items, groups, or items less one per group (pooled within)."""
+    return {"group_collapse": window.groups, "group_length_corr": window.items - window.groups}.get(
+        signal, window.items
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +106,7 @@ class Observed:
 class Window(BaseModel):
     index: int
     items: int
+    groups: int = Field(description="/rank groups of two or more items among them")
     signals: dict[str, float | None]
     warnings: list[str] = Field(default_factory=list)
 
@@ -153,8 +172,12 @@ def signals(items: Sequence[Observed], baseline: Sequence[Window]) -> dict[str, 
     scale = base_std if base_std else out["reward_std"]
     collapsed = [statistics.pstdev([o.reward for o in g]) <= 0.1 * (scale or 0.0) for g in sized]
     out["group_collapse"] = sum(collapsed) / len(sized) if sized else None
-    corrs = [c for g in sized if (c := _corr([o.reward for o in g], [float(o.length) for o in g])) is not None]
-    out["group_length_corr"] = statistics.fmean(corrs) if corrs else None
+    within_r, within_l = [], []  # deviations from each group's means: the pooled within-group correlation
+    for g in sized:
+        mean_r, mean_l = statistics.fmean(o.reward for o in g), statistics.fmean(o.length for o in g)
+        within_r += [o.reward - mean_r for o in g]
+        within_l += [o.length - mean_l for o in g]
+    out["group_length_corr"] = _corr(within_r, within_l)
     return out
 
 
@@ -205,14 +228,18 @@ class Monitor:
     def _close(self, run: Run, items: list[Observed]) -> None:
         index = run.windows[-1].index + 1 if run.windows else 0
         values = signals(items, run.baseline)
-        warnings: list[str] = []
+        sizes = Counter(o.group for o in items if o.group is not None)
+        groups = sum(size > 1 for size in sizes.values())
+        window = Window(index=index, items=len(items), groups=groups, signals=values)
         if len(run.baseline) >= self.baseline_windows:
-            base = {name: _mean([w.signals[name] for w in run.baseline]) for name in SIGNALS}
             for rule in RULES:
+                base = _mean([w.signals[rule.signal] for w in run.baseline])
+                n_base = sum(sample_size(rule.signal, w) for w in run.baseline)
                 value = values[rule.signal]
-                if rule.tripped(value, base[rule.signal] if rule.signal != "reward_drift" else 0.0):
-                    warnings.append(f"{rule.signal}: " + rule.says.format(value=value, base=base[rule.signal] or 0.0))
-        window = Window(index=index, items=len(items), signals=values, warnings=warnings)
+                if rule.tripped(value, base, sample_size(rule.signal, window), n_base):
+                    said = rule.says.format(value=value, base=base or 0.0)
+                    window.warnings.append(f"{rule.signal}: {said}")
+        warnings = window.warnings
         if len(run.baseline) < self.baseline_windows:
             run.baseline.append(window)
         run.windows.append(window)

@@ -94,6 +94,7 @@ class GetRewardResponse(BaseModel):
         logs = {
             "reward_num_tokens": [float(i.num_tokens) for i in items],
             "reward_truncated": [float(i.truncated) for i in items],
+            "reward_monitor_warnings": [float(len(scores.warnings))] * len(items),  # for the run (`?run=` in the URL)
         }
         if items and isinstance(items[0], EnsembleItemScore):  # an ensemble: its spread, and each member's reward
             logs["reward_std"] = [i.std for i in items if isinstance(i, EnsembleItemScore)]

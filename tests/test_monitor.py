@@ -1,0 +1,92 @@
+"""The reward-hacking monitor: runs are kept apart (named, by key, bounded), windows close with their signals, and a
+scripted policy whose replies drift (groups that stop differing, repeated text, replies past the model's length)
+raises each signal's warning within a window of its onset, through the server as a trainer calls it, while a clean
+run raises none."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.server.monitor import Monitor, Observed, repeated, run_of, signals
+from tests.conftest import ROOT, serving
+
+PAIRS = [json.loads(line) for line in (ROOT / "examples/data/dev.jsonl").read_text().splitlines()]
+PROMPTS = [p["prompt"] for p in PAIRS if len(p["prompt"]) <= 120]
+REPLIES = [r for p in PAIRS for r in (p["chosen"], p["rejected"]) if len(r) <= 250]  # clean items fit max_length
+WINDOW = 32  # items: 4 /rank groups of 8
+
+
+def test_runs_are_named_by_header_query_or_key_and_bounded() -> None:
+    assert run_of("ppo-7", "other", "k") == "ppo-7" and run_of(None, "grpo-1", "k") == "grpo-1"
+    assert run_of(None, None, "secret").startswith("key:") and "secret" not in run_of(None, None, "secret")
+    assert run_of(None, None, None) == "default"
+    monitor = Monitor(window=8, max_runs=2, baseline=1)
+    for name in ("a", "b", "a", "c"):  # b is the least recently scored when c arrives
+        monitor.record(name, [Observed(0.0, 3, False, False, None)])
+    assert list(monitor.runs) == ["a", "c"]
+
+
+def test_signals_of_a_window() -> None:
+    items = [Observed(float(n), n, n > 8, False, n % 2) for n in range(1, 11)]
+    got = signals(items, [])
+    assert got["length_corr"] == pytest.approx(1.0) and got["truncated"] == pytest.approx(0.2)
+    assert got["reward_mean"] == pytest.approx(5.5) and got["reward_drift"] is None  # no baseline yet
+    assert got["group_length_corr"] == pytest.approx(1.0) and got["group_collapse"] == 0.0
+    assert repeated("the cat sat " * 6) and not repeated("a reply that says one thing once and then stops here fine")
+
+
+def policy(step: int, rng: random.Random) -> list[dict[str, Any]]:
+    """One GRPO step: 4 prompts x 8 replies. Steps 0-5 clean (replies drawn from held-aside pairs); from step 6 every
+    reply of a group is the same (GRPO's spread collapses); from 10 replies repeat a phrase; from 14 they run past the
+    model's max_length."""
+    groups = []
+    for prompt in rng.sample(PROMPTS, 4):
+        replies = rng.sample(REPLIES, 8)
+        if step >= 6:
+            replies = [replies[0]] * 8
+        if step >= 10:
+            replies = [f"{reply} I am sure. I am sure. I am sure. I am sure. I am sure." * 2 for reply in replies]
+        if step >= 14:
+            replies = [reply + " and so on" * 200 for reply in replies]
+        groups.append({"prompt": prompt, "responses": replies})
+    return groups
+
+
+ONSETS = {"group_collapse": 6, "repetition": 10, "truncated": 14}
+
+
+async def test_a_drifting_policy_raises_each_signal_and_a_clean_one_none(checkpoints: dict[str, Path]) -> None:
+    rng = random.Random(0)
+    async with serving(checkpoints["llama"], monitor_window=WINDOW) as (_, client):
+        first_warned: dict[str, int] = {}
+        for step in range(18):
+            answer = await client.post("/rank", json={"groups": policy(step, rng)}, headers={"X-Run-Id": "hacked"})
+            assert answer.status_code == 200
+            for warning in answer.json()["warnings"]:
+                first_warned.setdefault(warning.split(":")[0], step)
+            if answer.json()["warnings"]:
+                assert answer.headers["x-reward-warnings"]
+        for step in range(40):  # a clean run beside it, under its own name (`?run=`, as OpenRLHF's URL would)
+            clean = await client.post("/rank?run=clean", json={"groups": policy(step % 6, rng)})
+            assert clean.json()["warnings"] == []
+        state = (await client.get("/monitor")).json()
+        metrics = (await client.get("/metrics")).text
+    for signal, onset in ONSETS.items():
+        assert onset <= first_warned[signal] <= onset + 1, (signal, first_warned)
+    hacked, clean_run = state["runs"]["hacked"], state["runs"]["clean"]
+    assert hacked["items"] == 18 * WINDOW and len(hacked["windows"]) == 18 and hacked["baseline"] == [0, 1]
+    assert clean_run["warnings"] == [] and not any(w["warnings"] for w in clean_run["windows"])
+    assert hacked["signals"]["truncated"] == 1.0 and hacked["warnings"]
+    assert 'reward_monitor_signal{run="hacked",signal="group_collapse"}' in metrics
+    assert 'reward_monitor_warnings{run="hacked"}' in metrics
+
+
+async def test_the_monitor_can_be_off(checkpoints: dict[str, Path]) -> None:
+    async with serving(checkpoints["llama"], monitor=False) as (_, client):
+        body = (await client.post("/score", json={"items": [{"prompt": "a", "response": "b"}]})).json()
+        assert body["warnings"] == [] and (await client.get("/monitor")).json()["runs"] == {}
