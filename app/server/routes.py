@@ -6,10 +6,10 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 
 from app.engine.errors import DeadlineExceeded, EngineError
 from app.engine.results import Timing
@@ -18,6 +18,7 @@ from app.server import limits
 from app.server.decode import DecodedRoute
 from app.server.errors import ErrorType, ServiceError, from_engine, openapi_responses
 from app.server.monitor import Monitor, observe, run_of
+from app.server.monitor_page import page, runs_html
 from app.server.openrlhf import GetRewardRequest, GetRewardResponse
 from app.server.registry import Registry, Target
 from app.server.schemas import (
@@ -226,6 +227,13 @@ async def monitor(request: Request) -> dict[str, Any]:
     reward hacking); `{"runs": {}}` with the monitor off."""
     watched: Monitor | None = request.app.state.monitor
     return watched.snapshot() if watched is not None else {"window": None, "runs": {}}
+
+
+@router.get("/monitor/ui", response_class=HTMLResponse, responses=ERRORS)
+async def monitor_ui(request: Request, part: Literal["page", "runs"] = "page") -> HTMLResponse:
+    """The monitor as a live page (charts per run, thresholds drawn); `part=runs`: the part the page refreshes."""
+    snapshot = await monitor(request)
+    return HTMLResponse(runs_html(snapshot) if part == "runs" else page(snapshot))
 
 
 @router.get("/v1/models", responses=ERRORS)
