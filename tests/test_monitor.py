@@ -1,7 +1,7 @@
 """The reward-hacking monitor: runs are kept apart (named, by key, bounded), windows close with their signals, and a
 scripted policy whose replies drift (groups that stop differing, repeated text, replies past the model's length)
 raises each signal's warning within a window of its onset, through the server as a trainer calls it, while a clean
-run raises none."""
+run raises none in 200 windows (6 rules each: 0 false alarms in 1,200 checks)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from app.server.monitor import Monitor, Observed, repeated, run_of, signals
+from app.model.recipe import ScoringInput
+from app.server.monitor import Monitor, Observed, observe, repeated, run_of, signals
 from tests.conftest import ROOT, serving
 
 PAIRS = [json.loads(line) for line in (ROOT / "examples/data/dev.jsonl").read_text().splitlines()]
@@ -71,9 +72,11 @@ async def test_a_drifting_policy_raises_each_signal_and_a_clean_one_none(checkpo
                 first_warned.setdefault(warning.split(":")[0], step)
             if answer.json()["warnings"]:
                 assert answer.headers["x-reward-warnings"]
-        for step in range(40):  # a clean run beside it, under its own name (`?run=`, as OpenRLHF's URL would)
+        for step in range(20):  # a clean run beside it, under its own name (`?run=`, as OpenRLHF's URL would)
             clean = await client.post("/rank?run=clean", json={"groups": policy(step % 6, rng)})
             assert clean.json()["warnings"] == []
+        pool = [{"prompt": p, "response": r} for p in PROMPTS for r in REPLIES]  # every clean item, scored once
+        scored = (await client.post("/score", json={"items": pool})).json()["items"]
         state = (await client.get("/monitor")).json()
         metrics = (await client.get("/metrics")).text
     for signal, onset in ONSETS.items():
@@ -84,9 +87,38 @@ async def test_a_drifting_policy_raises_each_signal_and_a_clean_one_none(checkpo
     assert hacked["signals"]["truncated"] == 1.0 and hacked["warnings"]
     assert 'reward_monitor_signal{run="hacked",signal="group_collapse"}' in metrics
     assert 'reward_monitor_warnings{run="hacked"}' in metrics
+    # the false-alarm rate: 200 more clean windows, drawn from the scored pool (a reward depends on its item only)
+    monitor, alarms = Monitor(window=WINDOW, max_runs=1, baseline=2), 0
+    by_prompt = {p: [(pool[i], scored[i]) for i in range(len(pool)) if pool[i]["prompt"] == p] for p in PROMPTS}
+    for _ in range(200):
+        first = monitor.next_group("clean", 4)
+        observed = [
+            observe(ScoringInput(item["prompt"], item["response"]), s["reward"], s["num_tokens"], s["truncated"], g)
+            for g, prompt in enumerate(rng.sample(PROMPTS, 4), start=first)
+            for item, s in rng.sample(by_prompt[prompt], 8)
+        ]
+        alarms += len(monitor.record("clean", observed))
+    assert alarms == 0 and len(monitor.runs["clean"].windows) == 200
 
 
 async def test_the_monitor_can_be_off(checkpoints: dict[str, Path]) -> None:
     async with serving(checkpoints["llama"], monitor=False) as (_, client):
         body = (await client.post("/score", json={"items": [{"prompt": "a", "response": "b"}]})).json()
         assert body["warnings"] == [] and (await client.get("/monitor")).json()["runs"] == {}
+
+
+def test_the_grafana_dashboard_reads_what_the_server_exports() -> None:
+    import re
+
+    from app.server.metrics import Metrics
+    from app.server.monitor import SIGNALS
+
+    exported = {metric.name for metric in Metrics().registry.collect()}
+    queries = [
+        t["expr"]
+        for p in json.loads((ROOT / "deploy/grafana/reward-monitor.json").read_text())["panels"]
+        for t in p["targets"]
+    ]
+    assert queries and all(re.match(r"\w+", q)[0] in exported for q in queries)  # type: ignore[index]
+    named = {m for q in queries for m in re.findall(r'signal="(\w+)"', q)}
+    assert named and named <= set(SIGNALS)

@@ -13,7 +13,8 @@ Modes, on the same checkpoint and dtype:
 - `engine`: the model forward over the workload's items, planned as the server plans them, no HTTP: the limit the
   server is measured against;
 - `server`: this service over HTTP (`server-stock`: with REWARD_BATCH_INVARIANT=false, the stock linears whose bf16
-  rewards move with the batch);
+  rewards move with the batch; `server-unmonitored`: with REWARD_MONITOR=false, what the reward-hacking monitor
+  costs);
 - `naive`: a minimal FastAPI server running one forward per request, padded to its longest item (OpenRLHF
   `serve_rm.py`);
 - `litserve`: LitServe with its dynamic batching (max_batch_size 16, 10 ms), one padded forward per batch;
@@ -39,7 +40,7 @@ from app.cli import DTYPES, device, positive_int
 if TYPE_CHECKING:  # the benchmark's modules import torch: `run` imports them, so `--help` stays instant
     from app.bench.workloads import Result
 
-MODES = ("engine", "server", "server-stock", "naive", "litserve", "ray", "ray-2")
+MODES = ("engine", "server", "server-stock", "server-unmonitored", "naive", "litserve", "ray", "ray-2")
 WORKLOADS = ("grpo", "storm", "shared", "idle", "hostile")
 SKIPPED = {("naive", "hostile"), ("litserve", "hostile")}  # see the docstring
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,7 +67,7 @@ def report(results: list[Result], header: str, roofline_tokens: float | None = N
         lines += ["| " + " | ".join(_fmt(row[c]) for c in cols) + " |" for row in rows]
         lines.append("")
     lines += ["### ratios (items/s)", "", "| workload | ratio | value |", "|---|---|---|"]
-    pairs = [("server", other) for other in ("engine", "server-stock", "naive", "litserve")]
+    pairs = [("server", other) for other in ("engine", "server-stock", "server-unmonitored", "naive", "litserve")]
     pairs += [(ray_mode, "server") for ray_mode in ("ray", "ray-2")]  # the Ray path against the single process
     for workload in dict.fromkeys(r.workload for r in results):
         for mode, other in pairs:

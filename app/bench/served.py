@@ -73,6 +73,7 @@ class Served:
         env = {**os.environ, "REWARD_MODEL_PATH": str(model_path), "REWARD_DTYPE": dtype, "REWARD_PORT": str(port)}
         if mode.startswith(("server", "ray")):  # this service: `reward-server serve`, plainly or on Ray
             env.update(REWARD_LOG_LEVEL="warning", REWARD_BATCH_INVARIANT=str(mode != "server-stock").lower())
+            env.update(REWARD_MONITOR=str(mode != "server-unmonitored").lower())
             command = [sys.executable, "-m", "app.cli", "serve"]
             self.url = f"{self.base}/score"
             if mode.startswith("ray"):  # a local Ray cluster of this machine's cores, split over the replicas

@@ -204,12 +204,7 @@ class Monitor:
 
     def record(self, run_name: str, observed: Sequence[Observed]) -> list[str]:
         """Adds a request's items to its run; returns the run's warnings in force."""
-        run = self.runs.pop(run_name, None) or Run(run_name)
-        self.runs[run_name] = run  # most recent last; the least recently scored is evicted
-        while len(self.runs) > self.max_runs:
-            dropped, _ = self.runs.popitem(last=False)
-            if self.gauges is not None:
-                self.gauges.monitor_forget(dropped)
+        run = self._run(run_name)
         run.items += len(observed)
         run.open.extend(observed)
         while len(run.open) >= self.window:
@@ -219,11 +214,19 @@ class Monitor:
 
     def next_group(self, run_name: str, count: int) -> int:
         """The first of `count` group numbers for a request's /rank groups in this run."""
-        run = self.runs.get(run_name)
-        first = run.groups if run is not None else 0
-        if run is not None:
-            run.groups += count
-        return first
+        run = self._run(run_name)
+        run.groups += count
+        return run.groups - count
+
+    def _run(self, name: str) -> Run:
+        """The run, now the most recently scored; the least recently scored goes past `max_runs`."""
+        run = self.runs.pop(name, None) or Run(name)
+        self.runs[name] = run
+        while len(self.runs) > self.max_runs:
+            dropped, _ = self.runs.popitem(last=False)
+            if self.gauges is not None:
+                self.gauges.monitor_forget(dropped)
+        return run
 
     def _close(self, run: Run, items: list[Observed]) -> None:
         index = run.windows[-1].index + 1 if run.windows else 0
