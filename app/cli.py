@@ -153,6 +153,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from app.model.reference import write as write_reference
     from app.training.data import DataError, load_pairs
     from app.training.evaluate import write_report
     from app.training.sources import checkpoint_report, server_report
@@ -166,8 +167,10 @@ def _eval(args: argparse.Namespace) -> int:
     if args.limit:
         pairs = pairs[: args.limit]
     if args.model is not None:
-        report = checkpoint_report(pairs, args.model, args.dtype, args.device, args.max_length)
+        report, reference = checkpoint_report(pairs, args.model, args.dtype, args.device, args.max_length)
         title = f"{args.model} on {args.data.name}"
+        if reference is not None:  # --out CHECKPOINT/eval: stored with the model, the monitor reads it
+            write_reference(reference, args.out)
     else:
         from app.clients import RewardClient
 

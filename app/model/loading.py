@@ -13,6 +13,7 @@ Any of them may carry a `reward_manifest.json` that pins the scoring recipe.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -23,12 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
-from transformers import (
-    AutoModel,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    PretrainedConfig,
-)
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
 from transformers.utils import logging as hf_logging
 
 from app.model import backbones
@@ -48,6 +44,7 @@ from app.model.fingerprint import content_digest, model_fingerprint, versions
 from app.model.info import ModelInfo
 from app.model.readout import readout_for
 from app.model.recipe import RecipeEncoder
+from app.model.reference import Reference, StateProbe
 from app.model.reward_model import RewardHeadModel, RewardModel
 
 log = logging.getLogger(__name__)
@@ -286,6 +283,9 @@ def load_reward_model(
     stated = manifest.attribute_weights if manifest and head_index is None else None  # a setting overrides it
     weights = attribute_weights or stated
     readout = readout_for(outputs, labels, head_index, weights, path)
+    if (reference := Reference.read(path)) is not None and module.pooling == "last_token":
+        module.probe = StateProbe(reference).to(module.backbone.get_input_embeddings().weight.device)
+        readout = dataclasses.replace(readout, distance=outputs)  # the column after the head's
     tokenizer = _from_pretrained(AutoTokenizer, tokenizer_dir, trust_remote_code=trust_remote_code)
     if manifest is not None and manifest.recipe is not None:
         recipe = manifest.recipe

@@ -21,16 +21,21 @@ class Readout:
     labels: tuple[str, ...]
     index: int | None = 0
     weights: tuple[float, ...] | None = None
+    distance: int | None = None  # the column after the head's where the monitor's probe puts its distance
 
     def reward(self, outputs: Sequence[float]) -> float:
         if self.weights is None:
             assert self.index is not None
             return outputs[self.index]
-        return math.fsum(w * o for w, o in zip(self.weights, outputs, strict=True) if w)
+        return math.fsum(w * o for w, o in zip(self.weights, outputs[: len(self.labels)], strict=True) if w)
 
     def attributes(self, outputs: Sequence[float]) -> dict[str, float] | None:
         """Every named output, for a head with several (None for a plain reward head)."""
-        return dict(zip(self.labels, outputs, strict=True)) if len(self.labels) > 1 else None
+        return dict(zip(self.labels, outputs[: len(self.labels)], strict=True)) if len(self.labels) > 1 else None
+
+    def state_distance(self, outputs: Sequence[float]) -> float | None:
+        """The item's distance from the checkpoint's reference states (`app.model.reference`), when it has one."""
+        return outputs[self.distance] if self.distance is not None else None
 
     def column(self, index: int) -> Readout:
         """Output `index` alone: one member's reward in a shared-base model's row."""

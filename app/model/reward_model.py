@@ -51,6 +51,7 @@ class RewardHeadModel(nn.Module):
         self.backbone = backbone
         self.head = head
         self.pooling = pooling
+        self.probe: nn.Module | None = None  # the monitor's state probe (`app.model.reference`): one more column
         accepted = inspect.signature(backbone.forward).parameters
         self._takes_positions = "position_ids" in accepted
         self._takes_types = "token_type_ids" in accepted
@@ -80,7 +81,8 @@ class RewardHeadModel(nn.Module):
         if self._takes_cache_flag:
             kwargs["use_cache"] = False
         assert self.head is not None
-        return read_last(self.backbone(**kwargs).last_hidden_state, last_real_index(attention_mask), self.head)
+        hidden = self.backbone(**kwargs).last_hidden_state
+        return read_last(hidden, last_real_index(attention_mask), self.head, self.probe)
 
     def forward_packed(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, spans: invariant.Spans, last: torch.Tensor
@@ -90,14 +92,18 @@ class RewardHeadModel(nn.Module):
             input_ids=input_ids, position_ids=position_ids, use_cache=False, reward_spans=spans
         ).last_hidden_state
         assert self.head is not None
-        return read_last(hidden.expand(len(last), -1, -1), last, self.head)
+        return read_last(hidden.expand(len(last), -1, -1), last, self.head, self.probe)
 
 
-def read_last(hidden: torch.Tensor, last_index: torch.Tensor, head: nn.Module) -> torch.Tensor:
-    """The head's outputs at each row's `last_index` token, in float32 (the head's dtype)."""
+def read_last(
+    hidden: torch.Tensor, last_index: torch.Tensor, head: nn.Module, probe: nn.Module | None = None
+) -> torch.Tensor:
+    """The head's outputs at each row's `last_index` token, in float32 (the head's dtype); with a `probe`, its value
+    of the same state as one more column."""
     last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index.to(hidden.device)]
     weight = next(head.parameters())  # float32, on the device the backbone's output may not share
-    return head(last.to(device=weight.device, dtype=weight.dtype)).float()
+    outputs = head(last.to(device=weight.device, dtype=weight.dtype)).float()
+    return outputs if probe is None else torch.cat([outputs, probe(last).to(outputs.device)], dim=1)
 
 
 @dataclass

@@ -13,7 +13,10 @@ metrics keep a bounded cardinality. Every `monitor_window` items of a run close 
   reward std: GRPO then has no advantage to learn from), and `group_length_corr`, the mean within-group
   corr(reward, length), which a length bias shows even when prompts differ;
 - `truncated`: the share of items cut to fit the model; `repetition`: the share of replies repeating themselves
-  (under half their word 3-grams distinct).
+  (under half their word 3-grams distinct);
+- `ood`: the share of items whose last-token state (the one the head reads) lies past the 99th percentile of the
+  checkpoint's eval set, by a low-rank Mahalanobis distance (`app.model.reference`; only where the checkpoint has a
+  reference: `reward-server eval --out CHECKPOINT/eval` stores it).
 
 Warnings fire on change within the run, never on its first windows alone: a policy's first replies are not the
 reward model's training data, so an absolute threshold would fire on every run. Each rule is in `RULES`, with the
@@ -46,6 +49,7 @@ SIGNALS = (
     "group_length_corr",
     "truncated",
     "repetition",
+    "ood",
 )
 
 
@@ -82,6 +86,7 @@ RULES = (
     Rule("group_collapse", "share", 0.3, "{value:.0%} of /rank groups have no reward spread left"),
     Rule("repetition", "share", 0.25, "{value:.0%} of replies repeat themselves"),
     Rule("truncated", "share", 0.25, "{value:.0%} of items were cut to fit the model"),
+    Rule("ood", "share", 0.25, "{value:.0%} of items are unlike the reward model's eval set (1% of those are)"),
 )
 
 
@@ -101,6 +106,7 @@ class Observed:
     truncated: bool
     repeated: bool
     group: int | None  # its /rank group, numbered across the run
+    distance: float | None = None  # from the checkpoint's reference states; past 1: out of distribution
 
 
 class Window(BaseModel):
@@ -132,10 +138,12 @@ def repeated(text: str) -> bool:
     return len(grams) >= 10 and len(set(grams)) < 0.5 * len(grams)
 
 
-def observe(item: Item, reward: float, num_tokens: int, truncated: bool, group: int | None) -> Observed:
+def observe(
+    item: Item, reward: float, num_tokens: int, truncated: bool, group: int | None, distance: float | None = None
+) -> Observed:
     if isinstance(item, ScoringInput):
-        return Observed(reward, len(item.response.split()), truncated, repeated(item.response), group)
-    return Observed(reward, num_tokens, truncated, False, group)
+        return Observed(reward, len(item.response.split()), truncated, repeated(item.response), group, distance)
+    return Observed(reward, num_tokens, truncated, False, group, distance)
 
 
 def _corr(xs: Sequence[float], ys: Sequence[float]) -> float | None:
@@ -161,6 +169,8 @@ def signals(items: Sequence[Observed], baseline: Sequence[Window]) -> dict[str, 
         "truncated": sum(o.truncated for o in items) / len(items),
         "repetition": sum(o.repeated for o in items) / len(items),
     }
+    measured = [o.distance for o in items if o.distance is not None]
+    out["ood"] = sum(d > 1 for d in measured) / len(measured) if measured else None
     mean = out["reward_mean"]
     spread = base_std if base_std else None
     out["reward_drift"] = (mean - base_mean) / spread if spread and base_mean is not None and mean is not None else None

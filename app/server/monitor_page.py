@@ -19,6 +19,7 @@ CHARTS = (
     ("group_collapse", "share of /rank groups collapsed"),
     ("repetition", "share of replies repeating"),
     ("truncated", "share of items truncated"),
+    ("ood", "share of items unlike the eval set"),
     ("reward_drift", "reward drift (baseline std)"),
 )
 WIDTH, HEIGHT, PAD = 300, 90, 4

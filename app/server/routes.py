@@ -141,9 +141,12 @@ def _monitored(
         for g, size in enumerate(groups):
             group_of[at : at + size] = [first + g] * size
             at += size
+    distances = scores.distances or [None] * len(inputs)
     observed = [
-        observe(item, raw, scored.num_tokens, scored.truncated, group)
-        for item, raw, scored, group in zip(inputs, scores.raw, scores.items, group_of, strict=True)
+        observe(item, raw, scored.num_tokens, scored.truncated, group, distance)
+        for item, raw, scored, group, distance in zip(
+            inputs, scores.raw, scores.items, group_of, distances, strict=True
+        )
     ]
     warnings = monitor.record(run, observed)
     if not warnings:

@@ -147,6 +147,7 @@ class Scores:
     model: str
     fingerprint: str
     warnings: list[str] = attribute(default_factory=list)  # the monitor's, for the request's run
+    distances: list[float | None] | None = None  # from the checkpoint's reference states (`app.model.reference`)
 
     @classmethod
     def of(
@@ -166,7 +167,8 @@ class Scores:
             fields = {"reward": norm(reward), "num_tokens": r.num_tokens, "truncated": r.truncated}
             item = ItemScore(**fields) if attributes is None else AttributedItemScore(**fields, attributes=attributes)
             items.append(item)
-        return cls(items, raw, normalization, model, fingerprint)
+        distances = [readout.state_distance(r.outputs) for r in results] if readout.distance is not None else None
+        return cls(items, raw, normalization, model, fingerprint, distances=distances)
 
     @property
     def rewards(self) -> list[float]:
@@ -176,7 +178,8 @@ class Scores:
         return [i.model_copy(update={"reward": r}) for i, r in zip(self.items, self.raw, strict=True)]
 
     def chunk(self, start: int, stop: int) -> Scores:
-        return replace(self, items=self.items[start:stop], raw=self.raw[start:stop])
+        distances = self.distances[start:stop] if self.distances is not None else None
+        return replace(self, items=self.items[start:stop], raw=self.raw[start:stop], distances=distances)
 
 
 class ScoreResponse(BaseModel):

@@ -9,14 +9,19 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from app.model.recipe import ScoringInput
+from app.model.reference import Reference, fit, states_of
 from app.training.data import PreferencePair
 from app.training.ensemble import ensemble_report
 from app.training.evaluate import evaluate
 
+REFERENCE_ITEMS = 1024
+
 
 def checkpoint_report(
     pairs: Sequence[PreferencePair], model: Path, dtype: str, device: str, max_length: int | None
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], Reference | None]:
+    """The report, and the checkpoint's reference for the monitor (`app.model.reference`; None for a classifier
+    head, which reads no last-token state), fitted on the first `REFERENCE_ITEMS` items."""
     from app.engine.offline import score_offline, served_fingerprint
     from app.model.loading import load_reward_model
 
@@ -25,7 +30,13 @@ def checkpoint_report(
     report["max_length"] = loaded.max_length
     report["fingerprint"], report["versions"] = served_fingerprint(loaded), loaded.info.versions
     report["model_fingerprint"], report["kernels"] = loaded.info.model_fingerprint, loaded.prepared.model_dump()
-    return report
+    if loaded.module.pooling != "last_token":
+        return report, None
+    items = [x for pair in pairs for x in pair.inputs()][:REFERENCE_ITEMS]
+    flat = [r for pair in zip(report["rewards"]["chosen"], report["rewards"]["rejected"], strict=True) for r in pair]
+    states = states_of(loaded, loaded.encoder.encode_batch(items))
+    lengths = [len(x.response.split()) for x in items]
+    return report, fit(states, flat[: len(items)], lengths)
 
 
 class Scored(Protocol):
