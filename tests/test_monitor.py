@@ -122,3 +122,37 @@ def test_the_grafana_dashboard_reads_what_the_server_exports() -> None:
     assert queries and all(re.match(r"\w+", q)[0] in exported for q in queries)  # type: ignore[index]
     named = {m for q in queries for m in re.findall(r'signal="(\w+)"', q)}
     assert named and named <= set(SIGNALS)
+
+
+async def test_replies_unlike_the_eval_set_are_out_of_distribution(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    """`reward-server eval` fits the reference; stored in the checkpoint's eval/ it changes no reward and no
+    fingerprint, and text from another domain (hex dumps) raises the `ood` warning at its first window."""
+    import shutil
+
+    from app.model.reference import write
+    from app.training.data import load_pairs
+    from app.training.sources import checkpoint_report
+
+    path = shutil.copytree(checkpoints["llama"], tmp_path / "m")
+    pairs = load_pairs(ROOT / "examples/data/train.jsonl")
+    _, reference = checkpoint_report(pairs, path, "float32", "cpu", None)
+    assert reference is not None and reference.items == 2 * len(pairs)
+    items = [{"prompt": p, "response": r} for p in PROMPTS[:4] for r in REPLIES[:8]]
+    async with serving(path) as (_, client):
+        plain = (await client.post("/score", json={"items": items})).json()
+    write(reference, path / "eval")
+    rng = random.Random(2)
+    hexdump = [{"prompt": p, "response": " ".join(hex(rng.randrange(1 << 32)) for _ in range(30))} for p in PROMPTS]
+    async with serving(path, monitor_window=WINDOW) as (app, client):
+        probed = (await client.post("/score", json={"items": items})).json()
+        assert app.state.registry.resolve(None).readout.distance == 1
+        said = []
+        for step in range(6):
+            body = {"items": items if step < 3 else [hexdump[i % len(hexdump)] for i in range(WINDOW)]}
+            said.append((await client.post("/score", json=body, headers={"X-Run-Id": "ood"})).json()["warnings"])
+        windows = (await client.get("/monitor")).json()["runs"]["ood"]["windows"]
+    assert probed["rewards"] == plain["rewards"] and probed["fingerprint"] == plain["fingerprint"]
+    assert all(w["signals"]["ood"] <= 0.1 for w in windows[:3]) and windows[3]["signals"]["ood"] == 1.0
+    assert said[:3] == [[], [], []] and any(w.startswith("ood:") for w in said[3])

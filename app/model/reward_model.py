@@ -171,8 +171,9 @@ class RewardModel:
         # and a long item, so that alone and together its rows run in calls of other sizes than the short ones'
         unit = prompt + replies[-1]
         probe.append(Encoded(unit * max(1, min(invariant.SWEEP_ROWS // 2, self.max_length) // len(unit)), None, False))
-        alone = [self.run(plan_of([item], packed=True))[0] for item in probe]
-        together = self.run(plan_of(probe, packed=True))
+        heads = slice(self.readout.distance)  # the head's columns; the monitor's distance need not be invariant
+        alone = [self.run(plan_of([item], packed=True))[0][heads] for item in probe]
+        together = [row[heads] for row in self.run(plan_of(probe, packed=True))]
         if alone != together:
             invariant.unblock(self.module)
             log.warning("batch invariance unavailable: batched %s vs alone %s", together, alone)
