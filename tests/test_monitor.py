@@ -156,3 +156,15 @@ async def test_replies_unlike_the_eval_set_are_out_of_distribution(
     assert probed["rewards"] == plain["rewards"] and probed["fingerprint"] == plain["fingerprint"]
     assert all(w["signals"]["ood"] <= 0.1 for w in windows[:3]) and windows[3]["signals"]["ood"] == 1.0
     assert said[:3] == [[], [], []] and any(w.startswith("ood:") for w in said[3])
+
+
+def test_the_checkpoints_reference_warns_only_past_wide_margins() -> None:
+    from app.server.monitor import beyond_reference
+
+    reference = {"reward_mean": 0.0, "reward_std": 1.0, "length_corr": 0.1}
+    assert beyond_reference({"reward_mean": 3.9, "length_corr": 0.59}, reference) == []
+    said = beyond_reference({"reward_mean": 4.5, "length_corr": 0.7}, reference)
+    assert [w.split(":")[0] for w in said] == ["reward_mean", "length_corr"]
+    monitor = Monitor(window=4, max_runs=1, baseline=1)
+    far = [Observed(9.0, n, False, False, None) for n in range(4)]
+    assert monitor.record("r", far, reference) and monitor.snapshot()["runs"]["r"]["reference"] == reference

@@ -30,6 +30,9 @@ class ModelInfo(BaseModel):
     max_length: int
     recipe: dict[str, Any]
     checkpoint_normalization: Normalization | None = Field(description="the mean/std the checkpoint stores")
+    monitor_reference: dict[str, Any] | None = Field(
+        None, description="its eval set's reward distribution and length correlation, the monitor's reference"
+    )
     model_fingerprint: str = Field(description="the loaded model's part of it: files, base, recipe, dtype, device")
 
 

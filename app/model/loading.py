@@ -331,6 +331,7 @@ def load_reward_model(
         max_length=recipe.max_length,
         recipe=recipe.model_dump(),
         checkpoint_normalization=normalization,
+        monitor_reference=reference.summary() if reference is not None else None,
         model_fingerprint=model_fingerprint(
             path,
             base=base_identity,

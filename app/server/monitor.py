@@ -126,6 +126,7 @@ class Run:
     windows: deque[Window] = field(default_factory=lambda: deque(maxlen=WINDOWS_KEPT))
     baseline: list[Window] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # those of its last closed window
+    reference: dict[str, Any] | None = None  # the last model's eval-set reference (`app.model.reference`)
 
 
 WINDOWS_KEPT = 500  # per run: the page draws them; memory per run stays bounded
@@ -212,9 +213,11 @@ class Monitor:
         self.gauges = gauges
         self.runs: OrderedDict[str, Run] = OrderedDict()
 
-    def record(self, run_name: str, observed: Sequence[Observed]) -> list[str]:
-        """Adds a request's items to its run; returns the run's warnings in force."""
+    def record(self, run_name: str, observed: Sequence[Observed], reference: dict[str, Any] | None = None) -> list[str]:
+        """Adds a request's items to its run; returns the run's warnings in force. `reference`: the scoring model's
+        eval-set reference, drawn beside the run's signals."""
         run = self._run(run_name)
+        run.reference = reference
         run.items += len(observed)
         run.open.extend(observed)
         while len(run.open) >= self.window:
@@ -252,6 +255,8 @@ class Monitor:
                 if rule.tripped(value, base, sample_size(rule.signal, window), n_base):
                     said = rule.says.format(value=value, base=base or 0.0)
                     window.warnings.append(f"{rule.signal}: {said}")
+        if run.reference is not None:
+            window.warnings += beyond_reference(values, run.reference)
         warnings = window.warnings
         if len(run.baseline) < self.baseline_windows:
             run.baseline.append(window)
@@ -271,10 +276,24 @@ class Monitor:
                     "signals": run.windows[-1].signals if run.windows else {},
                     "baseline": [w.index for w in run.baseline],
                     "warnings": run.warnings,
+                    "reference": run.reference,
                 }
                 for name, run in self.runs.items()
             },
         }
+
+
+def beyond_reference(values: dict[str, float | None], reference: dict[str, Any]) -> list[str]:
+    """Against the checkpoint's eval set, only past wide margins (a policy's replies are never its eval set): the
+    reward mean 4 of the eval set's standard deviations away, or corr(reward, length) 0.5 above the eval set's."""
+    said = []
+    mean, ref_mean, ref_std = values["reward_mean"], reference["reward_mean"], reference["reward_std"]
+    if mean is not None and ref_std > 0 and abs(mean - ref_mean) > 4 * ref_std:
+        said.append(f"reward_mean: {mean:.2f} is over 4 std from the checkpoint's eval set ({ref_mean:.2f})")
+    corr, ref_corr = values["length_corr"], reference.get("length_corr")
+    if corr is not None and ref_corr is not None and corr >= ref_corr + 0.5:
+        said.append(f"length_corr: {corr:.2f}, 0.5 above the checkpoint's eval set ({ref_corr:.2f})")
+    return said
 
 
 def run_of(header: str | None, query: str | None, api_key: str | None) -> str:

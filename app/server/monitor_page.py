@@ -3,7 +3,8 @@ library). A dozen lines of inline script fetch the runs' part again every few se
 follows new requests without a reload.
 
 Per run: its warnings in force, then one chart per signal over its windows (oldest left), the baseline windows
-shaded and, where a rule watches the signal, the level at which it would trip drawn as a dashed line."""
+shaded, the checkpoint's eval set (its reference) as a grey line where it has one, and where a rule watches the
+signal, the level below which it never trips as a dashed line."""
 
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ figcaption {{ font-size: 12px; color: #555; }} .warn {{ color: #b00; }} .ok {{ c
 svg {{ background: #fafafa; border: 1px solid #ddd; }}
 </style></head>
 <body><h1>Reward-hacking monitor</h1>
-<p>Each window is {window} items of a run. Shaded: the run's baseline windows; dashed: where a warning fires.</p>
+<p>Each window is {window} items of a run. Shaded: the run's baseline windows; grey: the checkpoint's eval set;
+dashed: the floor a warning needs.</p>
 <div id="runs">{runs}</div>
 <script>
 async function refresh() {{
@@ -84,6 +86,9 @@ def _chart(run: dict[str, Any], signal: str, title: str) -> str:
     level = _trip_level(signal)
     if level is not None:
         known.append(level)
+    reference = (run.get("reference") or {}).get(signal)  # the checkpoint's eval set, where it has one
+    if isinstance(reference, float):
+        known.append(reference)
     if not known:
         return (
             f'<figure><svg width="{WIDTH}" height="{HEIGHT}"></svg><figcaption>{title}: no data</figcaption></figure>'
@@ -113,6 +118,8 @@ def _chart(run: dict[str, Any], signal: str, title: str) -> str:
         parts.append(
             f'<line x1="0" x2="{WIDTH}" y1="{y(level):.1f}" y2="{y(level):.1f}" stroke="#b00" stroke-dasharray="4 3"/>'
         )
+    if isinstance(reference, float):
+        parts.append(f'<line x1="0" x2="{WIDTH}" y1="{y(reference):.1f}" y2="{y(reference):.1f}" stroke="#999"/>')
     for value, at in ((high, 10), (low, HEIGHT - 3)):  # the axis' ends
         parts.append(f'<text x="{WIDTH - 3}" y="{at}" font-size="9" text-anchor="end" fill="#777">{value:.3g}</text>')
     line = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(values) if v is not None)

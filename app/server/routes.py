@@ -110,7 +110,7 @@ async def _scored(
             raise from_engine(first, field) from group
         raise
     if (monitor := request.app.state.monitor) is not None:
-        scores = _monitored(monitor, request, response, scores, inputs, groups)
+        scores = _monitored(monitor, request, response, target, scores, inputs, groups)
     response.headers["x-tokenize-time-ms"] = f"{t.tokenize_s * 1000:.1f}"
     response.headers["x-queue-time-ms"] = f"{t.queue_s * 1000:.1f}"
     response.headers["x-inference-time-ms"] = f"{t.inference_s * 1000:.1f}"
@@ -130,7 +130,13 @@ async def _converted_and_scored(
 
 
 def _monitored(
-    monitor: Monitor, request: Request, response: Response, scores: Scores, inputs: list[Item], groups: list[int] | None
+    monitor: Monitor,
+    request: Request,
+    response: Response,
+    target: Target,
+    scores: Scores,
+    inputs: list[Item],
+    groups: list[int] | None,
 ) -> Scores:
     """The request's items into its run's window; the run's warnings onto the response (body and header)."""
     key = request.headers.get("authorization", "").removeprefix("Bearer ").strip() or None
@@ -148,7 +154,7 @@ def _monitored(
             inputs, scores.raw, scores.items, group_of, distances, strict=True
         )
     ]
-    warnings = monitor.record(run, observed)
+    warnings = monitor.record(run, observed, target.members[0].info.monitor_reference)
     if not warnings:
         return scores
     response.headers["x-reward-warnings"] = " | ".join(warnings)
