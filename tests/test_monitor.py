@@ -168,3 +168,15 @@ def test_the_checkpoints_reference_warns_only_past_wide_margins() -> None:
     monitor = Monitor(window=4, max_runs=1, baseline=1)
     far = [Observed(9.0, n, False, False, None) for n in range(4)]
     assert monitor.record("r", far, reference) and monitor.snapshot()["runs"]["r"]["reference"] == reference
+
+
+def test_states_come_back_in_the_items_order(load: Any) -> None:
+    import torch
+
+    from app.model.reference import states_of
+
+    model = load("llama")
+    items = model.encoder.encode_batch([ScoringInput(p, r) for p in PROMPTS[:2] for r in REPLIES[:5]])
+    together = states_of(model, items, batch=4)  # sorted by length inside, batched with padding
+    alone = torch.cat([states_of(model, [item]) for item in items])
+    assert together.shape == (10, 32) and torch.allclose(together, alone, atol=1e-5)

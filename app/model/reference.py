@@ -118,9 +118,12 @@ def states_of(model: RewardModel, items: Sequence[Encoded], batch: int = 16) -> 
         raise ValueError("only a head read at the last token has the states a reference fits")
     capture, kept = _Capture(), module.probe
     module.probe = capture
+    order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))  # like lengths together: little padding
     try:
-        for start in range(0, len(items), batch):
-            model.stock(items[start : start + batch])
+        for start in range(0, len(order), batch):
+            model.stock([items[i] for i in order[start : start + batch]])
     finally:
         module.probe = kept
-    return torch.cat(capture.seen)
+    states = torch.empty(len(items), capture.seen[0].shape[1]) if capture.seen else torch.empty(0, 0)
+    states[order] = torch.cat(capture.seen)
+    return states
