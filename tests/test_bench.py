@@ -119,3 +119,20 @@ def test_the_invariance_check_measures_each_way_of_batching(load: Any) -> None:
     assert set(diffs) == {"batch-invariant", "stock kernels"}
     assert all(0 <= d <= 1e-4 for d in diffs.values())
     assert diffs["batch-invariant"] == 0.0
+
+
+def test_the_hacking_run_reports_each_phase_and_repetition_at_its_onset(
+    checkpoints: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.conftest import ROOT
+
+    data = ROOT / "examples/data/dev.jsonl"
+    assert (
+        bench.main(["--hacking", "--model", str(checkpoints["value_head"]), "--data", str(data), "--dtype", "float32"])
+        == 0
+    )
+    table = capsys.readouterr().out
+    for phase in ("clean", "longer", "hedging", "repetition", "other domain"):
+        assert f"| {phase} |" in table
+    repetition = next(line for line in table.splitlines() if line.startswith("| repetition |"))
+    assert "repetition: +0" in repetition or "repetition: +1" in repetition

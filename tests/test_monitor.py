@@ -1,7 +1,7 @@
 """The reward-hacking monitor: runs are kept apart (named, by key, bounded), windows close with their signals, and a
 scripted policy whose replies drift (groups that stop differing, repeated text, replies past the model's length)
-raises each signal's warning within a window of its onset, through the server as a trainer calls it, while a clean
-run raises none in 200 windows (6 rules each: 0 false alarms in 1,200 checks)."""
+raises each signal's warning in the window after its onset (two windows running), through the server as a trainer
+calls it, while a clean run raises none in 200 windows (0 false alarms over every rule)."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ async def test_a_drifting_policy_raises_each_signal_and_a_clean_one_none(checkpo
         state = (await client.get("/monitor")).json()
         metrics = (await client.get("/metrics")).text
     for signal, onset in ONSETS.items():
-        assert onset <= first_warned[signal] <= onset + 1, (signal, first_warned)
+        assert first_warned[signal] == onset + 1, (signal, first_warned)
     hacked, clean_run = state["runs"]["hacked"], state["runs"]["clean"]
     assert hacked["items"] == 18 * WINDOW and len(hacked["windows"]) == 18 and hacked["baseline"] == [0, 1]
     assert clean_run["warnings"] == [] and not any(w["warnings"] for w in clean_run["windows"])
@@ -128,7 +128,7 @@ async def test_replies_unlike_the_eval_set_are_out_of_distribution(
     checkpoints: dict[str, Path], tmp_path: Path
 ) -> None:
     """`reward-server eval` fits the reference; stored in the checkpoint's eval/ it changes no reward and no
-    fingerprint, and text from another domain (hex dumps) raises the `ood` warning at its first window."""
+    fingerprint, and text from another domain (hex dumps) raises the `ood` warning at its second window."""
     import shutil
 
     from app.model.reference import write
@@ -149,13 +149,13 @@ async def test_replies_unlike_the_eval_set_are_out_of_distribution(
         probed = (await client.post("/score", json={"items": items})).json()
         assert app.state.registry.resolve(None).readout.distance == 1
         said = []
-        for step in range(6):
+        for step in range(7):
             body = {"items": items if step < 3 else [hexdump[i % len(hexdump)] for i in range(WINDOW)]}
             said.append((await client.post("/score", json=body, headers={"X-Run-Id": "ood"})).json()["warnings"])
         windows = (await client.get("/monitor")).json()["runs"]["ood"]["windows"]
     assert probed["rewards"] == plain["rewards"] and probed["fingerprint"] == plain["fingerprint"]
     assert all(w["signals"]["ood"] <= 0.1 for w in windows[:3]) and windows[3]["signals"]["ood"] == 1.0
-    assert said[:3] == [[], [], []] and any(w.startswith("ood:") for w in said[3])
+    assert said[:4] == [[], [], [], []] and any(w.startswith("ood:") for w in said[4])  # two windows running
 
 
 def test_the_checkpoints_reference_warns_only_past_wide_margins() -> None:

@@ -188,6 +188,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "head moved by seeded noise), scored as one shared-base model and as separate models; items/s side by side.",
     )
     parser.add_argument(
+        "--hacking",
+        action="store_true",
+        help="Measure the reward-hacking monitor instead: a scripted policy drifting over 40 /rank steps (longer, "
+        "hedging, repeating, another domain) and a clean run; which warnings fire, how soon after each onset.",
+    )
+    parser.add_argument(
         "--members", type=positive_int, default=4, help="--ensemble: how many members (default: %(default)s)."
     )
     parser.add_argument(
@@ -235,6 +241,10 @@ def run(args: argparse.Namespace) -> int:
         from app.bench.startup import report as startup_report
 
         text = startup_report(args.model, args.startup, args.port)
+    elif args.hacking:
+        from app.bench.hacking import report as hacking_report
+
+        text = hacking_report(args.model, args.data, args.dtype, args.seed)
     elif args.ensemble is not None:
         from app.bench.ensemble import report as ensemble_report
 

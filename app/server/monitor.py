@@ -16,9 +16,11 @@ metrics keep a bounded cardinality. Every `monitor_window` items of a run close 
   (under half their word 3-grams distinct);
 - `ood`: the share of items whose last-token state (the one the head reads) lies past the 99th percentile of the
   checkpoint's eval set, by a low-rank Mahalanobis distance (`app.model.reference`; only where the checkpoint has a
-  reference: `reward-server eval --out CHECKPOINT/eval` stores it).
+  reference: `reward-server eval --out CHECKPOINT/eval` stores it), and `distance_mean`, the items' mean distance in
+  units of that percentile, which moves before many items are past it.
 
-Warnings fire on change within the run, never on its first windows alone: a policy's first replies are not the
+Warnings fire on change within the run, in two windows running (one noisy window never warns), never on its first
+windows alone: a policy's first replies are not the
 reward model's training data, so an absolute threshold would fire on every run. Each rule is in `RULES`, with the
 amount of change that trips it."""
 
@@ -50,6 +52,7 @@ SIGNALS = (
     "truncated",
     "repetition",
     "ood",
+    "distance_mean",
 )
 
 
@@ -59,10 +62,11 @@ class Rule:
 
     `share`s (of items or groups) trip at a rise of at least 0.2 and 3 binomial standard errors; correlations when
     Fisher's z rose by 3 standard errors (1/sqrt(n - 3) for the window and for the baseline's pooled items) and the
-    correlation is at least `floor`; `reward_drift` is already in baseline standard deviations of single rewards."""
+    correlation is at least `floor`; `reward_drift` is already in baseline standard deviations of single rewards;
+    a `ratio` (reply length) at twice the baseline's."""
 
     signal: str
-    kind: Literal["share", "corr", "drift"]
+    kind: Literal["share", "corr", "drift", "ratio"]
     floor: float
     says: str
 
@@ -73,6 +77,8 @@ class Rule:
             return True
         if base is None or n < 4 or n_base < 4:
             return False
+        if self.kind == "ratio":
+            return base > 0 and value >= 2 * base
         if self.kind == "share":
             return value - base >= max(0.2, 3 * math.sqrt(base * (1 - base) / n))
         clip = lambda r: math.atanh(max(-0.999, min(0.999, r)))  # noqa: E731
@@ -81,12 +87,14 @@ class Rule:
 
 RULES = (
     Rule("reward_drift", "drift", 3.0, "rewards rose {value:.1f} baseline std above the run's start"),
+    Rule("length_mean", "ratio", 0.0, "replies are {value:.0f} words long, over twice the run's start ({base:.0f})"),
     Rule("length_corr", "corr", 0.3, "reward follows reply length (corr {value:.2f}, {base:.2f} at the run's start)"),
     Rule("group_length_corr", "corr", 0.3, "within /rank groups the longer reply wins (corr {value:.2f})"),
     Rule("group_collapse", "share", 0.3, "{value:.0%} of /rank groups have no reward spread left"),
     Rule("repetition", "share", 0.25, "{value:.0%} of replies repeat themselves"),
     Rule("truncated", "share", 0.25, "{value:.0%} of items were cut to fit the model"),
     Rule("ood", "share", 0.25, "{value:.0%} of items are unlike the reward model's eval set (1% of those are)"),
+    Rule("distance_mean", "ratio", 0.0, "items moved from the eval set's states ({value:.2f}, {base:.2f} at start)"),
 )
 
 
@@ -114,7 +122,8 @@ class Window(BaseModel):
     items: int
     groups: int = Field(description="/rank groups of two or more items among them")
     signals: dict[str, float | None]
-    warnings: list[str] = Field(default_factory=list)
+    tripped: list[str] = Field(default_factory=list, description="the rules past their threshold in this window")
+    warnings: list[str] = Field(default_factory=list, description="those past it in this window and the one before")
 
 
 @dataclass
@@ -172,6 +181,7 @@ def signals(items: Sequence[Observed], baseline: Sequence[Window]) -> dict[str, 
     }
     measured = [o.distance for o in items if o.distance is not None]
     out["ood"] = sum(d > 1 for d in measured) / len(measured) if measured else None
+    out["distance_mean"] = statistics.fmean(measured) if measured else None
     mean = out["reward_mean"]
     spread = base_std if base_std else None
     out["reward_drift"] = (mean - base_mean) / spread if spread and base_mean is not None and mean is not None else None
@@ -247,14 +257,17 @@ class Monitor:
         sizes = Counter(o.group for o in items if o.group is not None)
         groups = sum(size > 1 for size in sizes.values())
         window = Window(index=index, items=len(items), groups=groups, signals=values)
+        previous = run.windows[-1].tripped if run.windows else []
         if len(run.baseline) >= self.baseline_windows:
             for rule in RULES:
                 base = _mean([w.signals[rule.signal] for w in run.baseline])
                 n_base = sum(sample_size(rule.signal, w) for w in run.baseline)
                 value = values[rule.signal]
                 if rule.tripped(value, base, sample_size(rule.signal, window), n_base):
-                    said = rule.says.format(value=value, base=base or 0.0)
-                    window.warnings.append(f"{rule.signal}: {said}")
+                    window.tripped.append(rule.signal)
+                    if rule.signal in previous:  # two windows running: one noisy window never warns
+                        said = rule.says.format(value=value, base=base or 0.0)
+                        window.warnings.append(f"{rule.signal}: {said}")
         if run.reference is not None:
             window.warnings += beyond_reference(values, run.reference)
         warnings = window.warnings

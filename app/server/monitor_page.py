@@ -21,6 +21,7 @@ CHARTS = (
     ("repetition", "share of replies repeating"),
     ("truncated", "share of items truncated"),
     ("ood", "share of items unlike the eval set"),
+    ("distance_mean", "mean distance from the eval set's states"),
     ("reward_drift", "reward drift (baseline std)"),
 )
 WIDTH, HEIGHT, PAD = 300, 90, 4
