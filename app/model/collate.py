@@ -55,6 +55,11 @@ def collate(items: Sequence[Tokens], pad_id: int, multiple: int = 1) -> Batch:
     )
 
 
+def positions_of(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each token's position counting only real tokens so far: left or right padding reads as the item alone."""
+    return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
 def last_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Last position with mask 1, for left or right padding alike (never a padding token, even when pad == eos)."""
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)

@@ -22,7 +22,7 @@ from torch import nn
 
 from app.model import invariant
 from app.model.checkpoint import Manifest, read_manifest
-from app.model.collate import last_real_index
+from app.model.collate import last_real_index, positions_of
 from app.model.fingerprint import model_fingerprint
 from app.model.info import ModelInfo
 from app.model.loading import hidden_size, load_head, load_reward_model, resolve_base
@@ -55,9 +55,8 @@ class SharedBaseModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if position_ids is None:
-            position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-        common = {"attention_mask": attention_mask, "position_ids": position_ids, "use_cache": False}
+        positions = positions_of(attention_mask) if position_ids is None else position_ids
+        common = {"attention_mask": attention_mask, "position_ids": positions, "use_cache": False}
         hidden = self.bottom(input_ids=input_ids, **common).last_hidden_state
         return self._members(hidden, last_real_index(attention_mask), common)
 

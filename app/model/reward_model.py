@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from app.model import invariant
-from app.model.collate import collate, last_real_index
+from app.model.collate import collate, last_real_index, positions_of
 from app.model.info import Kernels, ModelInfo
 from app.model.plan import Plan, Tokens, plan_of
 from app.model.readout import Readout
@@ -71,9 +71,7 @@ class RewardHeadModel(nn.Module):
         """A padded batch (left or right), the stock way: training, and models that cannot pack."""
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self._takes_positions:
-            if position_ids is None:  # left or right padding: count real tokens so far
-                position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-            kwargs["position_ids"] = position_ids
+            kwargs["position_ids"] = positions_of(attention_mask) if position_ids is None else position_ids
         if self._takes_types and token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
         if self.pooling == "classifier":
