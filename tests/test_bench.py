@@ -65,6 +65,9 @@ def test_bench_runs_every_mode_and_workload(checkpoints: dict[str, Path], tmp_pa
     assert "| hostile | server: hostile / storm (hostile bodies answered " in table
     assert "| idle | server p50 of (latency - the item's forward) |" in table
     assert "| idle | server p50 of (latency - its own forward) |" in table
+    monitored = {r["mode"]: r["monitor_seconds"] for r in results if r["workload"] == "storm"}
+    assert monitored["server"] > 0 and monitored["server-unmonitored"] == 0  # its own time, counted by the server
+    assert "| storm | server: the monitor's own time / wall time |" in table
 
 
 def test_flops_per_token_counts_every_linear_weight_of_the_backbone(load: Any) -> None:
@@ -134,5 +137,7 @@ def test_the_hacking_run_reports_each_phase_and_repetition_at_its_onset(
     table = capsys.readouterr().out
     for phase in ("clean", "longer", "hedging", "repetition", "other domain"):
         assert f"| {phase} |" in table
-    repetition = next(line for line in table.splitlines() if line.startswith("| repetition |"))
-    assert "repetition: +0" in repetition or "repetition: +1" in repetition
+    rows = {line.split(" |")[0][2:]: line for line in table.splitlines() if line.startswith("| ")}
+    assert "repetition: +0" in rows["repetition"] or "repetition: +1" in rows["repetition"]
+    assert "boilerplate: +0" in rows["hedging"] or "boilerplate: +1" in rows["hedging"]
+    assert "0 of 200 steps answered with one (false-alarm rate 0.0%)" in table

@@ -13,12 +13,13 @@ from typing import Any
 import pytest
 
 from app.model.recipe import ScoringInput
-from app.server.monitor import Monitor, Observed, observe, repeated, run_of, signals
+from app.server.monitor import Monitor, run_of
+from app.server.signals import Observed, boilerplate, observe, phrases, repeated, signals
 from tests.conftest import ROOT, serving
 
-PAIRS = [json.loads(line) for line in (ROOT / "examples/data/dev.jsonl").read_text().splitlines()]
-PROMPTS = [p["prompt"] for p in PAIRS if len(p["prompt"]) <= 120]
-REPLIES = [r for p in PAIRS for r in (p["chosen"], p["rejected"]) if len(r) <= 250]  # clean items fit max_length
+PAIRS = [json.loads(line) for f in ("dev", "train") for line in (ROOT / f"examples/data/{f}.jsonl").open()]
+PROMPTS = [p["prompt"] for p in PAIRS[:16] if len(p["prompt"]) <= 120]  # dev's
+REPLIES = [r for p in PAIRS for r in (p["chosen"], p["rejected"]) if len(r) <= 200]  # fit max_length, drifted too
 WINDOW = 32  # items: 4 /rank groups of 8
 
 
@@ -34,22 +35,39 @@ def test_runs_are_named_by_header_query_or_key_and_bounded() -> None:
 
 def test_signals_of_a_window() -> None:
     items = [Observed(float(n), n, n > 8, False, n % 2) for n in range(1, 11)]
-    got = signals(items, [])
+    got = signals(items)
     assert got["length_corr"] == pytest.approx(1.0) and got["truncated"] == pytest.approx(0.2)
     assert got["reward_mean"] == pytest.approx(5.5) and got["reward_drift"] is None  # no baseline yet
     assert got["group_length_corr"] == pytest.approx(1.0) and got["group_collapse"] == 0.0
     assert repeated("the cat sat " * 6) and not repeated("a reply that says one thing once and then stops here fine")
 
 
+def test_boilerplate_is_a_phrase_shared_across_prompts_not_within_one() -> None:
+    def item(prompt: str, reply: str) -> Observed:
+        return observe(ScoringInput(prompt, reply), 0.0, 9, False, None)
+
+    hedge = "I might be wrong, but "
+    replies = ["cats purr when content", "the sea is salty today", "seven is a prime number", "tea needs hot water"]
+    assert boilerplate([item(p, r) for p, r in zip("abcd", replies, strict=True)]) == 0.0
+    hedged = [item(p, hedge + r) for p, r in zip("abc", replies[:3], strict=True)] + [item("d", replies[3])]
+    assert boilerplate(hedged) == 0.75  # the phrase opens replies to 3 of the 4 prompts
+    one_prompt = [item("a", hedge + r) for r in replies] + [item(p, r) for p, r in zip("bcd", replies[1:], strict=True)]
+    assert boilerplate(one_prompt) == 0.0  # shared by one prompt's replies only: that prompt's words, not boilerplate
+    assert boilerplate(hedged[:2]) is None and phrases("One two three Four") == phrases("one two three four")
+    assert len(phrases("w " * 1000)) == 1 and len(phrases(" ".join(map(str, range(1000))))) == 2 * (12 - 4 + 1)
+
+
 def policy(step: int, rng: random.Random) -> list[dict[str, Any]]:
     """One GRPO step: 4 prompts x 8 replies. Steps 0-5 clean (replies drawn from held-aside pairs); from step 6 every
-    reply of a group is the same (GRPO's spread collapses); from 10 replies repeat a phrase; from 14 they run past the
-    model's max_length."""
-    groups = []
-    for prompt in rng.sample(PROMPTS, 4):
-        replies = rng.sample(REPLIES, 8)
+    reply of a group is the same (GRPO's spread collapses); from 8 they open and close with hedges; from 10 they repeat
+    a phrase; from 14 they run past the model's max_length."""
+    groups, drawn = [], rng.sample(REPLIES, 32)  # distinct replies, as a policy's are
+    for g, prompt in enumerate(rng.sample(PROMPTS, 4)):
+        replies = drawn[8 * g : 8 * g + 8]
         if step >= 6:
             replies = [replies[0]] * 8
+        if step >= 8:
+            replies = [f"I might be wrong, but {reply} Please double-check this; I can't be sure." for reply in replies]
         if step >= 10:
             replies = [f"{reply} I am sure. I am sure. I am sure. I am sure. I am sure." * 2 for reply in replies]
         if step >= 14:
@@ -58,7 +76,7 @@ def policy(step: int, rng: random.Random) -> list[dict[str, Any]]:
     return groups
 
 
-ONSETS = {"group_collapse": 6, "repetition": 10, "truncated": 14}
+ONSETS = {"group_collapse": 6, "boilerplate": 8, "repetition": 10, "truncated": 14}
 
 
 async def test_a_drifting_policy_raises_each_signal_and_a_clean_one_none(checkpoints: dict[str, Path]) -> None:
@@ -76,7 +94,7 @@ async def test_a_drifting_policy_raises_each_signal_and_a_clean_one_none(checkpo
             clean = await client.post("/rank?run=clean", json={"groups": policy(step % 6, rng)})
             assert clean.json()["warnings"] == []
         pool = [{"prompt": p, "response": r} for p in PROMPTS for r in REPLIES]  # every clean item, scored once
-        scored = (await client.post("/score", json={"items": pool})).json()["items"]
+        scored = [s for at in range(0, len(pool), 512) for s in await _items(client, pool[at : at + 512])]
         state = (await client.get("/monitor")).json()
         metrics = (await client.get("/metrics")).text
     for signal, onset in ONSETS.items():
@@ -89,16 +107,20 @@ async def test_a_drifting_policy_raises_each_signal_and_a_clean_one_none(checkpo
     assert 'reward_monitor_warnings{run="hacked"}' in metrics
     # the false-alarm rate: 200 more clean windows, drawn from the scored pool (a reward depends on its item only)
     monitor, alarms = Monitor(window=WINDOW, max_runs=1, baseline=2), 0
-    by_prompt = {p: [(pool[i], scored[i]) for i in range(len(pool)) if pool[i]["prompt"] == p] for p in PROMPTS}
+    of = {(item["prompt"], item["response"]): s for item, s in zip(pool, scored, strict=True)}
     for _ in range(200):
         first = monitor.next_group("clean", 4)
         observed = [
-            observe(ScoringInput(item["prompt"], item["response"]), s["reward"], s["num_tokens"], s["truncated"], g)
-            for g, prompt in enumerate(rng.sample(PROMPTS, 4), start=first)
-            for item, s in rng.sample(by_prompt[prompt], 8)
+            observe(ScoringInput(g["prompt"], r), of[g["prompt"], r]["reward"], 0, of[g["prompt"], r]["truncated"], n)
+            for n, g in enumerate(policy(0, rng), start=first)
+            for r in g["responses"]
         ]
         alarms += len(monitor.record("clean", observed))
     assert alarms == 0 and len(monitor.runs["clean"].windows) == 200
+
+
+async def _items(client: Any, items: list[dict[str, str]]) -> list[dict[str, Any]]:
+    return (await client.post("/score", json={"items": items})).json()["items"]
 
 
 async def test_the_monitor_can_be_off(checkpoints: dict[str, Path]) -> None:
@@ -111,7 +133,7 @@ def test_the_grafana_dashboard_reads_what_the_server_exports() -> None:
     import re
 
     from app.server.metrics import Metrics
-    from app.server.monitor import SIGNALS
+    from app.server.signals import SIGNALS
 
     exported = {metric.name for metric in Metrics().registry.collect()}
     queries = [
@@ -180,3 +202,26 @@ def test_states_come_back_in_the_items_order(load: Any) -> None:
     together = states_of(model, items, batch=4)  # sorted by length inside, batched with padding
     alone = torch.cat([states_of(model, [item]) for item in items])
     assert together.shape == (10, 32) and torch.allclose(together, alone, atol=1e-5)
+
+
+def test_a_runs_memory_stays_bounded_however_long_it_runs() -> None:
+    """Windows past `WINDOWS_KEPT` go (the page draws the last 500): 1,100 windows hold what 500 did, under 2 MB."""
+    import tracemalloc
+
+    from app.server.monitor import WINDOWS_KEPT
+
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(5000)]
+    monitor, held = Monitor(window=16, max_runs=1, baseline=2), {}
+    tracemalloc.start()
+    try:
+        for window in range(1100):
+            first = monitor.next_group("long", 2)
+            items = [ScoringInput(f"p{rng.randrange(50)}", " ".join(rng.choices(words, k=40))) for _ in range(16)]
+            monitor.record("long", [observe(x, rng.random(), 0, False, first + i // 8) for i, x in enumerate(items)])
+            if window + 1 in (WINDOWS_KEPT, 1100):
+                held[window + 1] = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert len(monitor.runs["long"].windows) == WINDOWS_KEPT
+    assert held[1100] < 1.05 * held[WINDOWS_KEPT] and held[1100] < 2e6, held

@@ -84,6 +84,9 @@ def report(results: list[Result], header: str, roofline_tokens: float | None = N
             answered = ", ".join(f"{status}: {n}" for status, n in sorted(hostile.hostile_statuses.items()))
             lines.append(f"| hostile | {mode}: hostile / storm (hostile bodies answered {answered}) | {ratio:.2f} |")
     for r in by.values():
+        if r.monitor_seconds:  # the monitor runs on the event loop: at most this share of the wall time is its cost
+            share = r.monitor_seconds / r.seconds
+            lines.append(f"| {r.workload} | {r.mode}: the monitor's own time / wall time | {share:.3%} |")
         if r.forwards:  # paired: each request against its item's forward run just before it
             extra = statistics.median(a - b for a, b in zip(r.latencies, r.forwards, strict=True))
             lines.append(f"| {r.workload} | {r.mode} p50 of (latency - the item's forward) | {1000 * extra:+.1f} ms |")

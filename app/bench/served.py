@@ -58,7 +58,12 @@ async def drive(
 
 def _counters(base: str) -> dict[str, float]:
     text = httpx.get(f"{base}/metrics", timeout=30).text
-    wanted = ("reward_tokens_scored_total", "reward_padded_tokens_total", "reward_batch_size_count")
+    wanted = (
+        "reward_tokens_scored_total",
+        "reward_padded_tokens_total",
+        "reward_batch_size_count",
+        "reward_monitor_seconds_total",
+    )
     return {
         name: float(line.split()[-1]) for line in text.splitlines() for name in wanted if line.startswith(name + " ")
     }
@@ -160,6 +165,7 @@ class Served:
             result.real_tokens = int(after["reward_tokens_scored_total"] - before["reward_tokens_scored_total"])
             result.padded_tokens = int(after["reward_padded_tokens_total"] - before["reward_padded_tokens_total"])
             result.batches = int(after["reward_batch_size_count"] - before["reward_batch_size_count"])
+            result.monitor_seconds = after["reward_monitor_seconds_total"] - before["reward_monitor_seconds_total"]
         elif self.mode == "naive":  # one forward per request, padded to its longest item
             lengths = iter(len(e) for e in encoded)
             sizes = [[next(lengths) for _ in r] for r in workload.requests]

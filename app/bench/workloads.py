@@ -48,6 +48,7 @@ class Result:
     forwards: list[float] = field(default_factory=list)  # `idle`: the item's in-process forward, just before each
     served_forwards: list[float] = field(default_factory=list)  # the server's own forward time (x-inference-time-ms)
     hostile_statuses: dict[int, int] = field(default_factory=dict)  # `hostile`: what the hostile bodies got
+    monitor_seconds: float = 0.0  # this service: the event-loop time its reward-hacking monitor took
 
     def row(self, roofline_tokens: float | None = None) -> dict[str, Any]:
         """`roofline_tokens`: own tokens/s at the matmul roofline (`roofline`), for the useful-work fraction."""

@@ -206,11 +206,13 @@ def load_reward_model(
     trust_remote_code: bool = False,
     cache_dir: Path | None = None,
     device_map: str | None = None,
+    probe: bool = True,
 ) -> RewardModel:
     """Weights load straight into the serving dtype on the serving device (never through a float32 host copy: an
     8B model would need ~50 GB of host memory); value heads stay float32. `device_map` (e.g. `auto`) spreads the
     backbone over several GPUs. `head_index`/`attribute_weights`: how a head with several outputs makes the reward
-    (`app.model.readout`; the weights default to the manifest's)."""
+    (`app.model.readout`; the weights default to the manifest's). `probe`: the monitor's state distance, where the
+    checkpoint has a reference (`app.model.reference`)."""
     path = Path(path).expanduser()
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory does not exist")
@@ -283,7 +285,8 @@ def load_reward_model(
     stated = manifest.attribute_weights if manifest and head_index is None else None  # a setting overrides it
     weights = attribute_weights or stated
     readout = readout_for(outputs, labels, head_index, weights, path)
-    if (reference := Reference.read(path)) is not None and module.pooling == "last_token":
+    reference = Reference.read(path) if probe else None
+    if reference is not None and module.pooling == "last_token":
         module.probe = StateProbe(reference).to(module.backbone.get_input_embeddings().weight.device)
         readout = dataclasses.replace(readout, distance=outputs)  # the column after the head's
     tokenizer = _from_pretrained(AutoTokenizer, tokenizer_dir, trust_remote_code=trust_remote_code)

@@ -2,10 +2,13 @@
 `reward-server eval` (`<checkpoint>/eval/monitor_reference.json`, a directory no fingerprint reads).
 
 It holds the eval set's reward distribution and corr(reward, length), and a low-rank Gaussian fit of the hidden state
-the head reads (the last real token's): mean, the top principal directions and their scales. An item's distance is
-its squared Mahalanobis distance in that subspace over the eval set's 99th percentile of it, so about 1% of items
-like the eval set's are past 1. The probe that computes it rides along the forward pass as one extra output column
-after the head's (the readout never reads it), so it costs one small matmul per batch and no second pass."""
+the head reads (the last real token's): mean, the top principal directions and their scales, and the variance left
+outside them (probabilistic PCA). An item's distance is its squared Mahalanobis distance under that fit (in the
+subspace, plus its squared distance from the subspace over the variance left) over the eval set's 99th percentile
+of it, so about 1% of items like the eval set's are past 1. The part outside the subspace is what tells text of
+another domain: on models/default, hexadecimal dumps lie inside the eval set's 99th percentile by the subspace alone
+and all past it with the rest counted. The probe that computes it rides along the forward pass as one extra output
+column after the head's (the readout never reads it), so it costs two small matmuls per batch and no second pass."""
 
 from __future__ import annotations
 
@@ -38,6 +41,9 @@ class Reference(BaseModel):
     state_mean: list[float]
     state_basis: list[list[float]] = Field(description="[hidden, k]: the principal directions")
     state_scale: list[float] = Field(description="each direction's standard deviation")
+    residual_variance: float | None = Field(
+        None, description="per dimension outside the subspace; None (a reference written before it): the subspace only"
+    )
     threshold: float = Field(description="the eval items' 99th percentile of the squared distance")
 
     @classmethod
@@ -47,23 +53,35 @@ class Reference(BaseModel):
 
     def summary(self) -> dict[str, Any]:
         """The part the monitor shows (no state fit)."""
-        return self.model_dump(exclude={"state_mean", "state_basis", "state_scale", "threshold"})
+        return self.model_dump(exclude={"state_mean", "state_basis", "state_scale", "residual_variance", "threshold"})
 
 
 class StateProbe(nn.Module):
-    """[items, hidden] last-token states -> [items, 1]: squared distance in the fitted subspace over the threshold."""
+    """[items, hidden] last-token states -> [items, 1]: squared distance under the fit over the threshold."""
 
     def __init__(self, reference: Reference) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(reference.state_mean, dtype=torch.float32))
-        basis = torch.tensor(reference.state_basis, dtype=torch.float32)
-        scale = torch.tensor(reference.state_scale, dtype=torch.float32).clamp(min=1e-6)
-        self.register_buffer("whiten", basis / scale)
-        self.threshold = reference.threshold
+        self.register_buffer("basis", torch.tensor(reference.state_basis, dtype=torch.float32))
+        self.register_buffer("scale", torch.tensor(reference.state_scale, dtype=torch.float32).clamp(min=1e-6))
+        self.residual_variance, self.threshold = reference.residual_variance, reference.threshold
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
-        centred = states.to(self.mean.device, torch.float32) - self.mean
-        return (centred @ self.whiten).pow(2).sum(dim=1, keepdim=True) / self.threshold
+        states = states.to(self.mean.device, torch.float32)
+        return distance(states, self.mean, self.basis, self.scale, self.residual_variance) / self.threshold
+
+
+def distance(
+    states: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor, scale: torch.Tensor, residual: float | None
+) -> torch.Tensor:
+    """[items, 1]: the squared Mahalanobis distance under the fit (`residual` None: in the subspace only)."""
+    centred = states - mean
+    projected = centred @ basis
+    squared = (projected / scale).pow(2).sum(dim=1, keepdim=True)
+    if residual is None:
+        return squared
+    outside = (centred - projected @ basis.T).pow(2).sum(dim=1, keepdim=True)
+    return squared + outside / residual
 
 
 def fit(states: torch.Tensor, rewards: list[float], lengths: list[int]) -> Reference:
@@ -72,11 +90,13 @@ def fit(states: torch.Tensor, rewards: list[float], lengths: list[int]) -> Refer
 
     x = states.double()
     mean = x.mean(dim=0)
-    k = max(1, min(COMPONENTS, x.shape[0] - 1, x.shape[1]))
+    k = max(1, min(COMPONENTS, x.shape[0] // 10, x.shape[1] - 1))  # 10 items a direction: a fit, not the items
     _, singular, v = torch.linalg.svd(x - mean, full_matrices=False)
     basis = v[:k].T
-    scale = singular[:k] / math.sqrt(max(1, x.shape[0] - 1))
-    distances = (((x - mean) @ basis) / scale.clamp(min=1e-6)).pow(2).sum(dim=1)
+    scale = (singular[:k] / math.sqrt(max(1, x.shape[0] - 1))).clamp(min=1e-6)
+    left = x.shape[1] - k  # dimensions outside the subspace, and the eval states' variance per dimension there
+    residual = float(singular[k:].pow(2).sum()) / max(1, x.shape[0] - 1) / left if left else None
+    distances = distance(x, mean, basis, scale, residual or None).squeeze(1)
     quantiles = statistics.quantiles(rewards, n=10, method="inclusive")
     corr = statistics.correlation(rewards, [float(n) for n in lengths]) if len(set(lengths)) > 1 else None
     return Reference(
@@ -88,6 +108,7 @@ def fit(states: torch.Tensor, rewards: list[float], lengths: list[int]) -> Refer
         state_mean=mean.tolist(),
         state_basis=basis.tolist(),
         state_scale=scale.tolist(),
+        residual_variance=residual or None,
         threshold=float(torch.quantile(distances, QUANTILE)) or 1.0,
     )
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from app.engine.observer import EngineObserver
-from app.server.monitor import SIGNALS
+from app.server.signals import SIGNALS
 
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -55,6 +55,9 @@ class Metrics(EngineObserver):
         self.monitor_warnings = Gauge(
             "reward_monitor_warnings", "Warnings in force for a run (its last closed window)", ["run"], registry=r
         )
+        self.monitor_seconds = Counter(
+            "reward_monitor_seconds", "Event-loop time the reward-hacking monitor took (its cost)", registry=r
+        )
         self.request_seconds = Histogram(
             "reward_request_seconds",
             "Request latency, body read to response end",
@@ -68,6 +71,9 @@ class Metrics(EngineObserver):
             if value is not None:
                 self.monitor_signal.labels(run=run, signal=name).set(value)
         self.monitor_warnings.labels(run=run).set(warnings)
+
+    def monitor_spent(self, seconds: float) -> None:
+        self.monitor_seconds.inc(seconds)
 
     def monitor_forget(self, run: str) -> None:
         for name in SIGNALS:

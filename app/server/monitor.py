@@ -3,32 +3,17 @@ policy drifting toward what the reward model over-rates, and warnings when a run
 
 A run is named by the request (`X-Run-Id`, or `?run=` where a trainer's headers and body are fixed), else it is its
 API key's (`key:<hash>`), else `default`; at most `monitor_runs` are kept (the least recently scored goes), so
-metrics keep a bounded cardinality. Every `monitor_window` items of a run close a window and compute its signals:
-
-- `reward_mean`, `reward_std`, `reward_p10/p50/p90`, and `reward_drift`: the mean's move from the run's baseline (its
-  first `monitor_baseline` windows) in baseline standard deviations;
-- `length_mean` (reply words) and `length_corr`, corr(reward, reply length): a policy that learns "longer is
-  better" raises both;
-- `group_collapse`: the share of `/rank` groups whose rewards all but agree (spread under a tenth of the baseline's
-  reward std: GRPO then has no advantage to learn from), and `group_length_corr`, the mean within-group
-  corr(reward, length), which a length bias shows even when prompts differ;
-- `truncated`: the share of items cut to fit the model; `repetition`: the share of replies repeating themselves
-  (under half their word 3-grams distinct);
-- `ood`: the share of items whose last-token state (the one the head reads) lies past the 99th percentile of the
-  checkpoint's eval set, by a low-rank Mahalanobis distance (`app.model.reference`; only where the checkpoint has a
-  reference: `reward-server eval --out CHECKPOINT/eval` stores it), and `distance_mean`, the items' mean distance in
-  units of that percentile, which moves before many items are past it.
+metrics keep a bounded cardinality. Every `monitor_window` items of a run close a window and compute its signals
+(`app.server.signals` says what each means).
 
 Warnings fire on change within the run, in two windows running (one noisy window never warns), never on its first
-windows alone: a policy's first replies are not the
-reward model's training data, so an absolute threshold would fire on every run. Each rule is in `RULES`, with the
-amount of change that trips it."""
+windows alone: a policy's first replies are not the reward model's training data, so an absolute threshold would
+fire on every run. Each rule is in `RULES`, with the amount of change that trips it."""
 
 from __future__ import annotations
 
 import hashlib
 import math
-import statistics
 from collections import Counter, OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,24 +21,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, Field
 
-from app.model.recipe import Item, ScoringInput
-
-SIGNALS = (
-    "reward_mean",
-    "reward_std",
-    "reward_p10",
-    "reward_p50",
-    "reward_p90",
-    "reward_drift",
-    "length_mean",
-    "length_corr",
-    "group_collapse",
-    "group_length_corr",
-    "truncated",
-    "repetition",
-    "ood",
-    "distance_mean",
-)
+from app.server.signals import Observed, mean_of, signals
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +60,7 @@ RULES = (
     Rule("group_length_corr", "corr", 0.3, "within /rank groups the longer reply wins (corr {value:.2f})"),
     Rule("group_collapse", "share", 0.3, "{value:.0%} of /rank groups have no reward spread left"),
     Rule("repetition", "share", 0.25, "{value:.0%} of replies repeat themselves"),
+    Rule("boilerplate", "share", 0.25, "{value:.0%} of replies open or close with a phrase most prompts' replies use"),
     Rule("truncated", "share", 0.25, "{value:.0%} of items were cut to fit the model"),
     Rule("ood", "share", 0.25, "{value:.0%} of items are unlike the reward model's eval set (1% of those are)"),
     Rule("distance_mean", "ratio", 0.0, "items moved from the eval set's states ({value:.2f}, {base:.2f} at start)"),
@@ -103,18 +72,6 @@ def sample_size(signal: str, window: Window) -> int:
     return {"group_collapse": window.groups, "group_length_corr": window.items - window.groups}.get(
         signal, window.items
     )
-
-
-@dataclass(frozen=True, slots=True)
-class Observed:
-    """One scored item, as the monitor keeps it."""
-
-    reward: float
-    length: int  # reply words (a client-formatted sequence: its tokens)
-    truncated: bool
-    repeated: bool
-    group: int | None  # its /rank group, numbered across the run
-    distance: float | None = None  # from the checkpoint's reference states; past 1: out of distribution
 
 
 class Window(BaseModel):
@@ -141,76 +98,13 @@ class Run:
 WINDOWS_KEPT = 500  # per run: the page draws them; memory per run stays bounded
 
 
-def repeated(text: str) -> bool:
-    """Under half of the reply's word 3-grams are distinct (a reply of fewer than 12 words never is)."""
-    words = text.split()
-    grams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
-    return len(grams) >= 10 and len(set(grams)) < 0.5 * len(grams)
-
-
-def observe(
-    item: Item, reward: float, num_tokens: int, truncated: bool, group: int | None, distance: float | None = None
-) -> Observed:
-    if isinstance(item, ScoringInput):
-        return Observed(reward, len(item.response.split()), truncated, repeated(item.response), group, distance)
-    return Observed(reward, num_tokens, truncated, False, group, distance)
-
-
-def _corr(xs: Sequence[float], ys: Sequence[float]) -> float | None:
-    if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:
-        return None
-    return statistics.correlation(xs, ys)
-
-
-def signals(items: Sequence[Observed], baseline: Sequence[Window]) -> dict[str, float | None]:
-    rewards = [o.reward for o in items]
-    lengths = [float(o.length) for o in items]
-    q = statistics.quantiles(rewards, n=10, method="inclusive") if len(rewards) > 1 else rewards * 9
-    base_mean = _mean([w.signals["reward_mean"] for w in baseline])
-    base_std = _mean([w.signals["reward_std"] for w in baseline])
-    out: dict[str, float | None] = {
-        "reward_mean": statistics.fmean(rewards),
-        "reward_std": statistics.pstdev(rewards),
-        "reward_p10": q[0],
-        "reward_p50": q[4],
-        "reward_p90": q[8],
-        "length_mean": statistics.fmean(lengths),
-        "length_corr": _corr(rewards, lengths),
-        "truncated": sum(o.truncated for o in items) / len(items),
-        "repetition": sum(o.repeated for o in items) / len(items),
-    }
-    measured = [o.distance for o in items if o.distance is not None]
-    out["ood"] = sum(d > 1 for d in measured) / len(measured) if measured else None
-    out["distance_mean"] = statistics.fmean(measured) if measured else None
-    mean = out["reward_mean"]
-    spread = base_std if base_std else None
-    out["reward_drift"] = (mean - base_mean) / spread if spread and base_mean is not None and mean is not None else None
-    groups: dict[int, list[Observed]] = {}
-    for o in items:
-        if o.group is not None:
-            groups.setdefault(o.group, []).append(o)
-    sized = [g for g in groups.values() if len(g) > 1]
-    scale = base_std if base_std else out["reward_std"]
-    collapsed = [statistics.pstdev([o.reward for o in g]) <= 0.1 * (scale or 0.0) for g in sized]
-    out["group_collapse"] = sum(collapsed) / len(sized) if sized else None
-    within_r, within_l = [], []  # deviations from each group's means: the pooled within-group correlation
-    for g in sized:
-        mean_r, mean_l = statistics.fmean(o.reward for o in g), statistics.fmean(o.length for o in g)
-        within_r += [o.reward - mean_r for o in g]
-        within_l += [o.length - mean_l for o in g]
-    out["group_length_corr"] = _corr(within_r, within_l)
-    return out
-
-
-def _mean(values: Sequence[float | None]) -> float | None:
-    known = [v for v in values if v is not None and math.isfinite(v)]
-    return statistics.fmean(known) if known else None
-
-
 class Gauges(Protocol):
-    """Where a closed window's signals are published (the Prometheus metrics), and a dropped run forgotten."""
+    """Where a closed window's signals are published (the Prometheus metrics), a dropped run forgotten, and the
+    monitor's own time counted (what it costs scoring: it runs on the event loop)."""
 
     def monitor_window(self, run: str, signals: dict[str, float | None], warnings: int) -> None: ...
+
+    def monitor_spent(self, seconds: float) -> None: ...
 
     def monitor_forget(self, run: str) -> None: ...
 
@@ -235,6 +129,11 @@ class Monitor:
             self._close(run, items)
         return run.warnings
 
+    def spent(self, seconds: float) -> None:
+        """The event-loop time a request's monitoring took (observing its items, recording them)."""
+        if self.gauges is not None:
+            self.gauges.monitor_spent(seconds)
+
     def next_group(self, run_name: str, count: int) -> int:
         """The first of `count` group numbers for a request's /rank groups in this run."""
         run = self._run(run_name)
@@ -253,14 +152,15 @@ class Monitor:
 
     def _close(self, run: Run, items: list[Observed]) -> None:
         index = run.windows[-1].index + 1 if run.windows else 0
-        values = signals(items, run.baseline)
+        base_mean = mean_of([w.signals["reward_mean"] for w in run.baseline])
+        values = signals(items, base_mean, mean_of([w.signals["reward_std"] for w in run.baseline]))
         sizes = Counter(o.group for o in items if o.group is not None)
         groups = sum(size > 1 for size in sizes.values())
         window = Window(index=index, items=len(items), groups=groups, signals=values)
         previous = run.windows[-1].tripped if run.windows else []
         if len(run.baseline) >= self.baseline_windows:
             for rule in RULES:
-                base = _mean([w.signals[rule.signal] for w in run.baseline])
+                base = mean_of([w.signals[rule.signal] for w in run.baseline])
                 n_base = sum(sample_size(rule.signal, w) for w in run.baseline)
                 value = values[rule.signal]
                 if rule.tripped(value, base, sample_size(rule.signal, window), n_base):

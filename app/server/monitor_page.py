@@ -19,6 +19,7 @@ CHARTS = (
     ("group_length_corr", "within-group corr(reward, length)"),
     ("group_collapse", "share of /rank groups collapsed"),
     ("repetition", "share of replies repeating"),
+    ("boilerplate", "share of replies with a phrase most prompts' replies use"),
     ("truncated", "share of items truncated"),
     ("ood", "share of items unlike the eval set"),
     ("distance_mean", "mean distance from the eval set's states"),

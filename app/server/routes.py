@@ -17,7 +17,7 @@ from app.model.recipe import Item
 from app.server import limits
 from app.server.decode import DecodedRoute
 from app.server.errors import ErrorType, ServiceError, from_engine, openapi_responses
-from app.server.monitor import Monitor, observe, run_of
+from app.server.monitor import Monitor, run_of
 from app.server.monitor_page import page, runs_html
 from app.server.openrlhf import GetRewardRequest, GetRewardResponse
 from app.server.registry import Registry, Target
@@ -33,6 +33,7 @@ from app.server.schemas import (
     ScoreResponse,
     Scores,
 )
+from app.server.signals import observe
 from app.server.vllm import ClassifyRequest, ClassifyResponse, ModelList
 from app.settings import Settings
 
@@ -139,6 +140,7 @@ def _monitored(
     groups: list[int] | None,
 ) -> Scores:
     """The request's items into its run's window; the run's warnings onto the response (body and header)."""
+    began = time.perf_counter()
     key = request.headers.get("authorization", "").removeprefix("Bearer ").strip() or None
     run = run_of(request.headers.get("x-run-id"), request.query_params.get("run"), key)
     group_of: list[int | None] = [None] * len(inputs)
@@ -155,6 +157,7 @@ def _monitored(
         )
     ]
     warnings = monitor.record(run, observed, target.members[0].info.monitor_reference)
+    monitor.spent(time.perf_counter() - began)
     if not warnings:
         return scores
     response.headers["x-reward-warnings"] = " | ".join(warnings)

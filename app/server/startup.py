@@ -39,6 +39,7 @@ def load_keywords(settings: Settings) -> dict[str, Any]:
         "trust_remote_code": settings.trust_remote_code,
         "cache_dir": settings.cache_dir,
         "device_map": settings.device_map,
+        "probe": settings.monitor,  # the state distance only the monitor reads
     }
 
 
