@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -56,6 +56,12 @@ class Settings(BaseSettings):
         None,
         description="A multi-attribute head's reward as a weighted sum, JSON label -> weight (labels from id2label "
         'or the manifest), e.g. `{"helpfulness": 0.65, "correctness": 0.8}`; default: the manifest\'s weights.',
+    )
+    steps: dict[str, Any] | None = Field(
+        None,
+        description="A process reward model's step rule, JSON, over its manifest's (README: Process reward "
+        'models), e.g. math-shepherd\'s `{"tag": " ки", "joiner": "\\n", "split": "\\n", "read": "softmax", '
+        '"logits": ["+", "-"]}`.',
     )
     trust_remote_code: bool = Field(
         False, description="Allow checkpoint code to run (off: only built-in architectures)."

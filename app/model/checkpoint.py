@@ -16,10 +16,11 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from app.model import backbones
 from app.model.recipe import ScoringRecipe
+from app.model.steps import StepRule
 
 MANIFEST = "reward_manifest.json"
 HEAD_FILE = "value_head.safetensors"
-Format = Literal["value_head", "peft", "openrlhf", "seq_cls"]
+Format = Literal["value_head", "peft", "openrlhf", "seq_cls", "process_reward", "causal_lm"]
 
 
 class CheckpointError(RuntimeError):
@@ -60,6 +61,7 @@ class Manifest(BaseModel):
     attribute_weights: dict[str, float] | None = Field(
         None, description="the reward as a weighted sum of attributes, as the model's card recommends"
     )
+    steps: StepRule | None = Field(None, description="a process reward model's step rule (`app.model.steps`)")
     extra: dict[str, Any] = Field(default_factory=dict, description="training metadata; not read when serving")
 
 
@@ -97,6 +99,10 @@ def detect_format(path: Path, manifest: Manifest | None) -> Format:
     architectures = config.get("architectures") or []
     if any(str(a).endswith("ForSequenceClassification") for a in architectures):
         return "seq_cls"
+    if any(str(a).endswith("ForProcessRewardModel") for a in architectures):
+        return "process_reward"  # Qwen2.5-Math-PRM's (`app.model.steps`)
+    if any(str(a).endswith("ForCausalLM") for a in architectures):
+        return "causal_lm"  # a process reward model read from two tokens' logits, given its step rule
     raise CheckpointError(
         f"{config_file}: architectures {architectures} is not a sequence-classification model, and the directory has "
         f"no {MANIFEST} or value_head_prefix saying where its reward head is"

@@ -24,8 +24,9 @@ from app.model import invariant
 from app.model.checkpoint import Manifest, read_manifest
 from app.model.collate import last_real_index, positions_of
 from app.model.fingerprint import model_fingerprint
+from app.model.heads import hidden_size, load_head
 from app.model.info import ModelInfo
-from app.model.loading import hidden_size, load_head, load_reward_model, resolve_base
+from app.model.loading import load_reward_model, resolve_base
 from app.model.readout import Readout
 from app.model.recipe import ScoringInput
 from app.model.reward_model import RewardModel, read_last

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.model.checkpoint import Normalization
+from app.model.steps import StepRule
 
 
 class ModelInfo(BaseModel):
@@ -20,6 +21,9 @@ class ModelInfo(BaseModel):
     pooling: str
     head_index: int | None = Field(description="the head's output that is the reward (none: a weighted sum)")
     attributes: list[str] | None = Field(None, description="a multi-attribute head's outputs, by name")
+    steps: StepRule | None = Field(
+        None, description="a process reward model's step rule: how steps are joined and read, its default aggregate"
+    )
     base_model: str | None
     num_parameters: int
     dtype: str

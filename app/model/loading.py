@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from app.model import backbones
@@ -41,11 +41,21 @@ from app.model.checkpoint import (
 )
 from app.model.cpu import cpu_has_fast_bf16
 from app.model.fingerprint import content_digest, model_fingerprint, versions
+from app.model.heads import (
+    hidden_size,
+    load_head,
+    logit_head,
+    outputs_of,
+    process_reward_head,
+    safetensors_files,
+    token_pair,
+)
 from app.model.info import ModelInfo
-from app.model.readout import readout_for
+from app.model.readout import readout_for, step_readout
 from app.model.recipe import RecipeEncoder
 from app.model.reference import Reference, StateProbe
 from app.model.reward_model import RewardHeadModel, RewardModel
+from app.model.steps import QWEN_RULE, StepEncoder, StepRule, card_recipe
 
 log = logging.getLogger(__name__)
 hf_logging.disable_progress_bar()
@@ -108,38 +118,6 @@ def resolve_base(ref: str, checkpoint: Path, cache_dir: Path | None) -> tuple[Pa
     )
 
 
-def load_head(file: Path, hidden_size: int, prefix: str = "") -> nn.Linear:
-    if not file.exists():
-        raise CheckpointError(f"{file}: value head weights missing")
-    try:
-        with safe_open(str(file), framework="pt") as fh:
-            tensors = {k[len(prefix) :]: fh.get_tensor(k) for k in fh.keys() if k.startswith(prefix)}  # noqa: SIM118
-    except Exception as exc:  # safetensors raises several types for a corrupt file
-        raise CheckpointError(f"{file}: unreadable safetensors ({exc})") from exc
-    weight = tensors.get("weight")
-    if weight is None or weight.ndim != 2 or weight.shape[1] != hidden_size:
-        shape = None if weight is None else tuple(weight.shape)
-        raise CheckpointError(f"{file}: expected '{prefix}weight' of shape [n, {hidden_size}], found {shape}")
-    head = nn.Linear(hidden_size, weight.shape[0], bias="bias" in tensors)
-    head.load_state_dict(tensors, strict=True)
-    return head.float()
-
-
-def _safetensors_files(path: Path) -> list[Path]:
-    return sorted(path.glob("*.safetensors"))
-
-
-def hidden_size(config: PretrainedConfig) -> int:
-    for key in ("hidden_size", "d_model", "n_embd", "dim"):
-        value = getattr(config, key, None)
-        if isinstance(value, int):
-            return value
-    text = getattr(config, "text_config", None)
-    if text is not None:
-        return hidden_size(text)
-    raise CheckpointError(f"cannot find the hidden size in config of type {config.model_type}")
-
-
 # ---- per-format builders ---------------------------------------------------------------------------
 
 
@@ -152,7 +130,7 @@ def _seq_cls_module(model: nn.Module) -> RewardHeadModel:
 
 def _check_weight_files(where: Path) -> None:
     """Name the broken file before transformers reports a bare deserialization error."""
-    files = _safetensors_files(where)
+    files = safetensors_files(where)
     if not files and not list(where.glob("*.bin")):
         raise CheckpointError(f"{where}: no weights (*.safetensors or *.bin)")
     for file in files:
@@ -207,12 +185,14 @@ def load_reward_model(
     cache_dir: Path | None = None,
     device_map: str | None = None,
     probe: bool = True,
+    steps: StepRule | None = None,
 ) -> RewardModel:
     """Weights load straight into the serving dtype on the serving device (never through a float32 host copy: an
     8B model would need ~50 GB of host memory); value heads stay float32. `device_map` (e.g. `auto`) spreads the
     backbone over several GPUs. `head_index`/`attribute_weights`: how a head with several outputs makes the reward
     (`app.model.readout`; the weights default to the manifest's). `probe`: the monitor's state distance, where the
-    checkpoint has a reference (`app.model.reference`)."""
+    checkpoint has a reference (`app.model.reference`). `steps`: a process reward model's step rule, over the
+    manifest's (`app.model.steps`)."""
     path = Path(path).expanduser()
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory does not exist")
@@ -235,6 +215,8 @@ def load_reward_model(
     normalization = manifest.normalization if manifest else None
     has_tokenizer = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
     tokenizer_dir = path if has_tokenizer else base_dir
+    tokenizer = _from_pretrained(AutoTokenizer, tokenizer_dir, trust_remote_code=trust_remote_code)
+    rule = steps or (manifest.steps if manifest else None) or (QWEN_RULE if fmt == "process_reward" else None)
 
     if fmt == "seq_cls":
         model = _from_pretrained(AutoModelForSequenceClassification, path, **common)
@@ -249,7 +231,7 @@ def load_reward_model(
         backbone = _from_pretrained(AutoModel, path, **common)
         config = backbone.config
         head = None
-        for file in _safetensors_files(path):
+        for file in safetensors_files(path):
             with safe_open(str(file), framework="pt") as fh:
                 if f"{prefix}.weight" in fh.keys():  # noqa: SIM118
                     head = load_head(file, hidden_size(config), prefix=f"{prefix}.")
@@ -258,6 +240,21 @@ def load_reward_model(
         module = RewardHeadModel(backbone, head, "last_token")
         if raw.get("normalize_reward") and "mean" in raw and "std" in raw and normalization is None:
             normalization = Normalization(mean=float(raw["mean"]), std=float(raw["std"]))
+    elif fmt in ("process_reward", "causal_lm"):  # Qwen2.5-Math-PRM's head, or two tokens' logits (math-shepherd)
+        if fmt == "causal_lm" and (rule is None or rule.logits is None):
+            raise CheckpointError(
+                f"{path}: a causal LM, with no reward head (no sequence-classification head, value_head_prefix or "
+                f"manifest); served as a process reward model it needs a step rule naming its good and bad tokens "
+                f'(REWARD_STEPS, e.g. {{"tag": " ки", "read": "softmax", "logits": ["+", "-"]}})'
+            )
+        with transformers_errors_only():  # the LM head or score head it leaves: read below, by design
+            backbone = _from_pretrained(AutoModel, path, **common)
+        config = backbone.config
+        if fmt == "process_reward":
+            head: nn.Module = process_reward_head(path, hidden_size(config))
+        else:
+            head = logit_head(path, config, token_pair(tokenizer, rule.logits))  # type: ignore[union-attr]
+        module = RewardHeadModel(backbone, head, "last_token")
     else:  # value_head
         assert manifest is not None
         shallower = depth(base_dir, manifest.num_layers, path)
@@ -280,22 +277,21 @@ def load_reward_model(
         head = load_head(path / manifest.head_file, hidden_size(config))
         module = RewardHeadModel(backbone, head, "last_token")
 
-    outputs = module.head.out_features if module.head is not None else int(config.num_labels)
+    outputs = outputs_of(module.head) if module.head is not None else int(config.num_labels)
     labels = (manifest.attributes if manifest else None) or (getattr(config, "id2label", None) if outputs > 1 else None)
     stated = manifest.attribute_weights if manifest and head_index is None else None  # a setting overrides it
     weights = attribute_weights or stated
-    readout = readout_for(outputs, labels, head_index, weights, path)
-    reference = Reference.read(path) if probe else None
+    readout = step_readout(rule, outputs, path) if rule else readout_for(outputs, labels, head_index, weights, path)
+    reference = Reference.read(path) if probe and rule is None else None
     if reference is not None and module.pooling == "last_token":
         module.probe = StateProbe(reference).to(module.backbone.get_input_embeddings().weight.device)
         readout = dataclasses.replace(readout, distance=outputs)  # the column after the head's
-    tokenizer = _from_pretrained(AutoTokenizer, tokenizer_dir, trust_remote_code=trust_remote_code)
     if manifest is not None and manifest.recipe is not None:
         recipe = manifest.recipe
     elif fmt == "openrlhf":
         recipe = openrlhf_recipe(tokenizer, config)
     else:
-        recipe = inferred_recipe(tokenizer, config, module.pooling)
+        recipe = card_recipe(fmt, inferred_recipe(tokenizer, config, module.pooling))
     if max_length is not None:
         recipe = recipe.model_copy(update={"max_length": max_length})
     positions = getattr(config, "max_position_embeddings", None)
@@ -305,7 +301,7 @@ def load_reward_model(
             f"max_position_embeddings ({positions})"
         )
     try:
-        encoder = RecipeEncoder(recipe, tokenizer)
+        encoder = StepEncoder(recipe, tokenizer, rule) if rule else RecipeEncoder(recipe, tokenizer)
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
     pad_id = tokenizer.pad_token_id
@@ -323,7 +319,8 @@ def load_reward_model(
         model_type=config.model_type,
         pooling=module.pooling,
         head_index=readout.index,
-        attributes=list(readout.labels) if len(readout.labels) > 1 else None,
+        attributes=list(readout.labels) if len(readout.labels) > 1 and rule is None else None,
+        steps=rule,
         base_model=base_identity,
         num_parameters=sum(p.numel() for p in module.parameters()),
         dtype=str(torch_dtype).removeprefix("torch."),

@@ -30,6 +30,9 @@ class Tokens(Protocol):
     @property
     def prefix(self) -> int: ...
 
+    @property
+    def reads(self) -> tuple[int, ...]: ...
+
 
 @dataclass(slots=True)
 class Plan:

@@ -43,10 +43,12 @@ class UnreadableItem(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class ScoringInput:
-    """One thing to score: a prompt (text or the conversation so far) and the reply to it, formatted by the recipe."""
+    """One thing to score: a prompt (text or the conversation so far) and the reply to it, formatted by the recipe.
+    `steps`: a process reward model's steps of the reply, in place of `response` (`app.model.steps`)."""
 
     prompt: Prompt
     response: str
+    steps: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,12 +78,14 @@ Cut = Literal["left", "right", "keep-left", "keep-right"]  # the recipe's trunca
 class Encoded:
     """`prefix`: how many leading tokens are the prompt's own tokens, exactly as they appear in the whole sequence
     (a token that merges prompt and response text is not counted). Items whose first `prefix` tokens are equal
-    compute them once (`plan.Plan`); 0 when nothing can be shared. Always < len(input_ids)."""
+    compute them once (`plan.Plan`); 0 when nothing can be shared. Always < len(input_ids). `reads`: where the head
+    is read (a process reward model's step tags); empty: at the last token."""
 
     input_ids: list[int]
     token_type_ids: list[int] | None
     truncated: bool
     prefix: int = 0
+    reads: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -194,11 +198,8 @@ class RecipeEncoder:
             return item.prompt if item.prompt and item.text.startswith(item.prompt) else None
         if recipe.template == "chat":
             before = self._conversation(item)[:-1]  # none: a reply with no prompt turn has nothing to share
-            return (
-                self.tokenizer.apply_chat_template(before, tokenize=False, add_generation_prompt=True)
-                if before
-                else None
-            )
+            template = self.tokenizer.apply_chat_template
+            return template(before, tokenize=False, add_generation_prompt=True) if before else None
         if recipe.template == "concat":
             return self._prompt_text(item.prompt) + recipe.separator
         return None  # text_pair: encoders read both ways, nothing is a prefix
@@ -334,9 +335,7 @@ class RecipeEncoder:
             types = [types[i] for i in keep]
             prefix -= sum(1 for i in drop if i < prefix)
         token_types = types if self.recipe.template == "text_pair" else None
-        return Encoded(
-            input_ids=ids, token_type_ids=token_types, truncated=truncated, prefix=max(0, min(prefix, len(ids) - 1))
-        )
+        return Encoded(ids, token_types, truncated, prefix=max(0, min(prefix, len(ids) - 1)))
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

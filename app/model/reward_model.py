@@ -67,8 +67,10 @@ class RewardHeadModel(nn.Module):
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        reads: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """A padded batch (left or right), the stock way: training, and models that cannot pack."""
+        """A padded batch (left or right), the stock way: training, and models that cannot pack. `reads`: (rows,
+        positions) to read the head at (a process reward model's steps); None: each row's last real token."""
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self._takes_positions:
             kwargs["position_ids"] = positions_of(attention_mask) if position_ids is None else position_ids
@@ -80,12 +82,14 @@ class RewardHeadModel(nn.Module):
             kwargs["use_cache"] = False
         assert self.head is not None
         hidden = self.backbone(**kwargs).last_hidden_state
+        if reads is not None:
+            return read_last(hidden, reads[1], self.head, self.probe, rows=reads[0])
         return read_last(hidden, last_real_index(attention_mask), self.head, self.probe)
 
     def forward_packed(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, spans: invariant.Spans, last: torch.Tensor
     ) -> torch.Tensor:
-        """One packed row ([1, T]); `last`: each item's last token in it."""
+        """One packed row ([1, T]); `last`: the tokens the head reads in it (each item's last, or its steps')."""
         hidden = self.backbone(
             input_ids=input_ids, position_ids=position_ids, use_cache=False, reward_spans=spans
         ).last_hidden_state
@@ -94,11 +98,16 @@ class RewardHeadModel(nn.Module):
 
 
 def read_last(
-    hidden: torch.Tensor, last_index: torch.Tensor, head: nn.Module, probe: nn.Module | None = None
+    hidden: torch.Tensor,
+    last_index: torch.Tensor,
+    head: nn.Module,
+    probe: nn.Module | None = None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The head's outputs at each row's `last_index` token, in float32 (the head's dtype); with a `probe`, its value
-    of the same state as one more column."""
-    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index.to(hidden.device)]
+    """The head's outputs at each row's `last_index` token (`rows`: at row `rows[i]`'s `last_index[i]`), in float32
+    (the head's dtype); with a `probe`, its value of the same state as one more column."""
+    rows = torch.arange(hidden.shape[0]) if rows is None else rows
+    last = hidden[rows.to(hidden.device), last_index.to(hidden.device)]
     weight = next(head.parameters())  # float32, on the device the backbone's output may not share
     outputs = head(last.to(device=weight.device, dtype=weight.dtype)).float()
     return outputs if probe is None else torch.cat([outputs, probe(last).to(outputs.device)], dim=1)
@@ -190,13 +199,22 @@ class RewardModel:
         if plan.packed != self.packs:
             raise ValueError(f"a {'packed' if plan.packed else 'padded'} plan for a {self.prepared.layout} model")
         rewards = self._run_packed(plan)[0] if plan.packed else self._padded_forward(plan.items)
-        if rewards.shape[0] != len(plan):
-            raise RuntimeError(f"model returned {rewards.shape[0]} rewards for {len(plan)} items")
-        return rewards.cpu().tolist()
+        counts = [len(item.reads) or 1 for item in plan.items]
+        if rewards.shape[0] != sum(counts):
+            raise RuntimeError(f"model returned {rewards.shape[0]} rows for {sum(counts)} reads of {len(plan)} items")
+        rows, at = rewards.cpu().tolist(), 0
+        out = []
+        for count in counts:  # an item's reads, one after another in its row
+            out.append([x for row in rows[at : at + count] for x in row])
+            at += count
+        return out
 
     def _run_packed(self, plan: Plan) -> tuple[torch.Tensor, invariant.Spans]:
         ids, positions, spans = plan.layout()
-        last = [at + own - 1 for _, _, at, own in spans[-len(plan) :]]
+        last = []
+        for item, (prompt_at, cached, at, _) in zip(plan.items, spans[-len(plan) :], strict=True):
+            reads = item.reads or (len(item.input_ids) - 1,)  # item positions: in its prompt's span, or its own
+            last += [at + r - cached if r >= cached else prompt_at + r for r in reads]
         as_row = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)[None]  # noqa: E731
         carried = invariant.Spans(spans)
         with torch.inference_mode():
@@ -205,8 +223,14 @@ class RewardModel:
 
     def _padded_forward(self, items: Sequence[Tokens]) -> torch.Tensor:
         batch = collate(items, self.pad_id).to(self.device)
+        reads = None
+        if any(item.reads for item in items):  # right padding: an item's positions are its row's
+            pairs = [(row, r) for row, item in enumerate(items) for r in item.reads or (len(item.input_ids) - 1,)]
+            rows, cols = (torch.tensor(x, dtype=torch.long, device=self.device) for x in zip(*pairs, strict=True))
+            reads = (rows, cols)
+        args = (batch.input_ids, batch.attention_mask, batch.position_ids, batch.token_type_ids)
         with torch.inference_mode():
-            return self.module(batch.input_ids, batch.attention_mask, batch.position_ids, batch.token_type_ids)
+            return self.module(*args) if reads is None else self.module(*args, reads)
 
     def score(self, items: Sequence[Tokens]) -> list[float]:
         """Rewards of `items` in one plan (no budget): probes, peers and tests; the server plans with

@@ -13,7 +13,7 @@ from app.model.ensemble import Aggregate
 from app.settings import Settings
 
 MODEL_KNOBS = frozenset(
-    {"device", "device_map", "dtype", "max_length", "head_index", "attribute_weights", "trust_remote_code"}
+    {"device", "device_map", "dtype", "max_length", "head_index", "attribute_weights", "steps", "trust_remote_code"}
     | {"normalize", "reward_mean"}
     | {"reward_std", "max_batch_tokens", "max_batch_size", "batch_invariant", "block_rows"}
 )  # what a models file may set per model; the rest (limits, server, cache) is the process's

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field, StrictStr, model_validator
 from app.model.checkpoint import Normalization
 from app.model.conversations import ChatFormat, chat_formats, read_query, repeats
 from app.model.recipe import Formatted, Item, RecipeEncoder, ScoringInput
-from app.server.schemas import EnsembleItemScore, Scores
+from app.server.scores import EnsembleItemScore, Scores
 
 TEXT, RAW = "text", "raw"  # a plain-text prompt split off its reply; a sequence scored as it is
 

@@ -21,7 +21,7 @@ from app.model.readout import Readout
 from app.model.recipe import Item
 from app.server.errors import ErrorType, ServiceError
 from app.server.openrlhf import QueryReader
-from app.server.schemas import EnsembleItemScore, Scores
+from app.server.scores import EnsembleItemScore, Scores
 from app.server.vllm import ModelCard
 
 

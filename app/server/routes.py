@@ -14,6 +14,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from app.engine.errors import DeadlineExceeded, EngineError
 from app.engine.results import Timing
 from app.model.recipe import Item
+from app.model.steps import StepAggregate
 from app.server import limits
 from app.server.decode import DecodedRoute
 from app.server.errors import ErrorType, ServiceError, from_engine, openapi_responses
@@ -31,8 +32,8 @@ from app.server.schemas import (
     Ready,
     ScoreRequest,
     ScoreResponse,
-    Scores,
 )
+from app.server.scores import Scores
 from app.server.signals import observe
 from app.server.vllm import ClassifyRequest, ClassifyResponse, ModelList
 from app.settings import Settings
@@ -81,11 +82,13 @@ async def _scored(
     convert: Callable[[], list[Item]],
     field: str = "items",
     groups: list[int] | None = None,
+    aggregate: StepAggregate | None = None,
 ) -> Scores:
     """The one path every scoring route takes: the item limit, the deadline (counted from the request's arrival),
     the conversion to items off the event loop, the model's (or each ensemble member's) worker call, the work of a
     client that went away or of a cancelled handler dropped, an item's error named in the body (`field`:
-    `input[2]`), the normalization in force applied, the monitor told (`groups`: /rank's sizes), timing headers."""
+    `input[2]`), the normalization in force applied, a process reward model's `aggregate` of each item's steps, the
+    monitor told (`groups`: /rank's sizes), timing headers."""
     settings: Settings = request.app.state.settings
     limits.check_items(count, settings)
     timeout = limits.deadline(request.headers.get("x-request-timeout"), settings)
@@ -110,6 +113,7 @@ async def _scored(
         if isinstance(first, EngineError):
             raise from_engine(first, field) from group
         raise
+    scores = scores.aggregated(aggregate)
     if (monitor := request.app.state.monitor) is not None:
         scores = _monitored(monitor, request, response, target, scores, inputs, groups)
     response.headers["x-tokenize-time-ms"] = f"{t.tokenize_s * 1000:.1f}"
@@ -168,7 +172,17 @@ def _monitored(
 async def score(body: ScoreRequest, request: Request, response: Response, registry: RegistryDep) -> ScoreResponse:
     """Rewards for prompt/response items (or whole conversations), aligned with `items`."""
     target = registry.resolve(body.model)
-    return ScoreResponse.build(await _scored(request, response, target, body.size(), body.to_inputs))
+    _reads_steps(target, body.aggregate, body.stepped())
+    scores = await _scored(request, response, target, body.size(), body.to_inputs, aggregate=body.aggregate)
+    return ScoreResponse.build(scores)
+
+
+def _reads_steps(target: Target, aggregate: StepAggregate | None, stepped: int | None = None) -> None:
+    """`steps` and `aggregate` are a process reward model's: another model refuses them (422, naming the field)."""
+    if (aggregate is None and stepped is None) or all(m.readout.steps is not None for m in target.members):
+        return
+    param = "aggregate" if stepped is None else f"items[{stepped}].steps"
+    raise ServiceError(ErrorType.validation_error, f"{target.name} is not a process reward model", param=param)
 
 
 @router.post("/compare", responses=ERRORS)
@@ -184,8 +198,12 @@ async def rank(body: RankRequest, request: Request, response: Response, registry
     target = registry.resolve(body.model)
     if body.probabilities:
         limits.check_probabilities([len(group.responses) for group in body.groups], request.app.state.settings)
+    _reads_steps(target, body.aggregate)
     sizes = [len(group.responses) for group in body.groups]
-    return RankResponse.build(body, await _scored(request, response, target, body.size(), body.to_inputs, groups=sizes))
+    scores = await _scored(
+        request, response, target, body.size(), body.to_inputs, groups=sizes, aggregate=body.aggregate
+    )
+    return RankResponse.build(body, scores)
 
 
 @router.post("/get_reward", responses=ERRORS)

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from dataclasses import field as attribute
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, StrictStr, model_validator
 
@@ -15,10 +12,8 @@ from app.model.conversations import Message as RecipeMessage
 from app.model.info import Kernels, ModelInfo
 from app.model.recipe import ScoringInput
 from app.model.reward_model import sigmoid
-
-if TYPE_CHECKING:
-    from app.engine.results import ItemResult
-    from app.model.readout import Readout
+from app.model.steps import StepAggregate
+from app.server.scores import Items, ItemScore, Scores
 
 
 class _Strict(BaseModel):
@@ -37,15 +32,22 @@ Conversation = Annotated[list[Message], Field(min_length=1)]
 
 
 class ScoreItem(_Strict):
-    """Either `prompt` + `response`, or `messages` whose last message is the assistant's reply."""
+    """Either `prompt` + `response`, or `messages` whose last message is the assistant's reply; for a process reward
+    model, `steps` may stand for the reply, after `prompt` (or `messages`: the conversation before the reply)."""
 
     prompt: StrictStr | None = None
     response: StrictStr | None = None
     messages: Conversation | None = None
+    steps: Annotated[list[StrictStr], Field(min_length=1)] | None = None
 
     @model_validator(mode="after")
     def _one_shape(self) -> ScoreItem:
-        if self.messages is not None:
+        if self.steps is not None:
+            if self.response is not None:
+                raise ValueError("give response or steps, not both")
+            if (self.prompt is None) == (self.messages is None):
+                raise ValueError("steps follow a prompt, or messages (the conversation before the reply): one of them")
+        elif self.messages is not None:
             if self.prompt is not None or self.response is not None:
                 raise ValueError("give either messages or prompt+response, not both")
             if self.messages[-1].role != "assistant":
@@ -55,6 +57,9 @@ class ScoreItem(_Strict):
         return self
 
     def to_input(self) -> ScoringInput:
+        if self.steps is not None:
+            prompt = self.prompt if self.prompt is not None else [m.plain() for m in self.messages or []]
+            return ScoringInput(prompt, "", steps=tuple(self.steps))
         if self.messages is not None:
             return ScoringInput([m.plain() for m in self.messages[:-1]], self.messages[-1].content)
         assert self.prompt is not None and self.response is not None
@@ -65,8 +70,18 @@ class _Routed(_Strict):
     model: str | None = Field(None, description="a served model, ensemble or alias (/v1/models); unset: the default")
 
 
-class ScoreRequest(_Routed):
+class _Stepped(_Routed):
+    aggregate: StepAggregate | None = Field(
+        None, description="a process reward model's: each item's reward from its steps' (unset: the model's default)"
+    )
+
+
+class ScoreRequest(_Stepped):
     items: Annotated[list[ScoreItem], Field(min_length=1)]
+
+    def stepped(self) -> int | None:
+        """The first item that gives `steps` (None: none does)."""
+        return next((i for i, item in enumerate(self.items) if item.steps is not None), None)
 
     def size(self) -> int:
         return len(self.items)
@@ -110,76 +125,6 @@ class CompareRequest(_Routed):
 
     def to_inputs(self) -> list[ScoringInput]:
         return [side for pair in self.pairs for side in pair.to_inputs()]
-
-
-class ItemScore(BaseModel):
-    reward: float
-    num_tokens: int = Field(description="tokens the model read, after truncation")
-    truncated: bool = Field(description="true when the start of the prompt (or reply) was cut to fit max_length")
-
-
-class AttributedItemScore(ItemScore):
-    """A multi-attribute head's item: `reward` is the weighted sum of `attributes` (or the one REWARD_HEAD_INDEX
-    picks); normalization, when on, applies to `reward` only."""
-
-    attributes: dict[str, float] = Field(description="every output of the head, by its label")
-
-
-class EnsembleItemScore(ItemScore):
-    """An ensemble's item: `reward` is the aggregate of `members`' rewards."""
-
-    members: dict[str, float] = Field(description="each member's reward, as it gives it served alone")
-    std: float = Field(description="the members' standard deviation (over them all: ddof 0)")
-
-
-Items = list[SerializeAsAny[ItemScore]]  # an ensemble's items keep their members and std, attributes theirs
-
-
-@dataclass(frozen=True, slots=True)
-class Scores:
-    """A request's results with the normalization in force applied, once (`of`): what every response builder reads,
-    with the model that scored them. `raw`: the model's rewards, for what must not be normalized (Bradley-Terry
-    probabilities)."""
-
-    items: list[ItemScore]
-    raw: list[float]
-    normalization: Normalization | None
-    model: str
-    fingerprint: str
-    warnings: list[str] = attribute(default_factory=list)  # the monitor's, for the request's run
-    distances: list[float | None] | None = None  # from the checkpoint's reference states (`app.model.reference`)
-
-    @classmethod
-    def of(
-        cls,
-        results: Sequence[ItemResult],
-        readout: Readout,
-        normalization: Normalization | None,
-        model: str,
-        fingerprint: str,
-    ) -> Scores:
-        """The model's outputs read as rewards (`readout`), normalized as in force."""
-        norm = normalization.apply if normalization else float
-        raw = [readout.reward(r.outputs) for r in results]
-        items: list[ItemScore] = []
-        for r, reward in zip(results, raw, strict=True):
-            attributes = readout.attributes(r.outputs)
-            fields = {"reward": norm(reward), "num_tokens": r.num_tokens, "truncated": r.truncated}
-            item = ItemScore(**fields) if attributes is None else AttributedItemScore(**fields, attributes=attributes)
-            items.append(item)
-        distances = [readout.state_distance(r.outputs) for r in results] if readout.distance is not None else None
-        return cls(items, raw, normalization, model, fingerprint, distances=distances)
-
-    @property
-    def rewards(self) -> list[float]:
-        return [i.reward for i in self.items]
-
-    def raw_items(self) -> list[ItemScore]:
-        return [i.model_copy(update={"reward": r}) for i, r in zip(self.items, self.raw, strict=True)]
-
-    def chunk(self, start: int, stop: int) -> Scores:
-        distances = self.distances[start:stop] if self.distances is not None else None
-        return replace(self, items=self.items[start:stop], raw=self.raw[start:stop], distances=distances)
 
 
 class ScoreResponse(BaseModel):
@@ -247,7 +192,7 @@ class RankGroup(_Prompted):
         return [ScoringInput(prompt, response) for response in self.responses]
 
 
-class RankRequest(_Routed):
+class RankRequest(_Stepped):
     groups: Annotated[list[RankGroup], Field(min_length=1)]
     probabilities: bool = Field(False, description="also return P[i][j] = sigmoid(r_i - r_j) (raw rewards)")
     eps: float = Field(1e-4, gt=0, description="advantages = (r - mean) / (std + eps), as TRL's GRPO")

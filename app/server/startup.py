@@ -19,6 +19,7 @@ from app.model.family import load_shared_base
 from app.model.info import ModelInfo
 from app.model.loading import load_reward_model
 from app.model.reward_model import RewardModel
+from app.model.steps import StepRule
 from app.server.models_file import ModelsFile
 from app.server.openrlhf import QueryReader
 from app.server.registry import Ensemble, Registry, Served
@@ -36,6 +37,7 @@ def load_keywords(settings: Settings) -> dict[str, Any]:
         "max_length": settings.max_length,
         "head_index": settings.head_index,
         "attribute_weights": settings.attribute_weights,
+        "steps": StepRule.model_validate(settings.steps) if settings.steps else None,
         "trust_remote_code": settings.trust_remote_code,
         "cache_dir": settings.cache_dir,
         "device_map": settings.device_map,

@@ -22,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_v
 
 from app.model.recipe import Formatted, Item, ScoringInput
 from app.model.reward_model import sigmoid
-from app.server.schemas import Message, Scores
+from app.server.schemas import Message
+from app.server.scores import Scores
 
 
 class _Lenient(BaseModel):

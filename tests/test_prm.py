@@ -1,0 +1,125 @@
+"""Process reward models: the three families' tiny replicas score each step as their cards' own code does (1e-5 in
+float32), bitwise the same alone or in any batch (bf16 and float32), through `/score` and `/rank` with `steps`, the
+aggregates, and the truncation rule (steps that do not fit are refused, never read silently)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.model.loading import load_reward_model
+from app.model.plan import plan_of
+from app.model.recipe import ScoringInput
+from app.model.steps import SHEPHERD_RULE
+from tests import tiny_prm
+from tests.conftest import serving
+
+QUESTION = "Janet has 3 apples + 2 more - 1 eaten. How many are left?"
+SOLUTIONS = [
+    ("Step 1: 3 + 2 = 5 apples in all.", "Step 2: 5 - 1 = 4 apples left.", "So the answer is 4."),
+    ("Step 1: 3 + 2 = 6 apples.", "Step 2: 6 - 1 = 5.", "The answer is 5, I think, or 4."),
+    ("The quick brown fox.",),
+    tuple(f"Step {n}: add {n} and {n} to get {2 * n}." for n in range(1, 9)),
+]
+FAMILIES: dict[str, tuple[Callable[[Path], Path], Callable[..., list[float]], dict[str, Any]]] = {
+    "qwen": (tiny_prm.build_qwen_prm, tiny_prm.qwen_reference, {}),
+    "shepherd": (tiny_prm.build_shepherd, tiny_prm.shepherd_reference, {"steps": SHEPHERD_RULE}),
+    "value": (tiny_prm.build_value_prm, tiny_prm.value_reference, {}),
+}
+
+
+@pytest.fixture(scope="module")
+def prms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("prm")
+    return {name: build(root / name) for name, (build, _, _) in FAMILIES.items()}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+async def test_step_rewards_are_the_cards_own(prms: dict[str, Path], family: str) -> None:
+    _, reference, settings = FAMILIES[family]
+    items = [{"prompt": QUESTION, "steps": list(s)} for s in SOLUTIONS]
+    async with serving(prms[family], dtype="float32", **settings) as (_, client):
+        body = (await client.post("/score", json={"items": items})).json()
+        info = (await client.get("/info")).json()
+    assert info["steps"]["aggregate"] == "min" and info["steps"]["tag"]
+    if family == "qwen":
+        assert info["recipe"]["system_prompt"] == tiny_prm.QWEN_SYSTEM
+    for item, steps in zip(body["items"], SOLUTIONS, strict=True):
+        want = reference(prms[family], QUESTION, steps)
+        assert len(item["step_rewards"]) == len(steps) == len(want)
+        assert item["step_rewards"] == pytest.approx(want, abs=1e-5)
+        assert item["reward"] == min(item["step_rewards"]) and item["aggregate"] == "min"
+    assert len({round(r, 6) for item in body["items"] for r in item["step_rewards"]}) > 4  # steps differ
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_step_rewards_are_bitwise_the_same_alone_or_batched(prms: dict[str, Path], family: str, dtype: str) -> None:
+    model = load_reward_model(prms[family], dtype=dtype, device="cpu", **FAMILIES[family][2])
+    kernels = model.prepare()
+    items = model.encoder.encode_batch([ScoringInput(QUESTION, "", steps=s) for s in SOLUTIONS])
+    together = model.run(plan_of(items, model.packs))
+    alone = [model.run(plan_of([item], model.packs))[0] for item in items]
+    assert [len(row) for row in together] == [len(item.reads) * len(model.readout.labels) for item in items]
+    assert kernels.batch_invariant, kernels.note  # every CPU this runs on keeps rows with the chosen kernels
+    assert together == alone
+    flat = [x for row in alone for x in row]
+    padded = [x for item in items for x in model._padded_forward([item]).flatten().tolist()]
+    assert padded == pytest.approx(flat, abs=5e-2 if dtype == "bfloat16" else 1e-5)  # the padded path reads them too
+
+
+async def test_aggregates_a_reply_cut_by_the_rule_and_rank(prms: dict[str, Path]) -> None:
+    steps = list(SOLUTIONS[0])
+    async with serving(prms["qwen"], dtype="float32") as (_, client):
+        given = (await client.post("/score", json={"items": [{"prompt": QUESTION, "steps": steps}]})).json()
+        whole = {"prompt": QUESTION, "response": "\n\n".join(steps)}  # Qwen's rule: steps split on blank lines
+        cut = (await client.post("/score", json={"items": [whole]})).json()
+        by = {
+            how: (await client.post("/score", json={"items": [whole], "aggregate": how})).json()["items"][0]
+            for how in ("min", "last", "product", "mean")
+        }
+        ranked = await client.post(
+            "/rank", json={"groups": [{"prompt": QUESTION, "responses": [whole["response"]] * 2}], "aggregate": "last"}
+        )
+    step_rewards = given["items"][0]["step_rewards"]
+    assert cut["items"][0]["step_rewards"] == step_rewards
+    assert by["min"]["reward"] == min(step_rewards) and by["last"]["reward"] == step_rewards[-1]
+    assert by["product"]["reward"] == pytest.approx(math.prod(step_rewards), rel=1e-12)
+    assert by["mean"]["reward"] == pytest.approx(sum(step_rewards) / 3, rel=1e-12)
+    assert by["mean"]["aggregate"] == "mean" and given["rewards"] == [min(step_rewards)]
+    assert ranked.status_code == 200 and ranked.json()["groups"][0]["rewards"] == [step_rewards[-1]] * 2
+
+
+async def test_steps_that_do_not_fit_are_refused_naming_the_item(prms: dict[str, Path]) -> None:
+    long_steps = [f"Step {n}: " + "add one more apple " * 8 for n in range(40)]
+    async with serving(prms["value"], dtype="float32") as (_, client):
+        items = [{"prompt": QUESTION, "steps": list(SOLUTIONS[0])}, {"prompt": QUESTION, "steps": long_steps}]
+        refused = await client.post("/score", json={"items": items})
+        long_prompt = {"prompt": "apples " * 400, "steps": list(SOLUTIONS[0])}  # the prompt's start is cut, not a step
+        kept = (await client.post("/score", json={"items": [long_prompt]})).json()["items"][0]
+        tagged = await client.post("/score", json={"items": [{"prompt": QUESTION, "steps": ["one\ntwo"]}]})
+    assert refused.status_code == 422 and refused.json()["error"]["param"].startswith("items[1]")
+    assert "steps do not fit" in refused.json()["error"]["message"]
+    assert kept["truncated"] and len(kept["step_rewards"]) == 3
+    assert tagged.status_code == 422 and "step tag" in tagged.json()["error"]["message"]
+
+
+async def test_steps_and_aggregates_are_refused_by_a_model_that_reads_none(checkpoints: dict[str, Path]) -> None:
+    async with serving(checkpoints["llama"]) as (_, client):
+        steps = await client.post("/score", json={"items": [{"prompt": "q", "steps": ["a", "b"]}]})
+        how = await client.post("/score", json={"items": [{"prompt": "q", "response": "a"}], "aggregate": "min"})
+        both = await client.post("/score", json={"items": [{"prompt": "q", "response": "a", "steps": ["a"]}]})
+    assert steps.status_code == 422 and steps.json()["error"]["param"] == "items[0].steps"
+    assert how.status_code == 422 and how.json()["error"]["param"] == "aggregate"
+    assert both.status_code == 422
+
+
+def test_a_causal_lm_without_a_step_rule_is_refused_naming_the_setting(prms: dict[str, Path]) -> None:
+    from app.model.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="REWARD_STEPS"):
+        load_reward_model(prms["shepherd"], dtype="float32", device="cpu")
