@@ -7,14 +7,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from app.model.loading import load_reward_model
 from app.model.plan import plan_of
 from app.model.recipe import ScoringInput
-from app.model.steps import SHEPHERD_RULE
+from app.model.steps import SHEPHERD_RULE, StepRule
 from tests import tiny_prm
 from tests.conftest import serving
 
@@ -25,10 +24,10 @@ SOLUTIONS = [
     ("The quick brown fox.",),
     tuple(f"Step {n}: add {n} and {n} to get {2 * n}." for n in range(1, 9)),
 ]
-FAMILIES: dict[str, tuple[Callable[[Path], Path], Callable[..., list[float]], dict[str, Any]]] = {
-    "qwen": (tiny_prm.build_qwen_prm, tiny_prm.qwen_reference, {}),
-    "shepherd": (tiny_prm.build_shepherd, tiny_prm.shepherd_reference, {"steps": SHEPHERD_RULE}),
-    "value": (tiny_prm.build_value_prm, tiny_prm.value_reference, {}),
+FAMILIES: dict[str, tuple[Callable[[Path], Path], Callable[..., list[float]], StepRule | None]] = {
+    "qwen": (tiny_prm.build_qwen_prm, tiny_prm.qwen_reference, None),  # the card's rule, from the architecture
+    "shepherd": (tiny_prm.build_shepherd, tiny_prm.shepherd_reference, SHEPHERD_RULE),  # a setting (REWARD_STEPS)
+    "value": (tiny_prm.build_value_prm, tiny_prm.value_reference, None),  # the manifest's
 }
 
 
@@ -40,7 +39,8 @@ def prms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 async def test_step_rewards_are_the_cards_own(prms: dict[str, Path], family: str) -> None:
-    _, reference, settings = FAMILIES[family]
+    _, reference, rule = FAMILIES[family]
+    settings = {"steps": rule.model_dump()} if rule else {}
     items = [{"prompt": QUESTION, "steps": list(s)} for s in SOLUTIONS]
     async with serving(prms[family], dtype="float32", **settings) as (_, client):
         body = (await client.post("/score", json={"items": items})).json()
@@ -59,7 +59,7 @@ async def test_step_rewards_are_the_cards_own(prms: dict[str, Path], family: str
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_step_rewards_are_bitwise_the_same_alone_or_batched(prms: dict[str, Path], family: str, dtype: str) -> None:
-    model = load_reward_model(prms[family], dtype=dtype, device="cpu", **FAMILIES[family][2])
+    model = load_reward_model(prms[family], dtype=dtype, device="cpu", steps=FAMILIES[family][2])
     kernels = model.prepare()
     items = model.encoder.encode_batch([ScoringInput(QUESTION, "", steps=s) for s in SOLUTIONS])
     together = model.run(plan_of(items, model.packs))
@@ -123,3 +123,38 @@ def test_a_causal_lm_without_a_step_rule_is_refused_naming_the_setting(prms: dic
 
     with pytest.raises(CheckpointError, match="REWARD_STEPS"):
         load_reward_model(prms["shepherd"], dtype="float32", device="cpu")
+
+
+async def test_openrlhf_gets_the_aggregate_and_step_rewards_in_its_extra_logs(prms: dict[str, Path]) -> None:
+    from transformers import AutoTokenizer
+
+    steps = list(SOLUTIONS[0])
+    chat = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "\n\n".join(steps)}]
+    query = AutoTokenizer.from_pretrained(prms["qwen"]).apply_chat_template(chat, tokenize=False)
+    async with serving(prms["qwen"], dtype="float32") as (_, client):
+        given = (await client.post("/score", json={"items": [{"prompt": QUESTION, "steps": steps}]})).json()["items"]
+        body = (await client.post("/get_reward", json={"query": [query, query]})).json()
+    want = given[0]["step_rewards"]
+    assert body["step_rewards"] == [want, want] and body["rewards"] == [min(want)] * 2
+    logs = body["extra_logs"]
+    assert logs["reward_steps"] == [3.0, 3.0] and logs["reward_step_last"] == [want[-1]] * 2
+    assert logs["reward_step_min"] == [min(want)] * 2
+
+
+async def test_vllm_pooling_answers_the_step_reads_of_a_sequence_with_its_tags(prms: dict[str, Path]) -> None:
+    """vLLM's STEP pooling: the caller wrote the tags; each input's data is its steps' class probabilities."""
+    from transformers import AutoTokenizer
+
+    steps = list(SOLUTIONS[1])
+    chat = [
+        {"role": "system", "content": tiny_prm.QWEN_SYSTEM},
+        {"role": "user", "content": QUESTION},
+        {"role": "assistant", "content": "".join(s + "<extra_0>" for s in steps)},
+    ]
+    text = AutoTokenizer.from_pretrained(prms["qwen"]).apply_chat_template(chat, tokenize=False)
+    async with serving(prms["qwen"], dtype="float32") as (_, client):
+        given = (await client.post("/score", json={"items": [{"prompt": QUESTION, "steps": steps}]})).json()["items"]
+        pooled = (await client.post("/pooling", json={"input": text, "task": "token_classify"})).json()
+    reads = pooled["data"][0]["data"]
+    assert [good for _, good in reads] == pytest.approx(given[0]["step_rewards"], abs=1e-12)  # class 1: Qwen's
+    assert all(bad + good == pytest.approx(1.0) for bad, good in reads)

@@ -155,9 +155,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--workloads",
-        type=comma_list(WORKLOADS),
+        type=comma_list((*WORKLOADS, "prm")),
         default=",".join(WORKLOADS),
-        help="Comma-separated traffic shapes, from %(default)s (default: all).",
+        help="Comma-separated traffic shapes, from %(default)s (default: all; `prm` with --prm).",
     )
     parser.add_argument(
         "--port",
@@ -182,6 +182,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         metavar="DIR",
         help="Measure start-up instead: launch `reward-server serve --model` three times, the first with DIR as an "
         "emptied REWARD_CACHE_DIR; seconds to the port answering, to /ready 200 and to a first reward.",
+    )
+    parser.add_argument(
+        "--prm",
+        type=Path,
+        metavar="DIR",
+        help="Measure a process reward model instead: --model read at every step (made under DIR; see bench/prm.py), "
+        "the prm workload (8 problems x 8 solutions of 6-12 steps), this server vs the naive one unless --modes.",
     )
     parser.add_argument(
         "--ensemble",
@@ -248,6 +255,11 @@ def run(args: argparse.Namespace) -> int:
         from app.bench.hacking import report as hacking_report
 
         text = hacking_report(args.model, args.data, args.dtype, args.seed)
+    elif args.prm is not None:
+        from app.bench.prm import step_model
+
+        args.model, args.workloads = step_model(args.model, args.prm), "prm"
+        args.modes = "server,naive" if args.modes == ",".join(MODES) else args.modes
     elif args.ensemble is not None:
         from app.bench.ensemble import report as ensemble_report
 
@@ -268,6 +280,8 @@ def run(args: argparse.Namespace) -> int:
     kernels = model.prepare()  # what the start-up probe chooses on this CPU (each server measures its own)
     probes = [matmul_probe(model.dtype)]  # before and after the modes: the roofline is the better of the two
     workloads = build_workloads(model, args.data, args.prompts, args.group, args.clients, args.idle_items, args.seed)
+    if unknown := [w for w in args.workloads.split(",") if w not in workloads]:
+        raise SystemExit(f"--workloads {','.join(unknown)}: the `prm` workload needs a process reward model (--prm)")
     chosen = [workloads[w] for w in args.workloads.split(",")]
     modes = args.modes.split(",")
     results: list[Result] = []

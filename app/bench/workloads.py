@@ -108,13 +108,20 @@ def build_workloads(
     long_prompts = sorted(set(texts), key=lambda t: abs(tokens(t) - target))[:prompts]
     short = sorted(set(replies), key=lambda t: abs(tokens(t) - target // 4))[: 4 * group]
     shared = [ScoringInput(p, r) for p in long_prompts for r in rng.sample(short, group)]
-    return {
+    workloads = {
         "grpo": Workload("grpo", [grpo], 1),
         "storm": Workload("storm", [[x] for x in grpo], clients),
         "hostile": Workload("hostile", [[x] for x in grpo], clients),  # the storm, with `bench.hostile` alongside
         "shared": Workload("shared", [shared], 1),
         "idle": Workload("idle", [[x] for x in grpo[:: max(1, len(grpo) // idle_items)][:idle_items]], 1),
     }
+    if (rule := model.readout.steps) is not None:  # `prm`: 8 problems x 8 solutions of 6-12 steps, a request each
+        sentences = [" ".join(s.split()) + "." for r in replies for s in r.split(".") if len(s.split()) >= 4]
+        solutions = [rule.split.join(rng.sample(sentences, rng.randint(6, 12))) for _ in range(64)]
+        problems = rng.sample(texts, 8)
+        prm = [[ScoringInput(p, s) for s in solutions[8 * i : 8 * i + 8]] for i, p in enumerate(problems)]
+        workloads["prm"] = Workload("prm", prm, 8)
+    return workloads
 
 
 # ---- engine ----------------------------------------------------------------------------------------

@@ -198,16 +198,7 @@ class RewardModel:
         """One forward pass of `plan`; its items' outputs (`readout` makes each a reward), in order."""
         if plan.packed != self.packs:
             raise ValueError(f"a {'packed' if plan.packed else 'padded'} plan for a {self.prepared.layout} model")
-        rewards = self._run_packed(plan)[0] if plan.packed else self._padded_forward(plan.items)
-        counts = [len(item.reads) or 1 for item in plan.items]
-        if rewards.shape[0] != sum(counts):
-            raise RuntimeError(f"model returned {rewards.shape[0]} rows for {sum(counts)} reads of {len(plan)} items")
-        rows, at = rewards.cpu().tolist(), 0
-        out = []
-        for count in counts:  # an item's reads, one after another in its row
-            out.append([x for row in rows[at : at + count] for x in row])
-            at += count
-        return out
+        return _per_item(self._run_packed(plan)[0] if plan.packed else self._padded_forward(plan.items), plan.items)
 
     def _run_packed(self, plan: Plan) -> tuple[torch.Tensor, invariant.Spans]:
         ids, positions, spans = plan.layout()
@@ -240,4 +231,16 @@ class RewardModel:
     def stock(self, items: Sequence[Tokens]) -> list[float]:
         """One padded forward of `items`, as a plain server runs it (the benchmark's peers; stock linears until
         `prepare` blocks them)."""
-        return [self.readout.reward(row) for row in self._padded_forward(items).cpu().tolist()]
+        return [self.readout.reward(row) for row in _per_item(self._padded_forward(items), items)]
+
+
+def _per_item(outputs: torch.Tensor, items: Sequence[Tokens]) -> list[list[float]]:
+    """[reads, outputs] -> each item's row: its reads' outputs one after another (one read: the last token's)."""
+    counts = [len(item.reads) or 1 for item in items]
+    if outputs.shape[0] != sum(counts):
+        raise RuntimeError(f"model returned {outputs.shape[0]} rows for {sum(counts)} reads of {len(items)} items")
+    rows, at, out = outputs.cpu().tolist(), 0, []
+    for count in counts:
+        out.append([x for row in rows[at : at + count] for x in row])
+        at += count
+    return out

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field, StrictStr, model_validator
 from app.model.checkpoint import Normalization
 from app.model.conversations import ChatFormat, chat_formats, read_query, repeats
 from app.model.recipe import Formatted, Item, RecipeEncoder, ScoringInput
-from app.server.scores import EnsembleItemScore, Scores
+from app.server.scores import EnsembleItemScore, Scores, StepItemScore
 
 TEXT, RAW = "text", "raw"  # a plain-text prompt split off its reply; a sequence scored as it is
 
@@ -85,6 +85,7 @@ class GetRewardResponse(BaseModel):
     )
     read_as: list[str] = Field(description="per query: the chat format it was read in, `text` or `raw`")
     normalization: Normalization | None = Field(None, description="when set, rewards are (raw - mean) / std")
+    step_rewards: list[list[float]] | None = Field(None, description="a process reward model's, per query")
     model: str
     fingerprint: str
 
@@ -100,6 +101,12 @@ class GetRewardResponse(BaseModel):
             logs["reward_std"] = [i.std for i in items if isinstance(i, EnsembleItemScore)]
             for name in items[0].members:
                 logs[f"reward_member_{name}"] = [i.members[name] for i in items if isinstance(i, EnsembleItemScore)]
+        steps = [i.step_rewards for i in items if isinstance(i, StepItemScore)] or None
+        if steps:  # a process reward model: one number per query each (OpenRLHF stacks them into tensors)
+            logs["reward_steps"] = [float(len(s)) for s in steps]
+            logs["reward_step_min"] = [min(s) for s in steps]
+            logs["reward_step_mean"] = [sum(s) / len(s) for s in steps]
+            logs["reward_step_last"] = [s[-1] for s in steps]
         for reading in readings:  # the same keys in every response: OpenRLHF stacks them across samples
             logs[f"reward_read_as_{reading}"] = [float(name == reading) for name in read_as]
         return cls(
@@ -107,6 +114,7 @@ class GetRewardResponse(BaseModel):
             scores=rewards,
             read_as=read_as,
             normalization=normalization,
+            step_rewards=steps,
             extra_logs=logs,
             model=scores.model,
             fingerprint=scores.fingerprint,

@@ -243,7 +243,7 @@ async def pooling(
     """vLLM's pooling API with `task: classify` (the default): the same values as /classify, in pooling's shape."""
     target = _vllm_target(registry, body.model)
     scores = await _scored(request, response, target, body.size(), body.to_inputs, field="input")
-    return ClassifyResponse.build(body, scores, pooling=True)
+    return ClassifyResponse.build(body, scores, pooling=True, steps=target.members[0].readout.steps)
 
 
 def _vllm_target(registry: Registry, name: str | None) -> Target:

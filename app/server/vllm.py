@@ -22,8 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_v
 
 from app.model.recipe import Formatted, Item, ScoringInput
 from app.model.reward_model import sigmoid
+from app.model.steps import StepRule
 from app.server.schemas import Message
-from app.server.scores import Scores
+from app.server.scores import ItemScore, Scores, StepItemScore
 
 
 class _Lenient(BaseModel):
@@ -43,6 +44,7 @@ class ChatMessage(Message):
         return value
 
 
+TASKS = ("classify", "token_classify", "reward", "encode")  # the last three: a process reward model's step reads
 Input = StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
 
 
@@ -58,7 +60,10 @@ class ClassifyRequest(_Lenient):
     use_activation: bool | None = Field(None, description="true/unset: sigmoid of the reward; false: the reward")
     activation: bool | None = Field(None, description="older vLLM's name for use_activation")
     softmax: bool | None = Field(None, description="older vLLM's name for use_activation")
-    task: str | None = Field(None, description="/pooling only: `classify` (the only task a reward model serves)")
+    task: str | None = Field(
+        None,
+        description="/pooling only: `classify`; for a process reward model also `token_classify`/`reward`/`encode`",
+    )
     request_id: str | None = None
 
     @model_validator(mode="after")
@@ -75,8 +80,8 @@ class ClassifyRequest(_Lenient):
                     "messages are rendered and truncated by the checkpoint's recipe: add_special_tokens (a second "
                     "BOS) and truncate_prompt_tokens apply to `input` only"
                 )
-        if self.task not in (None, "classify"):
-            raise ValueError(f"task {self.task!r}: a reward model serves `classify` only")
+        if self.task not in (None, *TASKS):
+            raise ValueError(f"task {self.task!r}: a reward model serves {', '.join(TASKS)} only")
         return self
 
     @property
@@ -118,7 +123,9 @@ class ClassifyData(BaseModel):
 class PoolingData(BaseModel):
     index: int
     object: Literal["pooling"] = "pooling"
-    data: list[float]
+    data: list[float] | list[list[float]] = Field(
+        description="the reward; a process reward model's: per step, its head's class probabilities (vLLM's STEP)"
+    )
 
 
 class Usage(BaseModel):
@@ -141,12 +148,16 @@ class ClassifyResponse(BaseModel):
         request: ClassifyRequest,
         scores: Scores,
         pooling: bool = False,
+        steps: StepRule | None = None,
     ) -> ClassifyResponse:
         items, values = scores.items, scores.rewards  # the rewards /score would report
         if request.activated:
             values = [sigmoid(v) for v in values]
         data: list[ClassifyData] | list[PoolingData] = (
-            [PoolingData(index=i, data=[v]) for i, v in enumerate(values)]
+            [
+                PoolingData(index=i, data=_step_reads(item, steps) or [v])
+                for i, (item, v) in enumerate(zip(items, values, strict=True))
+            ]
             if pooling
             else [ClassifyData(index=i, label="LABEL_0", probs=[v], num_classes=1) for i, v in enumerate(values)]
         )
@@ -159,6 +170,16 @@ class ClassifyResponse(BaseModel):
             data=data,
             usage=Usage(prompt_tokens=tokens, total_tokens=tokens),
         )
+
+
+def _step_reads(item: ItemScore, steps: StepRule | None) -> list[list[float]] | None:
+    """A process reward model's item as vLLM's STEP pooling returns it: per step, the probability of each class of
+    its head (a softmax's two, the positive one where the card reads it; a sigmoid's one)."""
+    if not isinstance(item, StepItemScore) or steps is None:
+        return None
+    if steps.read == "sigmoid":
+        return [[p] for p in item.step_rewards]
+    return [[p, 1 - p][:: 1 if steps.positive == 0 else -1] for p in item.step_rewards]
 
 
 class ModelCard(BaseModel):
