@@ -141,3 +141,23 @@ def test_the_hacking_run_reports_each_phase_and_repetition_at_its_onset(
     assert "repetition: +0" in rows["repetition"] or "repetition: +1" in rows["repetition"]
     assert "boilerplate: +0" in rows["hedging"] or "boilerplate: +1" in rows["hedging"]
     assert "0 of 200 steps answered with one (false-alarm rate 0.0%)" in table
+
+
+def test_the_prm_workload_runs_this_server_and_the_naive_one(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """`--prm`: the checkpoint read at every step; 8 problems x 8 solutions of 6-12 steps on both servers."""
+    from tests.conftest import ROOT
+
+    out = tmp_path / "prm"
+    args = [
+        "--prm",
+        str(tmp_path),
+        "--model",
+        str(checkpoints["value_head"]),
+        "--data",
+        str(ROOT / "examples/data/train.jsonl"),
+    ]
+    assert bench.main([*args, "--dtype", "float32", "--port", str(free_port()), "--out", str(out)]) == 0
+    results = json.loads(out.with_suffix(".json").read_text())["results"]
+    assert {(r["mode"], r["workload"]) for r in results} == {("server", "prm"), ("naive", "prm")}
+    assert all(r["items"] == 64 and r["items/s"] > 0 for r in results)
+    assert "| prm | server / naive |" in out.with_suffix(".md").read_text()

@@ -7,6 +7,7 @@ import math
 import random
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,12 +117,23 @@ def build_workloads(
         "idle": Workload("idle", [[x] for x in grpo[:: max(1, len(grpo) // idle_items)][:idle_items]], 1),
     }
     if (rule := model.readout.steps) is not None:  # `prm`: 8 problems x 8 solutions of 6-12 steps, a request each
-        sentences = [" ".join(s.split()) + "." for r in replies for s in r.split(".") if len(s.split()) >= 4]
-        solutions = [rule.split.join(rng.sample(sentences, rng.randint(6, 12))) for _ in range(64)]
-        problems = rng.sample(texts, 8)
+        budget = model.max_length // 2 // 13  # tokens a step: 12 steps and their tags fit, the prompt beside them
+        sentences = list(
+            dict.fromkeys(" ".join(s.split()) for r in replies for s in r.split(".") if len(s.split()) > 3)
+        )
+        steps = [_fit(s.split(), budget, tokens) for s in rng.sample(sentences, min(len(sentences), 200))]
+        solutions = [rule.split.join(rng.sample(steps, rng.randint(6, 12))) for _ in range(64)]
+        problems = rng.sample([t for t in texts if tokens(t) < model.max_length // 3], 8)
         prm = [[ScoringInput(p, s) for s in solutions[8 * i : 8 * i + 8]] for i, p in enumerate(problems)]
         workloads["prm"] = Workload("prm", prm, 8)
     return workloads
+
+
+def _fit(words: list[str], budget: int, tokens: Callable[[str], int]) -> str:
+    """The sentence's first words, under `budget` tokens (three words at least), as one step."""
+    while len(words) > 3 and tokens(" ".join(words) + ".") >= budget:
+        words = words[: max(3, len(words) * 3 // 4)]
+    return " ".join(words) + "."
 
 
 # ---- engine ----------------------------------------------------------------------------------------
