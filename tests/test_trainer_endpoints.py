@@ -82,6 +82,7 @@ async def test_get_reward_splits_the_prompt_off_the_query(make_client: Any) -> N
         "extra_logs": {key: [] for key in logs},
         "read_as": [],
         "normalization": None,
+        "step_rewards": None,  # a process reward model's
         "model": body["model"],
         "fingerprint": body["fingerprint"],
     }

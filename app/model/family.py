@@ -78,11 +78,14 @@ class SharedBaseModel(nn.Module):
 
 def trained_blocks(paths: Sequence[Path], cache_dir: Path | None) -> tuple[int, ...] | None:
     """The blocks every member retrained (the same ones in each), or None when they cannot share a base: other
-    formats, an adapter, other bases, depths, recipes or dtypes, or deltas over other parameters."""
+    formats, an adapter, a process reward model (its rows hold a read per step), other bases, depths, recipes or
+    dtypes, or deltas over other parameters."""
     manifests = [read_manifest(path) for path in paths]
     shapes, deltas = set(), set()
     for path, manifest in zip(paths, manifests, strict=True):
         if manifest is None or manifest.format != "value_head" or manifest.adapter or not manifest.base_model:
+            return None
+        if manifest.steps is not None:
             return None
         base = resolve_base(manifest.base_model, path, cache_dir)[1]
         shapes.add((base, manifest.num_layers, manifest.dtype, manifest.recipe, manifest.attributes))

@@ -79,7 +79,7 @@ def observe(
     item: Item, reward: float, num_tokens: int, truncated: bool, group: int | None, distance: float | None = None
 ) -> Observed:
     if isinstance(item, ScoringInput):
-        text = item.response
+        text = item.response if item.steps is None else "\n".join(item.steps)
         prompt = hash(item.prompt if isinstance(item.prompt, str) else repr(item.prompt))
         return Observed(reward, len(text.split()), truncated, repeated(text), group, distance, prompt, phrases(text))
     return Observed(reward, num_tokens, truncated, False, group, distance)
