@@ -6,22 +6,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import operator
 import re
 import shlex
 import signal
 import sys
-import types
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import ValidationError
-from pydantic.fields import FieldInfo
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
-BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<="), "lt": (operator.lt, "<")}
 
 
 # ---- argument types: a bad value is argparse's one-line error naming the flag ---------------------------------
@@ -41,24 +36,6 @@ def positive_int(text: str) -> int:
 
 
 positive_int.__name__ = "int"  # argparse names the type in "invalid int value: 'x'"
-
-
-def bounded(kind: type, field: FieldInfo, optional: bool) -> Callable[[str], Any]:
-    """`kind` plus the field's pydantic bounds, checked by argparse; `none` unsets an optional number."""
-    limits = [(op, getattr(m, op)) for m in field.metadata for op in BOUNDS if hasattr(m, op)]
-
-    def convert(text: str) -> Any:
-        if optional and kind in (int, float) and text.lower() == "none":
-            return None
-        value = kind(text)
-        for op, bound in limits:
-            ok, sign = BOUNDS[op]
-            if not ok(value, bound):
-                raise argparse.ArgumentTypeError(f"must be {sign} {bound}, got {text}")
-        return value
-
-    convert.__name__ = kind.__name__
-    return convert
 
 
 def problems(exc: ValidationError, prog: str, flag: Callable[[str], str]) -> str:
@@ -144,7 +121,12 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     command = shlex.join(["reward-server", *args.argv])
     try:
-        summary = train_ensemble(config, command) if config.ensemble > 1 else Trainer(config).train(command)
+        if config.prm:
+            from app.training.prm import PRMTrainer
+
+            summary = PRMTrainer(config).train(command)
+        else:
+            summary = train_ensemble(config, command) if config.ensemble > 1 else Trainer(config).train(command)
     except (DataError, CheckpointError) as exc:
         raise SystemExit(f"reward-server train: {exc}") from exc
     best = summary.get("best_epochs", summary.get("best_epoch"))
@@ -160,6 +142,16 @@ def _eval(args: argparse.Namespace) -> int:
 
     if args.url is not None and args.max_length is not None:
         raise SystemExit("reward-server eval: --max-length applies to --model (a server reads with its own)")
+    if args.prm:
+        from app.training.prm import prm_report
+
+        if args.model is None:
+            raise SystemExit("reward-server eval: --prm scores a checkpoint (--model)")
+        try:
+            print(prm_report(args.model, args.data, args.out, args.dtype, args.device, args.limit))
+        except DataError as exc:
+            raise SystemExit(f"reward-server eval: {exc}") from exc
+        return 0
     try:
         pairs = load_pairs(args.data)
     except DataError as exc:
@@ -200,40 +192,6 @@ def _export(args: argparse.Namespace) -> int:
 # ---- parser ------------------------------------------------------------------------------------------------------
 
 
-def _flag_type(annotation: Any) -> tuple[Any, bool]:
-    """(the type without None, whether None is allowed) of a field annotation."""
-    if get_origin(annotation) in (Union, types.UnionType):
-        kinds = [a for a in get_args(annotation) if a is not type(None)]
-        return (kinds[0] if len(kinds) == 1 else str), len(kinds) < len(get_args(annotation))
-    return annotation, False
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (its type, bounds, choices and description), so settings and flags never
-    drift apart. Absent flags stay absent (SUPPRESS): TrainConfig's defaults apply, and the help shows them."""
-    from app.training.config import TrainConfig
-
-    required = parser.add_argument_group("required")  # listed before the settings, after -h
-    settings = parser.add_argument_group("settings (defaults: the recipe of models/default)")
-    for name, field in TrainConfig.model_fields.items():
-        kind, optional = _flag_type(field.annotation)
-        options: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
-        if kind is bool:
-            options["action"] = argparse.BooleanOptionalAction
-            shown = "on" if field.default else "off"
-        elif get_origin(kind) is Literal:
-            options["choices"], shown = get_args(kind), field.default
-        else:
-            options["type"] = bounded(kind, field, optional)
-            none = "none" if kind in (int, float) else "unset"
-            shown = none if field.default is None else field.default
-        text = (field.description or "").replace("%", "%%")
-        if field.is_required():
-            required.add_argument(f"--{name.replace('_', '-')}", required=True, help=text, **options)
-        else:
-            settings.add_argument(f"--{name.replace('_', '-')}", help=f"{text} (default: {shown})", **options)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reward-server", description="Serve, train and evaluate reward models.")
     sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
@@ -262,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
         "are the recipe that trained models/default.",
         usage="%(prog)s --base-model BASE_MODEL --train-file TRAIN_FILE --output OUTPUT [options]",
     )
+    from app.training.flags import add_train_arguments
+
     add_train_arguments(train)
     train.set_defaults(func=_train)
 
@@ -279,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     required.add_argument("--out", type=Path, required=True, help="Directory for report.json, summary.md, *.png.")
     settings = ev.add_argument_group("settings")  # after the required ones in --help
     settings.add_argument("--api-key", help="--url: the bearer key, when the server was started with one.")
+    settings.add_argument(
+        "--prm",
+        action="store_true",
+        help="A process reward model on step-labelled solutions: step accuracy, F1, "
+        "ProcessBench first-error accuracy (report.json, summary.md).",
+    )
     settings.add_argument("--name", help="--url: the served model, ensemble or alias to score (default: its default).")
     settings.add_argument(
         "--limit", type=positive_int, help="Score only the first N pairs: a quick look before a full run."

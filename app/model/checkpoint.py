@@ -123,6 +123,7 @@ def save_value_head_checkpoint(
     dtype: Literal["float32", "bfloat16", "float16"] | None = None,
     num_layers: int | None = None,
     extra: dict[str, Any] | None = None,
+    steps: StepRule | None = None,
 ) -> Manifest:
     """The inverse of the `value_head` loader. With `base_model`, only parameters under `trained_prefixes` are
     written (a small delta over a base the loader rebuilds); without it, the whole backbone is saved here. Only what
@@ -157,6 +158,7 @@ def save_value_head_checkpoint(
         normalization=normalization,
         dtype=dtype,
         extra=extra or {},
+        steps=steps,
     )
     (path / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
     return manifest

@@ -153,6 +153,12 @@ class TrainConfig(BaseModel):
     feature_cache: Path | None = Field(
         None, description="Directory keeping cached features across runs, so sweeps pay the frozen blocks once."
     )
+    prm: bool = Field(
+        False,
+        description="Train a process reward model: the files hold step-labelled solutions (README: Process reward "
+        "models), binary cross-entropy of the value head's sigmoid at each step's tag.",
+    )
+    step_tag: str = Field("\n", min_length=1, description="--prm: the text that ends each step, read there.")
     threads: int | None = Field(
         None, ge=1, description="CPU threads for torch (unset: torch's choice, every core); set it on a shared machine."
     )

@@ -28,6 +28,7 @@ from app.model.loading import resolve_base, transformers_errors_only
 from app.model.recipe import Encoded, RecipeEncoder, ScoringRecipe
 from app.model.reward_model import RewardHeadModel
 from app.model.split import DecoderSplit, can_split
+from app.model.steps import StepRule
 from app.training.card import model_card
 from app.training.config import Mode, TrainConfig
 from app.training.data import PreferencePair, load_pairs
@@ -94,6 +95,7 @@ class Trainer:
             separator="" if chat else "\n\n",
         )
         self.encoder = RecipeEncoder(self.recipe, self.tokenizer)
+        self.steps: StepRule | None = None  # a process reward model's (`app.training.prm`)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.prefixes = trainable_prefixes(backbone, config.mode, config.top_k)
         for name, p in backbone.named_parameters():
@@ -306,4 +308,5 @@ class Trainer:
             dtype="bfloat16" if cfg.bf16 else "float32",  # what the forward ran in: `REWARD_DTYPE=auto` serves it
             num_layers=cfg.layers,
             extra=extra,
+            steps=self.steps,
         )
