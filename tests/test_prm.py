@@ -82,9 +82,9 @@ async def test_aggregates_a_reply_cut_by_the_rule_and_rank(prms: dict[str, Path]
             how: (await client.post("/score", json={"items": [whole], "aggregate": how})).json()["items"][0]
             for how in ("min", "last", "product", "mean")
         }
-        ranked = await client.post(
-            "/rank", json={"groups": [{"prompt": QUESTION, "responses": [whole["response"]] * 2}], "aggregate": "last"}
-        )
+        group = {"prompt": QUESTION, "responses": [whole["response"]] * 2}
+        ranked = await client.post("/rank", json={"groups": [group], "aggregate": "last"})
+        stepped = await client.post("/rank", json={"groups": [{"prompt": QUESTION, "steps": [steps, steps[:2]]}]})
     step_rewards = given["items"][0]["step_rewards"]
     assert cut["items"][0]["step_rewards"] == step_rewards
     assert by["min"]["reward"] == min(step_rewards) and by["last"]["reward"] == step_rewards[-1]
@@ -92,6 +92,9 @@ async def test_aggregates_a_reply_cut_by_the_rule_and_rank(prms: dict[str, Path]
     assert by["mean"]["reward"] == pytest.approx(sum(step_rewards) / 3, rel=1e-12)
     assert by["mean"]["aggregate"] == "mean" and given["rewards"] == [min(step_rewards)]
     assert ranked.status_code == 200 and ranked.json()["groups"][0]["rewards"] == [step_rewards[-1]] * 2
+    items = stepped.json()["groups"][0]["items"]
+    assert items[0]["step_rewards"] == step_rewards  # a causal model: a shorter chain reads its steps alike
+    assert items[1]["step_rewards"] == pytest.approx(step_rewards[:2], abs=1e-6)
 
 
 async def test_steps_that_do_not_fit_are_refused_naming_the_item(prms: dict[str, Path]) -> None:
@@ -113,9 +116,11 @@ async def test_steps_and_aggregates_are_refused_by_a_model_that_reads_none(check
         steps = await client.post("/score", json={"items": [{"prompt": "q", "steps": ["a", "b"]}]})
         how = await client.post("/score", json={"items": [{"prompt": "q", "response": "a"}], "aggregate": "min"})
         both = await client.post("/score", json={"items": [{"prompt": "q", "response": "a", "steps": ["a"]}]})
+        ranked = await client.post("/rank", json={"groups": [{"prompt": "q", "steps": [["a"], ["b"]]}]})
     assert steps.status_code == 422 and steps.json()["error"]["param"] == "items[0].steps"
     assert how.status_code == 422 and how.json()["error"]["param"] == "aggregate"
     assert both.status_code == 422
+    assert ranked.status_code == 422 and ranked.json()["error"]["param"] == "groups[0].steps"
 
 
 def test_a_causal_lm_without_a_step_rule_is_refused_naming_the_setting(prms: dict[str, Path]) -> None:

@@ -177,11 +177,11 @@ async def score(body: ScoreRequest, request: Request, response: Response, regist
     return ScoreResponse.build(scores)
 
 
-def _reads_steps(target: Target, aggregate: StepAggregate | None, stepped: int | None = None) -> None:
+def _reads_steps(target: Target, aggregate: StepAggregate | None, stepped: str | None) -> None:
     """`steps` and `aggregate` are a process reward model's: another model refuses them (422, naming the field)."""
     if (aggregate is None and stepped is None) or all(m.readout.steps is not None for m in target.members):
         return
-    param = "aggregate" if stepped is None else f"items[{stepped}].steps"
+    param = stepped or "aggregate"
     raise ServiceError(ErrorType.validation_error, f"{target.name} is not a process reward model", param=param)
 
 
@@ -197,9 +197,9 @@ async def rank(body: RankRequest, request: Request, response: Response, registry
     """GRPO/RLOO groups: rewards, group mean/std, normalized advantages, leave-one-out baselines, ranks."""
     target = registry.resolve(body.model)
     if body.probabilities:
-        limits.check_probabilities([len(group.responses) for group in body.groups], request.app.state.settings)
-    _reads_steps(target, body.aggregate)
-    sizes = [len(group.responses) for group in body.groups]
+        limits.check_probabilities([group.size for group in body.groups], request.app.state.settings)
+    _reads_steps(target, body.aggregate, body.stepped())
+    sizes = [group.size for group in body.groups]
     scores = await _scored(
         request, response, target, body.size(), body.to_inputs, groups=sizes, aggregate=body.aggregate
     )

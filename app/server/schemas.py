@@ -79,9 +79,9 @@ class _Stepped(_Routed):
 class ScoreRequest(_Stepped):
     items: Annotated[list[ScoreItem], Field(min_length=1)]
 
-    def stepped(self) -> int | None:
-        """The first item that gives `steps` (None: none does)."""
-        return next((i for i, item in enumerate(self.items) if item.steps is not None), None)
+    def stepped(self) -> str | None:
+        """Where the first `steps` is (None: no item gives them)."""
+        return next((f"items[{i}].steps" for i, item in enumerate(self.items) if item.steps is not None), None)
 
     def size(self) -> int:
         return len(self.items)
@@ -183,13 +183,26 @@ class CompareResponse(BaseModel):
 
 
 class RankGroup(_Prompted):
-    """Several responses to one prompt (a GRPO/RLOO group)."""
+    """Several responses to one prompt (a GRPO/RLOO group); for a process reward model, `steps`: each response's."""
 
-    responses: Annotated[list[StrictStr], Field(min_length=1)]
+    responses: Annotated[list[StrictStr], Field(min_length=1)] | None = None
+    steps: Annotated[list[Annotated[list[StrictStr], Field(min_length=1)]], Field(min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> RankGroup:
+        if (self.responses is None) == (self.steps is None):
+            raise ValueError("give exactly one of responses or steps (a process reward model's, per response)")
+        return self
+
+    @property
+    def size(self) -> int:
+        return len(self.responses or self.steps or [])
 
     def to_inputs(self) -> list[ScoringInput]:
         prompt = self.prompt_value()
-        return [ScoringInput(prompt, response) for response in self.responses]
+        if self.steps is not None:
+            return [ScoringInput(prompt, "", steps=tuple(steps)) for steps in self.steps]
+        return [ScoringInput(prompt, response) for response in self.responses or []]
 
 
 class RankRequest(_Stepped):
@@ -198,7 +211,11 @@ class RankRequest(_Stepped):
     eps: float = Field(1e-4, gt=0, description="advantages = (r - mean) / (std + eps), as TRL's GRPO")
 
     def size(self) -> int:
-        return sum(len(group.responses) for group in self.groups)
+        return sum(group.size for group in self.groups)
+
+    def stepped(self) -> str | None:
+        """Where the first `steps` is (None: no group gives them)."""
+        return next((f"groups[{i}].steps" for i, g in enumerate(self.groups) if g.steps is not None), None)
 
     def to_inputs(self) -> list[ScoringInput]:
         return [x for group in self.groups for x in group.to_inputs()]
@@ -228,8 +245,8 @@ class RankResponse(BaseModel):
     def build(cls, request: RankRequest, scores: Scores) -> RankResponse:
         groups, start = [], 0
         for group in request.groups:
-            chunk = scores.chunk(start, start + len(group.responses))
-            start += len(group.responses)
+            chunk = scores.chunk(start, start + group.size)
+            start += group.size
             items, rewards, raw = chunk.items, chunk.rewards, chunk.raw
             n = len(rewards)
             mean = sum(rewards) / n
