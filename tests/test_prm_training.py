@@ -66,6 +66,40 @@ def test_metrics_on_a_hand_made_case() -> None:
     assert got["processbench_f1"] == 0.0
 
 
+def test_a_problems_solutions_share_a_row_and_read_as_each_alone(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """Training's rows ([prompt | solution 1 | solution 2 | ...], each solution seeing the prompt and itself) give
+    every step the logit a plain forward of that solution alone gives."""
+    import torch
+
+    from app.model.collate import collate
+    from app.training.config import TrainConfig
+    from app.training.prm import PRMTrainer, rows_of
+
+    config = TrainConfig(
+        base_model=str(checkpoints["value_head"] / "base"),
+        train_file=tmp_path / "t",
+        output=tmp_path / "o",
+        mode="full",
+        prm=True,
+        max_length=128,
+    )
+    trainer = PRMTrainer(config)
+    rows = generated(4, 3)
+    solutions = [parse_solution({**r, "prompt": "What is the sum?"}, "x") for r in rows[:3]] + [
+        parse_solution(rows[3], "x")
+    ]
+    kept, encoded = trainer.fitting(solutions)
+    shared = rows_of(encoded, 4096)
+    assert len(kept) == 4 and sorted(len(r.parts) for r in shared) == [1, 3]
+    together = trainer.probabilities(shared, 4)
+    for item, got in zip(encoded, together, strict=True):
+        b = collate([item], trainer.pad_id)
+        reads = (torch.zeros(len(item.reads), dtype=torch.long), torch.tensor(item.reads))
+        with torch.no_grad():
+            alone = torch.sigmoid(trainer.module(b.input_ids, b.attention_mask, b.position_ids, None, reads)[:, 0])
+        assert got == pytest.approx(alone.tolist(), abs=1e-6)
+
+
 async def test_a_trained_prm_finds_wrong_steps_and_serves_what_it_measured(
     checkpoints: dict[str, Path], tmp_path: Path
 ) -> None:

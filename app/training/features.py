@@ -74,27 +74,39 @@ class PairRows:
 
 
 def pair_rows(spans: Sequence[tuple[int, int, int]], multiple: int = 1) -> PairRows:
-    """Causal attention within [prompt | chosen], and within [prompt | rejected] with the chosen tokens masked out;
-    a padding token sees only itself (a row with nothing to attend to would be NaN)."""
-    width = padded(max(sum(s) for s in spans), multiple)
-    i = torch.arange(width)[:, None]
-    j = torch.arange(width)[None, :]
-    masks, positions = [], []
-    for p, a, b in spans:
-        segment = torch.full((width,), 3)  # 0 prompt, 1 chosen, 2 rejected, 3 padding
-        segment[: p + a + b] = torch.tensor([0] * p + [1] * a + [2] * b, dtype=torch.long)
-        sq, sk = segment[i], segment[j]
-        masks.append(((j <= i) & ((sk == 0) | (sk == sq)) & (sq < 3)) | ((i == j) & (sq == 3)))
-        pos = torch.zeros(width, dtype=torch.long)
-        pos[: p + a] = torch.arange(p + a)
-        pos[p + a : p + a + b] = torch.arange(p, p + b)
-        positions.append(pos)
+    """Causal attention within [prompt | chosen], and within [prompt | rejected] with the chosen tokens masked out."""
+    mask, positions = shared_rows([(p, (a, b)) for p, a, b in spans], multiple)
     return PairRows(
-        mask=torch.stack(masks)[:, None],
-        positions=torch.stack(positions),
+        mask=mask,
+        positions=positions,
         chosen_last=torch.tensor([p + a - 1 for p, a, _ in spans]),
         rejected_last=torch.tensor([p + a + b - 1 for p, a, b in spans]),
     )
+
+
+def shared_rows(layouts: Sequence[tuple[int, Sequence[int]]], multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of [prompt | part 1 | part 2 | ...], right-padded: the attention mask ([B, 1, W, W], True = may attend),
+    causal within the prompt and each part, every part seeing the prompt and none of the others (a pair's two
+    replies; a problem's solutions), a padding token only itself (a row with nothing to attend to would be NaN); and
+    positions, each part continuing the prompt's."""
+    width = padded(max(p + sum(parts) for p, parts in layouts), multiple)
+    i = torch.arange(width)[:, None]
+    j = torch.arange(width)[None, :]
+    masks, positions = [], []
+    for p, parts in layouts:
+        segment = torch.full((width,), -1)  # 0 prompt, k the k-th part, -1 padding
+        numbered = [0] * p + [k for k, n in enumerate(parts, start=1) for _ in range(n)]
+        segment[: len(numbered)] = torch.tensor(numbered, dtype=torch.long)
+        sq, sk = segment[i], segment[j]
+        masks.append(((j <= i) & ((sk == 0) | (sk == sq)) & (sq >= 0)) | ((i == j) & (sq < 0)))
+        pos = torch.zeros(width, dtype=torch.long)
+        pos[:p] = torch.arange(p)
+        at = p
+        for n in parts:
+            pos[at : at + n] = torch.arange(p, p + n)
+            at += n
+        positions.append(pos)
+    return torch.stack(masks)[:, None], torch.stack(positions)
 
 
 def length_batches(lengths: Sequence[int], budget: int, multiple: int) -> list[list[int]]:

@@ -1,5 +1,6 @@
 """`reward-server train --prm` and `eval --prm`: a value-head process reward model, trained by binary cross-entropy of
-its head's sigmoid at each step's tag, and measured by step accuracy and F1 and ProcessBench's first-error accuracy.
+its head's sigmoid at each step's tag (a problem's solutions on one row after their prompt, computed once), and
+measured by step accuracy and F1 and ProcessBench's first-error accuracy.
 
 Step-labelled JSONL, one solution a line, in any of three forms:
 - `{"prompt": ..., "steps": [...], "labels": [1, 0, ...]}` (1: the step is right);
@@ -17,16 +18,17 @@ import math
 import random
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from app.model.collate import collate
 from app.model.recipe import Encoded, ScoringInput, UnreadableItem
+from app.model.reward_model import read_last
 from app.model.steps import StepEncoder, StepRule
 from app.training.data import DataError
+from app.training.features import ROW_TOKENS, shared_rows
 from app.training.optim import length_grouped_batches
 from app.training.train import Trainer
 
@@ -123,23 +125,73 @@ def prm_metrics(probabilities: Sequence[Sequence[float]], solutions: Sequence[So
     }
 
 
+@dataclass
+class Row:
+    """A problem's solutions on one row, its prompt's tokens once (`features.shared_rows`): each solution's own
+    tokens, where its steps are read in them, and which solution it is."""
+
+    prompt: list[int]
+    parts: list[list[int]] = field(default_factory=list)
+    reads: list[list[int]] = field(default_factory=list)
+    solutions: list[int] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + sum(map(len, self.parts))
+
+
+def rows_of(encoded: Sequence[Encoded], budget: int) -> list[Row]:
+    """Solutions grouped by their prompt's tokens, as many to a row as fit in `budget` tokens."""
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i, e in enumerate(encoded):
+        by_prompt.setdefault(tuple(e.input_ids[: e.prefix]), []).append(i)
+    rows: list[Row] = []
+    for prompt, members in by_prompt.items():
+        row: Row | None = None
+        for i in members:
+            e = encoded[i]
+            own = e.input_ids[e.prefix :]
+            if row is None or (row.parts and row.length + len(own) > budget):
+                row = Row(list(prompt))
+                rows.append(row)
+            row.parts.append(own)
+            row.reads.append([r - e.prefix for r in e.reads])  # a step tag always follows the prompt
+            row.solutions.append(i)
+    return rows
+
+
 class PRMTrainer(Trainer):
-    """The pair trainer's backbone, trained blocks, head, optimizer and checkpoint, on steps: each solution one row,
-    the head read at its steps' tags (`StepEncoder`), BCE against their labels."""
+    """The pair trainer's backbone, trained blocks, head, optimizer and checkpoint, on steps: a problem's solutions on
+    one row after its prompt (computed once, as the pair trainer's pairs), the head read at each step's tag
+    (`StepEncoder`), binary cross-entropy against its label."""
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
         self.steps = StepRule(tag=config.step_tag, split=config.step_tag, read="sigmoid")
         self.encoder = StepEncoder(self.recipe, self.tokenizer, self.steps)
-        self.split, self.store = None, None  # every step runs the whole row: no frozen-bottom feature cache here
+        self.split, self.store = None, None  # every step runs the whole backbone: no frozen-bottom feature cache here
 
-    def step_logits(self, batch: Sequence[Encoded]) -> torch.Tensor:
-        b = collate(batch, self.pad_id, self.config.pad_to_multiple_of)
-        pairs = [(row, r) for row, item in enumerate(batch) for r in item.reads]
-        rows, cols = (torch.tensor(x, dtype=torch.long) for x in zip(*pairs, strict=True))
+    def step_logits(self, rows: Sequence[Row]) -> torch.Tensor:
+        """Every read of `rows`, row by row, solution by solution, step by step."""
+        mask, positions = shared_rows(
+            [(len(r.prompt), [len(p) for p in r.parts]) for r in rows], self.config.pad_to_multiple_of
+        )
+        ids = torch.full(positions.shape, self.pad_id, dtype=torch.long)
+        at_row: list[int] = []
+        at_col: list[int] = []
+        for b, row in enumerate(rows):
+            flat = row.prompt + [t for part in row.parts for t in part]
+            ids[b, : len(flat)] = torch.tensor(flat, dtype=torch.long)
+            at = len(row.prompt)
+            for part, reads in zip(row.parts, row.reads, strict=True):
+                at_row += [b] * len(reads)
+                at_col += [at + r for r in reads]
+                at += len(part)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16):
-            out = self.module(b.input_ids, b.attention_mask, b.position_ids, b.token_type_ids, (rows, cols))
-        return out[:, 0].float()
+            out = self.module.backbone(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+            assert self.module.head is not None
+            logits = read_last(out.last_hidden_state, torch.tensor(at_col), self.module.head, rows=torch.tensor(at_row))
+        return logits[:, 0].float()
 
     def fitting(self, solutions: Sequence[Solution]) -> tuple[list[Solution], list[Encoded]]:
         """The solutions whose steps fit in max_length, encoded (the others are left out, and counted)."""
@@ -155,15 +207,16 @@ class PRMTrainer(Trainer):
         return kept, encoded
 
     @torch.no_grad()
-    def probabilities(self, encoded: Sequence[Encoded], batch: int = 16) -> list[list[float]]:
+    def probabilities(self, rows: Sequence[Row], count: int, batch: int = 8) -> list[list[float]]:
+        """Each solution's step probabilities, in the solutions' order (`count` of them)."""
         self.module.eval()
-        out: list[list[float]] = []
-        for start in range(0, len(encoded), batch):
-            chunk = encoded[start : start + batch]
-            flat = torch.sigmoid(self.step_logits(chunk)).tolist()
-            for item in chunk:
-                out.append(flat[: len(item.reads)])
-                flat = flat[len(item.reads) :]
+        out: list[list[float]] = [[] for _ in range(count)]
+        for start in range(0, len(rows), batch):
+            chunk = rows[start : start + batch]
+            flat = iter(torch.sigmoid(self.step_logits(chunk)).tolist())
+            for row in chunk:
+                for i, reads in zip(row.solutions, row.reads, strict=True):
+                    out[i] = [next(flat) for _ in reads]
         return out
 
     def train(self, command: str | None = None) -> dict[str, object]:
@@ -177,6 +230,8 @@ class PRMTrainer(Trainer):
         train = load_solutions(cfg.train_file, cfg.max_train_pairs)
         dev = load_solutions(cfg.dev_file, cfg.max_dev_pairs) if cfg.dev_file else []
         (train, train_enc), (dev, dev_enc) = self.fitting(train), self.fitting(dev)
+        budget = max(ROW_TOKENS // 4, cfg.max_length)  # a row: one problem's solutions, its prompt once
+        train_rows, dev_rows = rows_of(train_enc, budget), rows_of(dev_enc, budget)
         params = self.trained_blocks()
         optim = torch.optim.AdamW(
             [{"params": params, "lr": cfg.lr}, {"params": list(self.module.head.parameters()), "lr": cfg.head_lr}],
@@ -187,11 +242,13 @@ class PRMTrainer(Trainer):
         best: tuple[float, int] | None = None
         for epoch in range(1, cfg.epochs + 1):
             self.module.train()
-            batches = length_grouped_batches([len(e) for e in train_enc], cfg.batch_pairs, rng)
+            batches = length_grouped_batches([r.length for r in train_rows], max(1, cfg.batch_pairs // 4), rng)
             loss_avg = 0.0
             for step, idx in enumerate(tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", file=sys.stderr), start=1):
-                logits = self.step_logits([train_enc[i] for i in idx])
-                labels = torch.tensor([x for i in idx for x in train[i].labels], dtype=torch.float32)
+                batch = [train_rows[i] for i in idx]
+                logits = self.step_logits(batch)
+                wanted = [x for row in batch for s in row.solutions for x in train[s].labels]
+                labels = torch.tensor(wanted, dtype=torch.float32)
                 loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(trained, 1.0)
@@ -200,8 +257,9 @@ class PRMTrainer(Trainer):
                 value = float(loss.detach())
                 loss_avg = 0.9 * loss_avg + 0.1 * value if step > 1 else value
             record: dict[str, float] = {"epoch": epoch, "train_loss": loss_avg}
-            if dev_enc:
-                record.update({f"dev_{k}": v for k, v in prm_metrics(self.probabilities(dev_enc), dev).items()})
+            if dev_rows:
+                probabilities = self.probabilities(dev_rows, len(dev))
+                record.update({f"dev_{k}": v for k, v in prm_metrics(probabilities, dev).items()})
             history.append(record)
             score = record.get("dev_step_accuracy", -loss_avg)
             if best is None or score > best[0]:
