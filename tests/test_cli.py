@@ -129,7 +129,7 @@ def test_a_config_problem_argparse_cannot_see_is_one_line_per_flag(capsys: pytes
 def test_train_defaults_are_the_recipe_of_the_default_model() -> None:
     """Every setting not tied to a backbone, a run or its files is what trained models/default."""
     manifest = json.loads((ROOT / "models" / "default" / "reward_manifest.json").read_text())
-    newer = {"ensemble": 1, "bootstrap": False}  # options added after it was trained, at what it then ran
+    newer = {"ensemble": 1, "bootstrap": False, "prm": False, "step_tag": "\n"}  # added since: what it then ran
     recipe = {**newer, **manifest["extra"]["train_config"]}
     specific = {"base_model", "train_file", "dev_file", "output", "layers", "system_prompt", "seed", "feature_cache"}
     defaults = {name: field.default for name, field in TrainConfig.model_fields.items() if name not in specific}
