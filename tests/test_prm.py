@@ -163,3 +163,10 @@ async def test_vllm_pooling_answers_the_step_reads_of_a_sequence_with_its_tags(p
     reads = pooled["data"][0]["data"]
     assert [good for _, good in reads] == pytest.approx(given[0]["step_rewards"], abs=1e-12)  # class 1: Qwen's
     assert all(bad + good == pytest.approx(1.0) for bad, good in reads)
+
+
+def test_a_prm_is_not_exported_as_a_sequence_classifier(prms: dict[str, Path], tmp_path: Path) -> None:
+    from app.model.export import ExportError, export_seq_cls
+
+    with pytest.raises(ExportError, match="every step"):
+        export_seq_cls(prms["value"], tmp_path / "out")

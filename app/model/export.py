@@ -63,6 +63,8 @@ def recipe_template(template: str, recipe: ScoringRecipe) -> str:
 
 def export_seq_cls(source: Path, out: Path) -> Path:
     model = load_reward_model(source, dtype="float32", device="cpu")
+    if model.readout.steps is not None:
+        raise ExportError(f"{source}: a process reward model reads every step; a sequence classifier reads one token")
     module, tokenizer = model.module, copy.deepcopy(model.encoder.tokenizer)
     if module.pooling == "classifier":  # already a seq-cls encoder
         exported = module.backbone
