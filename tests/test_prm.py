@@ -170,3 +170,17 @@ def test_a_prm_is_not_exported_as_a_sequence_classifier(prms: dict[str, Path], t
 
     with pytest.raises(ExportError, match="every step"):
         export_seq_cls(prms["value"], tmp_path / "out")
+
+
+
+async def test_the_client_sends_steps_and_an_aggregate_and_reads_step_rewards(prms: dict[str, Path]) -> None:
+    import httpx
+
+    from app.clients import AsyncRewardClient
+
+    item = {"prompt": QUESTION, "steps": list(SOLUTIONS[0])}
+    async with serving(prms["qwen"], dtype="float32") as (app, http):
+        direct = (await http.post("/score", json={"items": [item]})).json()["items"][0]
+        async with AsyncRewardClient("http://t", transport=httpx.ASGITransport(app=app)) as client:
+            got = await client.score([item], aggregate="last")
+    assert got.items[0].step_rewards == direct["step_rewards"] and got.rewards == [direct["step_rewards"][-1]]

@@ -169,10 +169,11 @@ class BaseClient:
             self._limit = int(limit) if limit else None
             self._limit_known = True
 
-    def _score_call(self, items: Sequence[Item]) -> Call[ScoreResult]:
+    def _score_call(self, items: Sequence[Item], aggregate: str | None = None) -> Call[ScoreResult]:
         bodies = [item_body(i) for i in items]
         chunks = _chunks(bodies, [1] * len(bodies), self._limit)
-        return Call("/score", [{"items": c, **self._routed} for c in chunks], score_result)
+        how = {"aggregate": aggregate} if aggregate else {}  # a process reward model's, over its steps
+        return Call("/score", [{"items": c, **how, **self._routed} for c in chunks], score_result)
 
     def _compare_call(self, pairs: Sequence[Mapping[str, Any]]) -> Call[CompareResult]:
         # The server counts a pair as two items.

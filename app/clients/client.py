@@ -105,9 +105,10 @@ class RewardClient(BaseClient):
             raise RewardServerError.from_response(response)
         return True
 
-    def score(self, items: Sequence[Item]) -> ScoreResult:
-        """Rewards for `{"prompt", "response"}` / `{"messages"}` dicts or `(prompt, response)` tuples, in order."""
-        return self._run(lambda: self._score_call(items))
+    def score(self, items: Sequence[Item], aggregate: str | None = None) -> ScoreResult:
+        """Rewards for `{"prompt", "response"}` / `{"messages"}` dicts or `(prompt, response)` tuples, in order; a
+        process reward model's items may give `{"prompt", "steps"}`, and `aggregate` how their steps make the reward."""
+        return self._run(lambda: self._score_call(items, aggregate))
 
     def compare(self, pairs: Sequence[Mapping[str, Any]]) -> CompareResult:
         """P(response_a preferred to response_b) for `{"prompt" | "messages", "response_a", "response_b"}` pairs."""
@@ -215,9 +216,10 @@ class AsyncRewardClient(BaseClient):
             raise RewardServerError.from_response(response)
         return True
 
-    async def score(self, items: Sequence[Item]) -> ScoreResult:
-        """Rewards for `{"prompt", "response"}` / `{"messages"}` dicts or `(prompt, response)` tuples, in order."""
-        return await self._run(lambda: self._score_call(items))
+    async def score(self, items: Sequence[Item], aggregate: str | None = None) -> ScoreResult:
+        """Rewards for `{"prompt", "response"}` / `{"messages"}` dicts or `(prompt, response)` tuples, in order; a
+        process reward model's items may give `{"prompt", "steps"}`, and `aggregate` how their steps make the reward."""
+        return await self._run(lambda: self._score_call(items, aggregate))
 
     async def compare(self, pairs: Sequence[Mapping[str, Any]]) -> CompareResult:
         """P(response_a preferred to response_b) for `{"prompt" | "messages", "response_a", "response_b"}` pairs."""

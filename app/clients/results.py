@@ -20,16 +20,18 @@ class ItemScore:
     truncated: bool
     members: dict[str, float] | None = None  # an ensemble's: each member's reward (`reward` is their aggregate)
     std: float | None = None  # an ensemble's: its members' spread
+    step_rewards: list[float] | None = None  # a process reward model's: each step's (`reward` is their aggregate)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ItemScore:
-        members = data.get("members")
+        members, steps = data.get("members"), data.get("step_rewards")
         return cls(
             reward=float(data["reward"]),
             num_tokens=int(data["num_tokens"]),
             truncated=bool(data["truncated"]),
             members=None if members is None else {str(k): float(v) for k, v in members.items()},
             std=None if data.get("std") is None else float(data["std"]),
+            step_rewards=None if steps is None else [float(x) for x in steps],
         )
 
 
