@@ -172,7 +172,6 @@ def test_a_prm_is_not_exported_as_a_sequence_classifier(prms: dict[str, Path], t
         export_seq_cls(prms["value"], tmp_path / "out")
 
 
-
 async def test_the_client_sends_steps_and_an_aggregate_and_reads_step_rewards(prms: dict[str, Path]) -> None:
     import httpx
 

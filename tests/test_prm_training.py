@@ -66,9 +66,13 @@ def test_metrics_on_a_hand_made_case() -> None:
     assert got["processbench_f1"] == 0.0
 
 
-def test_a_problems_solutions_share_a_row_and_read_as_each_alone(checkpoints: dict[str, Path], tmp_path: Path) -> None:
-    """Training's rows ([prompt | solution 1 | solution 2 | ...], each solution seeing the prompt and itself) give
-    every step the logit a plain forward of that solution alone gives."""
+@pytest.mark.parametrize("mode", ["full", "top_k"])
+def test_a_problems_solutions_share_a_row_and_read_as_each_alone(
+    checkpoints: dict[str, Path], tmp_path: Path, mode: str
+) -> None:
+    """Training's rows ([prompt | solution 1 | solution 2 | ...], each solution seeing the prompt and itself; top_k:
+    the frozen blocks' states of the row computed once) give every step the logit a plain forward of that solution
+    alone gives."""
     import torch
 
     from app.model.collate import collate
@@ -79,11 +83,12 @@ def test_a_problems_solutions_share_a_row_and_read_as_each_alone(checkpoints: di
         base_model=str(checkpoints["value_head"] / "base"),
         train_file=tmp_path / "t",
         output=tmp_path / "o",
-        mode="full",
+        mode=mode,
         prm=True,
         max_length=128,
     )
     trainer = PRMTrainer(config)
+    assert (trainer.split is not None) == (mode == "top_k")
     rows = generated(4, 3)
     solutions = [parse_solution({**r, "prompt": "What is the sum?"}, "x") for r in rows[:3]] + [
         parse_solution(rows[3], "x")
@@ -91,6 +96,8 @@ def test_a_problems_solutions_share_a_row_and_read_as_each_alone(checkpoints: di
     kept, encoded = trainer.fitting(solutions)
     shared = rows_of(encoded, 4096)
     assert len(kept) == 4 and sorted(len(r.parts) for r in shared) == [1, 3]
+    trainer.cache(shared)
+    assert all((r.features is not None) == (mode == "top_k") for r in shared)
     together = trainer.probabilities(shared, 4)
     for item, got in zip(encoded, together, strict=True):
         b = collate([item], trainer.pad_id)

@@ -134,6 +134,7 @@ class Row:
     parts: list[list[int]] = field(default_factory=list)
     reads: list[list[int]] = field(default_factory=list)
     solutions: list[int] = field(default_factory=list)
+    features: torch.Tensor | None = None  # top_k: the frozen blocks' states of the row, computed once
 
     @property
     def length(self) -> int:
@@ -162,17 +163,17 @@ def rows_of(encoded: Sequence[Encoded], budget: int) -> list[Row]:
 
 class PRMTrainer(Trainer):
     """The pair trainer's backbone, trained blocks, head, optimizer and checkpoint, on steps: a problem's solutions on
-    one row after its prompt (computed once, as the pair trainer's pairs), the head read at each step's tag
-    (`StepEncoder`), binary cross-entropy against its label."""
+    one row after its prompt (computed once, as the pair trainer's pairs; top_k: the frozen blocks' states of each row
+    once, in memory), the head read at each step's tag (`StepEncoder`), binary cross-entropy against its label."""
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
         self.steps = StepRule(tag=config.step_tag, split=config.step_tag, read="sigmoid")
         self.encoder = StepEncoder(self.recipe, self.tokenizer, self.steps)
-        self.split, self.store = None, None  # every step runs the whole backbone: no frozen-bottom feature cache here
+        self.store = None  # the on-disk cache keys pairs; a row's states are kept in memory (`cache`)
 
-    def step_logits(self, rows: Sequence[Row]) -> torch.Tensor:
-        """Every read of `rows`, row by row, solution by solution, step by step."""
+    def _layout(self, rows: Sequence[Row]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int], list[int]]:
+        """`rows` side by side: token ids, attention mask, positions, and where each read is (row, column)."""
         mask, positions = shared_rows(
             [(len(r.prompt), [len(p) for p in r.parts]) for r in rows], self.config.pad_to_multiple_of
         )
@@ -187,8 +188,32 @@ class PRMTrainer(Trainer):
                 at_row += [b] * len(reads)
                 at_col += [at + r for r in reads]
                 at += len(part)
+        return ids, mask, positions, at_row, at_col
+
+    @torch.inference_mode()
+    def cache(self, rows: Sequence[Row], batch: int = 8) -> None:
+        """top_k: each row's states below the trained blocks, once (they never change)."""
+        if self.split is None:
+            return
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16):  # as the top blocks run
+            for start in range(0, len(rows), batch):
+                chunk = rows[start : start + batch]
+                ids, mask, positions, _, _ = self._layout(chunk)
+                out = self.split.bottom(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+                for b, row in enumerate(chunk):
+                    row.features = out.last_hidden_state[b, : row.length].clone()
+
+    def step_logits(self, rows: Sequence[Row]) -> torch.Tensor:
+        """Every read of `rows`, row by row, solution by solution, step by step."""
+        ids, mask, positions, at_row, at_col = self._layout(rows)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16):
-            out = self.module.backbone(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+            if self.split is not None and all(r.features is not None for r in rows):
+                embeds = torch.zeros(*ids.shape, rows[0].features.shape[1])  # type: ignore[union-attr]
+                for b, row in enumerate(rows):
+                    embeds[b, : row.length] = row.features  # type: ignore[index]
+                out = self.split.top(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
+            else:
+                out = self.module.backbone(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
             assert self.module.head is not None
             logits = read_last(out.last_hidden_state, torch.tensor(at_col), self.module.head, rows=torch.tensor(at_row))
         return logits[:, 0].float()
@@ -232,6 +257,8 @@ class PRMTrainer(Trainer):
         (train, train_enc), (dev, dev_enc) = self.fitting(train), self.fitting(dev)
         budget = max(ROW_TOKENS // 4, cfg.max_length)  # a row: one problem's solutions, its prompt once
         train_rows, dev_rows = rows_of(train_enc, budget), rows_of(dev_enc, budget)
+        self.cache(train_rows)
+        self.cache(dev_rows)
         params = self.trained_blocks()
         optim = torch.optim.AdamW(
             [{"params": params, "lr": cfg.lr}, {"params": list(self.module.head.parameters()), "lr": cfg.head_lr}],
