@@ -211,3 +211,12 @@ def test_a_real_causal_lm_reads_its_steps_as_the_math_shepherd_card_does() -> No
         want = lm(ids).logits[:, :, candidates].softmax(dim=-1)[:, :, 0][ids == tag].tolist()
     assert items[0].input_ids == ids[0].tolist() and len(want) == 3
     assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_a_step_read_of_any_size_is_a_probability() -> None:
+    from app.model.readout import Readout
+
+    softmax = Readout(("LABEL_0", "LABEL_1"), None, steps=StepRule(tag="t", read="softmax", positive=1))
+    assert softmax.step_rewards([-900.0, 900.0, 900.0, -900.0, 0.0, 0.0]) == [1.0, 0.0, 0.5]
+    sigmoid = Readout(("LABEL_0",), None, steps=StepRule(tag="t", read="sigmoid"))
+    assert sigmoid.step_rewards([1000.0, -1000.0]) == [1.0, 0.0] and sigmoid.reward([1000.0, -1000.0], "mean") == 0.5

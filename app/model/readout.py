@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from app.model.checkpoint import CheckpointError
+from app.model.reward_model import sigmoid
 from app.model.steps import StepAggregate, StepRule, aggregate
 
 
@@ -39,7 +40,7 @@ class Readout:
     def step_rewards(self, outputs: Sequence[float]) -> list[float]:
         """Each step's probability of being right (a process reward model's row)."""
         assert self.steps is not None
-        return self.steps.probabilities(outputs, len(self.labels))
+        return [sigmoid(x) for x in self.steps.log_odds(outputs, len(self.labels))]
 
     def attributes(self, outputs: Sequence[float]) -> dict[str, float] | None:
         """Every named output, for a head with several (None for a plain reward head or a process reward model)."""

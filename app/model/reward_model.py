@@ -18,11 +18,11 @@ from app.model import invariant
 from app.model.collate import collate, last_real_index, positions_of
 from app.model.info import Kernels, ModelInfo
 from app.model.plan import Plan, Tokens, plan_of
-from app.model.readout import Readout
 from app.model.recipe import Encoded, RecipeEncoder
 
 if TYPE_CHECKING:
     from app.model.family import SharedBaseModel
+    from app.model.readout import Readout
 
 log = logging.getLogger(__name__)
 

@@ -51,12 +51,13 @@ class StepRule(BaseModel):
         """A reply given whole, cut by the rule (empty parts dropped, each stripped of surrounding blank lines)."""
         return tuple(part.strip("\n") for part in response.split(self.split) if part.strip())
 
-    def probabilities(self, outputs: Sequence[float], width: int) -> list[float]:
-        """Each read's probability that its step is right; `outputs`: the reads' `width` outputs each, in order."""
+    def log_odds(self, outputs: Sequence[float], width: int) -> list[float]:
+        """Each read's log-odds that its step is right (a two-class softmax is the sigmoid of the classes'
+        difference); `outputs`: the reads' `width` outputs each, in order."""
         reads = [outputs[i : i + width] for i in range(0, len(outputs), width)]
         if self.read == "sigmoid":
-            return [1 / (1 + math.exp(-r[0])) if r[0] >= 0 else math.exp(r[0]) / (1 + math.exp(r[0])) for r in reads]
-        return [1 / (1 + math.exp(r[1 - self.positive] - r[self.positive])) for r in reads]
+            return [r[0] for r in reads]
+        return [r[self.positive] - r[1 - self.positive] for r in reads]
 
 
 QWEN_RULE = StepRule(tag="<extra_0>", read="softmax", positive=1)
