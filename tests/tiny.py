@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors.torch import save_file
@@ -19,6 +20,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+C = TypeVar("C")
 CORPUS = [
     "Hello, how are you today? I am fine, thank you very much.",
     "The quick brown fox jumps over the lazy dog near the river bank.",
@@ -36,15 +38,15 @@ CHATML = (
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 
 
-def _byte_bpe(specials: list[str], bos: str | None) -> Tokenizer:
-    """A byte-level BPE trained on CORPUS; with `bos`, its post-processor adds that BOS (as Llama's does)."""
+def _byte_bpe(specials: list[str], bos: str | None, corpus: list[str] = CORPUS, vocab_size: int = 400) -> Tokenizer:
+    """A byte-level BPE trained on `corpus`; with `bos`, its post-processor adds that BOS (as Llama's does)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    tok.train_from_iterator(CORPUS, trainer)
+    tok.train_from_iterator(corpus, trainer)
     if bos is not None:
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.token_to_id(bos))]
@@ -86,7 +88,12 @@ def wordpiece_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def llama_config(tokenizer: PreTrainedTokenizerFast, **extra: object) -> LlamaConfig:
-    return LlamaConfig(
+    return small_config(LlamaConfig, tokenizer, **extra)
+
+
+def small_config(kind: type[C], tokenizer: PreTrainedTokenizerFast, **extra: object) -> C:
+    """A 2-block, 32-wide decoder config of `kind` (Llama, Qwen2, Mistral) for `tokenizer`."""
+    return kind(
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,

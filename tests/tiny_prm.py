@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken
 from torch import nn
 from transformers import (
     AutoTokenizer,
@@ -21,7 +21,7 @@ from transformers import (
     Qwen2Model,
 )
 
-from tests.tiny import CHATML, CORPUS, SPECIALS, _byte_bpe, byte_level_tokenizer, llama_config
+from tests.tiny import CHATML, CORPUS, SPECIALS, _byte_bpe, byte_level_tokenizer, llama_config, small_config
 
 QWEN_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 MATH = [
@@ -29,22 +29,6 @@ MATH = [
     "Step 1: 3 + 2 = 5 apples in all.",
     "Step 2: 5 - 1 = 4 apples left.",
 ] * 6
-
-
-def _small(config_cls: type, tokenizer: PreTrainedTokenizerFast, **extra: object) -> object:
-    return config_cls(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **extra,
-    )
 
 
 def qwen_tokenizer() -> PreTrainedTokenizerFast:
@@ -71,7 +55,7 @@ class QwenProcessReward(nn.Module):
 def build_qwen_prm(path: Path) -> Path:
     torch.manual_seed(11)
     tokenizer = qwen_tokenizer()
-    config = _small(Qwen2Config, tokenizer)
+    config = small_config(Qwen2Config, tokenizer)
     model = QwenProcessReward(config)
     with torch.no_grad():
         model.score[2].weight.normal_(0, 1.0)
@@ -105,14 +89,7 @@ def qwen_reference(path: Path, query: str, steps: Sequence[str]) -> list[float]:
 
 def shepherd_tokenizer() -> PreTrainedTokenizerFast:
     """Llama/Mistral-like (BOS added), `ки` a plain added token, `+` and ` -` tokens of their own."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=SPECIALS, initial_alphabet=alphabet)
-    tok.train_from_iterator(CORPUS + MATH, trainer)
-    bos = tok.token_to_id("<|im_start|>")
-    tok.post_processor = processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", bos)])
+    tok = _byte_bpe(SPECIALS, "<|im_start|>", CORPUS + MATH, vocab_size=420)
     tok.add_tokens([AddedToken("ки", normalized=False)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|pad|>"
@@ -123,7 +100,7 @@ def build_shepherd(path: Path) -> Path:
     """A causal LM read at its `ки` tags by the logits of `+` and `-` (math-shepherd-mistral-7b-prm's way)."""
     torch.manual_seed(12)
     tokenizer = shepherd_tokenizer()
-    model = MistralForCausalLM(_small(MistralConfig, tokenizer, tie_word_embeddings=False))
+    model = MistralForCausalLM(small_config(MistralConfig, tokenizer, tie_word_embeddings=False))
     with torch.no_grad():
         model.lm_head.weight.normal_(0, 1.0)
     model.save_pretrained(path)
