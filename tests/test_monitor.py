@@ -39,7 +39,8 @@ def test_signals_of_a_window() -> None:
     assert got["length_corr"] == pytest.approx(1.0) and got["truncated"] == pytest.approx(0.2)
     assert got["reward_mean"] == pytest.approx(5.5) and got["reward_drift"] is None  # no baseline yet
     assert got["group_length_corr"] == pytest.approx(1.0) and got["group_collapse"] == 0.0
-    assert repeated("the cat sat " * 6) and not repeated("a reply that says one thing once and then stops here fine")
+    assert repeated(("the cat sat " * 6).split())
+    assert not repeated(["a", "reply", "that", "says", "one", "thing", "once", "and", "then", "stops", "here", "fine"])
 
 
 def test_boilerplate_is_a_phrase_shared_across_prompts_not_within_one() -> None:
@@ -53,8 +54,9 @@ def test_boilerplate_is_a_phrase_shared_across_prompts_not_within_one() -> None:
     assert boilerplate(hedged) == 0.75  # the phrase opens replies to 3 of the 4 prompts
     one_prompt = [item("a", hedge + r) for r in replies] + [item(p, r) for p, r in zip("bcd", replies[1:], strict=True)]
     assert boilerplate(one_prompt) == 0.0  # shared by one prompt's replies only: that prompt's words, not boilerplate
-    assert boilerplate(hedged[:2]) is None and phrases("One two three Four") == phrases("one two three four")
-    assert len(phrases("w " * 1000)) == 1 and len(phrases(" ".join(map(str, range(1000))))) == 2 * (12 - 4 + 1)
+    assert boilerplate(hedged[:2]) is None
+    assert phrases(["One", "two", "three", "Four"]) == phrases(["one", "two", "three", "four"])
+    assert len(phrases(["w"] * 1000)) == 1 and len(phrases([str(n) for n in range(1000)])) == 2 * (12 - 4 + 1)
 
 
 def policy(step: int, rng: random.Random) -> list[dict[str, Any]]:

@@ -60,17 +60,16 @@ class Observed:
     phrases: tuple[int, ...] = ()  # hashes of the phrases opening and closing its reply
 
 
-def repeated(text: str) -> bool:
+def repeated(words: Sequence[str]) -> bool:
     """Under half of the reply's word 3-grams are distinct (a reply of fewer than 12 words never is)."""
-    words = text.split()
     grams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
     return len(grams) >= 10 and len(set(grams)) < 0.5 * len(grams)
 
 
-def phrases(text: str) -> tuple[int, ...]:
-    """The distinct phrases among the reply's first and last `EDGE` words, hashed (this process's hash: never
-    stored)."""
-    words = text.lower().split()
+def phrases(words: Sequence[str]) -> tuple[int, ...]:
+    """The distinct phrases among the reply's first and last `EDGE` words, case aside, hashed (this process's hash:
+    never stored)."""
+    words = [w.lower() for w in words]
     parts = [words] if len(words) <= 2 * EDGE else [words[:EDGE], words[-EDGE:]]
     return tuple({hash(tuple(part[i : i + PHRASE])) for part in parts for i in range(len(part) - PHRASE + 1)})
 
@@ -79,9 +78,9 @@ def observe(
     item: Item, reward: float, num_tokens: int, truncated: bool, group: int | None, distance: float | None = None
 ) -> Observed:
     if isinstance(item, ScoringInput):
-        text = item.response if item.steps is None else "\n".join(item.steps)
+        words = (item.response if item.steps is None else "\n".join(item.steps)).split()  # once, for every signal
         prompt = hash(item.prompt if isinstance(item.prompt, str) else repr(item.prompt))
-        return Observed(reward, len(text.split()), truncated, repeated(text), group, distance, prompt, phrases(text))
+        return Observed(reward, len(words), truncated, repeated(words), group, distance, prompt, phrases(words))
     return Observed(reward, num_tokens, truncated, False, group, distance)
 
 
